@@ -1,0 +1,268 @@
+"""PyTorch (authors' and timm's) names and layouts -> Keras weights of a CoaT model.
+
+Needs numpy only (no torch): `keras_coat.weights` uses it at run time and `conversion/` on the
+command line.
+
+The accounting is strict. Every Keras weight is assigned exactly once; every source tensor is
+used, or is one the reference keeps but never uses; anything else is an error that names the key.
+The reference registers its shared modules under several names (the CPE of scale 2 is `cpe2.*`
+and `serial_blocks2.<i>.cpe.*`; the parallel blocks' MLP is `mlp2`, `mlp3` and `mlp4`), and a
+file may hold any non-empty subset of those aliases: they are reduced to one canonical name, and
+when several are present they must hold the same values.
+"""
+
+import re
+
+import numpy as np
+from keras import layers
+
+from keras_coat.layers import (
+    MLP,
+    ClassToken,
+    ConvPositionEncoding,
+    ConvRelativePositionEncoding,
+    PatchEmbedding,
+    ScaleAggregation,
+)
+
+
+class ConversionError(ValueError):
+    """A checkpoint does not fit the model: missing, unexpected or mis-shaped tensors."""
+
+
+# Aliases of shared modules -> the canonical (top-level) name.
+_ALIASES = (
+    (re.compile(r"^serial_blocks(\d)\.\d+\.cpe\.(.+)$"), r"cpe\1.\2"),
+    (re.compile(r"^serial_blocks(\d)\.\d+\.factoratt_crpe\.crpe\.(.+)$"), r"crpe\1.\2"),
+    (re.compile(r"^parallel_blocks\.\d+\.factoratt_crpe(\d)\.crpe\.(.+)$"), r"crpe\1.\2"),
+    (re.compile(r"^(parallel_blocks\.\d+)\.mlp[234]\.(.+)$"), r"\1.mlp.\2"),
+)
+# Modules of the reference that hold weights but never take part in the forward pass.
+_ALWAYS_UNUSED = re.compile(r"^norm1\.")
+# Head modules: unused when the Keras model has no such layer (CoaT-Lite has no norm2/norm3 and
+# no aggregate; include_top=False drops the head).
+_HEAD_MODULES = ("norm2", "norm3", "norm4", "aggregate", "head")
+
+
+def canonical_name(key):
+    """Maps a source key to the name of the tensor it aliases (itself if it is no alias)."""
+    for pattern, replacement in _ALIASES:
+        if pattern.match(key):
+            return pattern.sub(replacement, key)
+    return key
+
+
+def _linear(w):
+    return np.transpose(w)
+
+
+def _conv2d(w):  # [out, in, kh, kw] -> [kh, kw, in, out]
+    return np.transpose(w, (2, 3, 1, 0))
+
+
+def _depthwise(w):  # [channels, 1, kh, kw] -> [kh, kw, channels, 1]
+    return np.transpose(w, (2, 3, 0, 1))
+
+
+def _identity(w):
+    return w
+
+
+def _aggregate_kernel(w):  # Conv1d(3, 1, 1): [1, 3, 1] -> [3]
+    return np.reshape(w, (-1,))
+
+
+def _layer_targets(layer):
+    """(keras variable, source key, transform) for every weight of one top-level layer."""
+    prefix = layer.name
+    if isinstance(layer, ClassToken):
+        return [(layer.cls_token, prefix, _identity)]
+    if isinstance(layer, PatchEmbedding):
+        return [
+            (layer.proj.kernel, f"{prefix}.proj.weight", _conv2d),
+            (layer.proj.bias, f"{prefix}.proj.bias", _identity),
+            (layer.norm.gamma, f"{prefix}.norm.weight", _identity),
+            (layer.norm.beta, f"{prefix}.norm.bias", _identity),
+        ]
+    if isinstance(layer, ConvPositionEncoding):
+        return [
+            (layer.proj.kernel, f"{prefix}.proj.weight", _depthwise),
+            (layer.proj.bias, f"{prefix}.proj.bias", _identity),
+        ]
+    if isinstance(layer, ConvRelativePositionEncoding):
+        targets = []
+        for i, conv in enumerate(layer.convs):
+            targets.append((conv.kernel, f"{prefix}.conv_list.{i}.weight", _depthwise))
+            targets.append((conv.bias, f"{prefix}.conv_list.{i}.bias", _identity))
+        return targets
+    if isinstance(layer, MLP):
+        return [
+            (layer.fc1.kernel, f"{prefix}.fc1.weight", _linear),
+            (layer.fc1.bias, f"{prefix}.fc1.bias", _identity),
+            (layer.fc2.kernel, f"{prefix}.fc2.weight", _linear),
+            (layer.fc2.bias, f"{prefix}.fc2.bias", _identity),
+        ]
+    if isinstance(layer, ScaleAggregation):
+        return [
+            (layer.kernel, f"{prefix}.weight", _aggregate_kernel),
+            (layer.bias, f"{prefix}.bias", _identity),
+        ]
+    if isinstance(layer, layers.LayerNormalization):
+        return [
+            (layer.gamma, f"{prefix}.weight", _identity),
+            (layer.beta, f"{prefix}.bias", _identity),
+        ]
+    if isinstance(layer, layers.Dense):
+        return [
+            (layer.kernel, f"{prefix}.weight", _linear),
+            (layer.bias, f"{prefix}.bias", _identity),
+        ]
+    if layer.weights:
+        raise ConversionError(
+            f"Layer {layer.name!r} ({type(layer).__name__}) has weights the converter does not "
+            "know how to fill from a PyTorch checkpoint."
+        )
+    return []
+
+
+def conversion_plan(model):
+    """Lists `(variable, canonical source key, transform)` for every weight of `model`."""
+    plan, seen = [], {}
+    for layer in model.layers:
+        for variable, key, transform in _layer_targets(layer):
+            if id(variable) in seen:
+                raise ConversionError(
+                    f"Keras weight {variable.path!r} would be assigned twice (from {key!r} and "
+                    f"{seen[id(variable)]!r})."
+                )
+            seen[id(variable)] = key
+            plan.append((variable, key, transform))
+    planned = {id(v) for v, _, _ in plan}
+    unplanned = [w.path for w in model.weights if id(w) not in planned]
+    if unplanned:
+        raise ConversionError(f"No source tensor is mapped to the Keras weights {unplanned}.")
+    return plan
+
+
+def _canonical_tensors(state_dict):
+    """Groups aliases under their canonical name, checking that aliases agree."""
+    tensors, origin = {}, {}
+    for key, value in state_dict.items():
+        value = np.asarray(value)
+        name = canonical_name(key)
+        if name in tensors:
+            if tensors[name].shape != value.shape or not np.array_equal(tensors[name], value):
+                raise ConversionError(
+                    f"{key!r} and {origin[name]!r} name the same shared tensor ({name!r}) but "
+                    "hold different values; the checkpoint is inconsistent."
+                )
+            continue
+        tensors[name] = value
+        origin[name] = key
+    return tensors, origin
+
+
+def assign_state_dict(model, state_dict):
+    """Assigns a PyTorch CoaT state dict (numpy arrays) to a Keras CoaT model, strictly.
+
+    `state_dict` maps the reference's names to arrays, in the authors' layout (their unused keys
+    included) or timm's; aliases of shared tensors may appear any number of times (at least
+    once). Raises `ConversionError` naming the key (and both shapes) on any mismatch. Nothing is
+    assigned unless the whole checkpoint fits.
+    """
+    if not state_dict:
+        raise ConversionError("The checkpoint holds no tensors.")
+    plan = conversion_plan(model)
+    tensors, origin = _canonical_tensors(state_dict)
+    layer_names = {layer.name for layer in model.layers}
+
+    expected = {key for _, key, _ in plan}
+    missing = sorted(expected - tensors.keys())
+    if missing:
+        raise ConversionError(
+            f"The checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:5]}. "
+            "Is it a checkpoint of this variant?"
+        )
+    unexpected = []
+    for name in sorted(tensors.keys() - expected):
+        module = name.split(".")[0]
+        if _ALWAYS_UNUSED.match(name) or (module in _HEAD_MODULES and module not in layer_names):
+            continue
+        unexpected.append(origin[name])
+    if unexpected:
+        raise ConversionError(
+            f"The checkpoint holds {len(unexpected)} tensor(s) this model has no place for, e.g. "
+            f"{unexpected[:5]}. Is it a checkpoint of another variant?"
+        )
+
+    values = []
+    for variable, key, transform in plan:
+        value = transform(tensors[key])
+        if tuple(value.shape) != tuple(variable.shape):
+            raise ConversionError(
+                f"Shape mismatch for {origin[key]!r}: the checkpoint has "
+                f"{tuple(tensors[key].shape)} (→ {tuple(value.shape)} in Keras layout), the model's "
+                f"{variable.path!r} needs {tuple(variable.shape)}. Is it a checkpoint of another "
+                "variant, or a head with another number of classes?"
+            )
+        values.append(value)
+    for (variable, _, _), value in zip(plan, values):
+        variable.assign(value.astype(variable.dtype))
+
+
+def load_weights_h5(model, path):
+    """Loads a `.weights.h5` saved from a CoaT model into `model`, matched by layer name.
+
+    The file may come from a model with more layers (a full model's file into an
+    `include_top=False` model: the head is skipped); every weight of `model` must be found in the
+    file with the same shape.
+    """
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        if "layers" not in f:
+            raise ConversionError(f"{path!r} is not a Keras .weights.h5 file of a functional model.")
+        stored = f["layers"]
+        assignments = []
+        for layer in model.layers:
+            if not layer.weights:
+                continue
+            group = _find_layer_group(stored, layer.name)
+            if group is None:
+                raise ConversionError(
+                    f"{path!r} has no weights for layer {layer.name!r}; was it saved from a "
+                    "model of another variant?"
+                )
+            arrays = _collect_vars(group)
+            if len(arrays) != len(layer.weights):
+                raise ConversionError(
+                    f"{path!r} holds {len(arrays)} weights for layer {layer.name!r}, the model "
+                    f"has {len(layer.weights)}."
+                )
+            for variable, value in zip(layer.weights, arrays):
+                if tuple(value.shape) != tuple(variable.shape):
+                    raise ConversionError(
+                        f"Shape mismatch for {variable.path!r}: {path!r} has {value.shape}, the "
+                        f"model needs {tuple(variable.shape)}."
+                    )
+                assignments.append((variable, value))
+    for variable, value in assignments:
+        variable.assign(value)
+
+
+def _find_layer_group(stored, layer_name):
+    # Keras stores layers of a functional model under their snake-cased class/unique names; the
+    # layer's own name is kept as the group's key in Keras 3.
+    return stored[layer_name] if layer_name in stored else None
+
+
+def _collect_vars(group):
+    """Weights of a layer group in creation order, nested sublayers included."""
+    arrays = []
+    if "vars" in group:
+        count = len(group["vars"].keys())
+        arrays.extend(group["vars"][str(i)][()] for i in range(count))
+    if "layers" in group:
+        for sub in group["layers"].keys():
+            arrays.extend(_collect_vars(group["layers"][sub]))
+    return arrays

@@ -1,0 +1,359 @@
+"""CoaT's own layers, in the order of the paper (Sections 4 and 5).
+
+Token sequences are ``[batch, 1 + H * W, channels]``: a class (CLS) token followed by the image
+tokens of an ``H x W`` grid in row-major order. Layers that need the grid take ``size=(H, W)``
+as a call argument, because the same shared layer is called at every block of its scale.
+
+Everything here is written with ``keras.ops`` only, so it runs on the TensorFlow and JAX backends.
+"""
+
+import keras
+from keras import layers, ops
+
+_PACKAGE = "keras_coat"
+
+# timm and the authors initialise every Linear layer and the class tokens this way.
+_TRUNC_NORMAL = {"class_name": "TruncatedNormal", "config": {"stddev": 0.02}}
+
+
+def _grid(size):
+    """`size` arrives as a tuple when building and as a list after deserialization."""
+    height, width = (int(s) for s in size)
+    return height, width
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class ClassToken(layers.Layer):
+    """Prepends a learned class token to a token sequence.
+
+    Input: ``[batch, N, C]``. Output: ``[batch, 1 + N, C]``. Weight ``cls_token``: ``[1, 1, C]``.
+    """
+
+    def build(self, input_shape):
+        self.cls_token = self.add_weight(
+            shape=(1, 1, input_shape[-1]),
+            initializer=keras.initializers.get(_TRUNC_NORMAL),
+            name="cls_token",
+        )
+
+    def call(self, tokens):
+        batch = ops.shape(tokens)[0]
+        cls = ops.cast(self.cls_token, tokens.dtype)
+        cls = ops.broadcast_to(cls, (batch, 1, ops.shape(cls)[-1]))
+        return ops.concatenate([cls, tokens], axis=1)
+
+    def compute_output_shape(self, input_shape):
+        length = None if input_shape[1] is None else input_shape[1] + 1
+        return (input_shape[0], length, input_shape[2])
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class PatchEmbedding(layers.Layer):
+    """Non-overlapping patch embedding: a strided convolution, flatten, then LayerNorm (eps 1e-5).
+
+    Input: feature map ``[batch, H, W, C_in]``. Output: tokens ``[batch, (H / p) * (W / p), C]``.
+    """
+
+    def __init__(self, embed_dim, patch_size, **kwargs):
+        super().__init__(**kwargs)
+        self.embed_dim = int(embed_dim)
+        self.patch_size = int(patch_size)
+        self.proj = layers.Conv2D(
+            self.embed_dim, self.patch_size, strides=self.patch_size, name="proj"
+        )
+        self.norm = layers.LayerNormalization(epsilon=1e-5, name="norm")
+
+    def build(self, input_shape):
+        self.proj.build(input_shape)
+        self.norm.build((None, None, self.embed_dim))
+
+    def call(self, images):
+        x = self.proj(images)
+        x = ops.reshape(x, (-1, x.shape[1] * x.shape[2], self.embed_dim))
+        return self.norm(x)
+
+    def compute_output_shape(self, input_shape):
+        p = self.patch_size
+        return (input_shape[0], (input_shape[1] // p) * (input_shape[2] // p), self.embed_dim)
+
+    def get_config(self):
+        return {**super().get_config(), "embed_dim": self.embed_dim, "patch_size": self.patch_size}
+
+
+def _image_tokens_to_map(tokens, size):
+    height, width = _grid(size)
+    return ops.reshape(tokens, (-1, height, width, tokens.shape[-1]))
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class ConvPositionEncoding(layers.Layer):
+    """Convolutional position encoding (CPE, Section 4.2): ``img + DepthwiseConv(img)``.
+
+    The class token passes unchanged. Input and output: ``[batch, 1 + H * W, C]``;
+    call with ``size=(H, W)``. One instance is shared by every block of its scale.
+    """
+
+    def __init__(self, kernel_size=3, **kwargs):
+        super().__init__(**kwargs)
+        self.kernel_size = int(kernel_size)
+        self.proj = layers.DepthwiseConv2D(self.kernel_size, padding="same", name="proj")
+
+    def build(self, input_shape):
+        self.proj.build((None, None, None, input_shape[-1]))
+
+    def call(self, tokens, size):
+        cls, image = tokens[:, :1], tokens[:, 1:]
+        feature_map = _image_tokens_to_map(image, size)
+        encoded = self.proj(feature_map) + feature_map
+        encoded = ops.reshape(encoded, ops.shape(image))
+        return ops.concatenate([cls, encoded], axis=1)
+
+    def get_config(self):
+        return {**super().get_config(), "kernel_size": self.kernel_size}
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class ConvRelativePositionEncoding(layers.Layer):
+    """Convolutional relative position encoding (CRPE, Eqs. 10-11).
+
+    ``EV_img = Q_img * DepthwiseConv2D(V_img)`` with the channels split by heads into groups with
+    their own window (by default 2 heads of 3x3, 3 of 5x5, 3 of 7x7); the class token's row is 0.
+
+    Input: the fused projection ``qkv`` ``[batch, 1 + H * W, 3 * C]`` (Q, K, V along the last axis,
+    each with heads outermost, as the reference lays them out). Call with ``size=(H, W)``.
+    Output: ``[batch, 1 + H * W, C]``. One instance is shared by every attention of its scale.
+    """
+
+    def __init__(self, num_heads=8, windows=((3, 2), (5, 3), (7, 3)), **kwargs):
+        super().__init__(**kwargs)
+        self.num_heads = int(num_heads)
+        self.windows = tuple((int(w), int(h)) for w, h in windows)
+        if sum(h for _, h in self.windows) != self.num_heads:
+            raise ValueError(
+                f"The CRPE windows {self.windows} assign {sum(h for _, h in self.windows)} heads, "
+                f"but num_heads={self.num_heads}. The head counts must add up to num_heads."
+            )
+        self.convs = [
+            layers.DepthwiseConv2D(window, padding="same", name=f"conv_list.{i}")
+            for i, (window, _) in enumerate(self.windows)
+        ]
+
+    def build(self, input_shape):
+        channels = input_shape[-1] // 3
+        if channels % self.num_heads:
+            raise ValueError(
+                f"CRPE got {channels} channels, which {self.num_heads} heads do not divide."
+            )
+        head_dim = channels // self.num_heads
+        self.split_points = []
+        start = 0
+        for conv, (_, heads) in zip(self.convs, self.windows):
+            conv.build((None, None, None, heads * head_dim))
+            start += heads * head_dim
+            self.split_points.append(start)
+        self.split_points = self.split_points[:-1]
+
+    def call(self, qkv, size):
+        channels = qkv.shape[-1] // 3
+        query = qkv[:, 1:, :channels]
+        value = _image_tokens_to_map(qkv[:, 1:, 2 * channels :], size)
+        groups = ops.split(value, self.split_points, axis=-1)
+        encoded = ops.concatenate([conv(g) for conv, g in zip(self.convs, groups)], axis=-1)
+        encoded = query * ops.reshape(encoded, ops.shape(query))
+        return ops.pad(encoded, ((0, 0), (1, 0), (0, 0)))
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "num_heads": self.num_heads,
+            "windows": [list(w) for w in self.windows],
+        }
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class FactorizedConvAttention(layers.Layer):
+    """Factorized attention with the CRPE term, Eq. 12 (before the output projection).
+
+    ``ConvAtt = Q / sqrt(d) (softmax(K)^T V) + EV``, per head, softmax over the tokens (class
+    token included), ``d`` the head dimension. The cost is linear in the number of tokens.
+
+    Inputs: ``[qkv, relative]``: ``qkv`` ``[batch, N, 3 * C]`` and the CRPE term ``[batch, N, C]``.
+    Output: ``[batch, N, C]``.
+    """
+
+    def __init__(self, num_heads=8, **kwargs):
+        super().__init__(**kwargs)
+        self.num_heads = int(num_heads)
+
+    def call(self, inputs):
+        qkv, relative = inputs
+        length, channels = qkv.shape[1], qkv.shape[-1] // 3
+        head_dim = channels // self.num_heads
+        # Heads stay in place ([batch, N, heads, d]); the einsums pick the contraction order, so
+        # no explicit transposes to [batch, heads, N, d] are materialised.
+        qkv = ops.reshape(qkv, (-1, length, 3, self.num_heads, head_dim))
+        query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        key = ops.softmax(key, axis=1)
+        context = ops.einsum("bnhk,bnhv->bhkv", key, value)
+        attended = ops.einsum("bnhk,bhkv->bnhv", query, context)
+        attended = ops.reshape(attended, (-1, length, channels))
+        return attended * ops.cast(head_dim**-0.5, attended.dtype) + relative
+
+    def compute_output_shape(self, input_shape):
+        return input_shape[1]
+
+    def get_config(self):
+        return {**super().get_config(), "num_heads": self.num_heads}
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class MLP(layers.Layer):
+    """The feed-forward network: ``Dense(hidden_dim) -> GELU (exact, erf) -> Dense(output_dim)``.
+
+    Input: ``[..., C]``. Output: ``[..., output_dim]``.
+    """
+
+    def __init__(self, hidden_dim, output_dim, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden_dim = int(hidden_dim)
+        self.output_dim = int(output_dim)
+        self.fc1 = layers.Dense(self.hidden_dim, kernel_initializer=_TRUNC_NORMAL, name="fc1")
+        self.fc2 = layers.Dense(self.output_dim, kernel_initializer=_TRUNC_NORMAL, name="fc2")
+
+    def build(self, input_shape):
+        self.fc1.build(input_shape)
+        self.fc2.build((*input_shape[:-1], self.hidden_dim))
+
+    def call(self, x):
+        return self.fc2(ops.gelu(self.fc1(x), approximate=False))
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], self.output_dim)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "hidden_dim": self.hidden_dim,
+            "output_dim": self.output_dim,
+        }
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class StochasticDepth(layers.Layer):
+    """Residual connection with stochastic depth: ``shortcut + drop_path(branch)``.
+
+    In training, each sample's branch is dropped with probability ``rate`` and the kept ones are
+    scaled by ``1 / (1 - rate)``; at inference it is a plain sum. Inputs: ``[shortcut, branch]``,
+    both ``[batch, ...]``. Output: same shape.
+    """
+
+    def __init__(self, rate=0.0, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        if not 0.0 <= float(rate) < 1.0:
+            raise ValueError(f"Stochastic depth rate must be in [0, 1), got {rate}.")
+        self.rate = float(rate)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, inputs, training=None):
+        shortcut, branch = inputs
+        if training and self.rate > 0.0:
+            keep = 1.0 - self.rate
+            shape = (ops.shape(branch)[0],) + (1,) * (len(branch.shape) - 1)
+            mask = keras.random.uniform(shape, seed=self.seed_generator, dtype=branch.dtype)
+            mask = ops.cast(mask < keep, branch.dtype) / ops.cast(keep, branch.dtype)
+            branch = branch * mask
+        return shortcut + branch
+
+    def compute_output_shape(self, input_shape):
+        return input_shape[0]
+
+    def get_config(self):
+        return {**super().get_config(), "rate": self.rate, "seed": self.seed}
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class FeatureInterpolation(layers.Layer):
+    """Co-scale feature interpolation (Section 5.1): resizes the image tokens of one scale to the
+    grid of another with bilinear interpolation (half-pixel centres, no antialiasing); the class
+    token of the *source* is kept, so class tokens are mixed across scales too.
+
+    Input: ``[batch, 1 + h * w, C]``; call with ``size=(h, w)`` and ``target_size=(H, W)``.
+    Output: ``[batch, 1 + H * W, C]``.
+    """
+
+    def call(self, tokens, size, target_size):
+        height, width = _grid(target_size)
+        feature_map = _image_tokens_to_map(tokens[:, 1:], size)
+        resized = ops.image.resize(
+            feature_map, (height, width), interpolation="bilinear", antialias=False
+        )
+        resized = ops.reshape(resized, (-1, height * width, tokens.shape[-1]))
+        return ops.concatenate([tokens[:, :1], resized], axis=1)
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class TokensToFeatureMap(layers.Layer):
+    """Drops the class token and folds the image tokens back into a channels-last map.
+
+    Input: ``[batch, 1 + H * W, C]``; call with ``size=(H, W)``. Output: ``[batch, H, W, C]``.
+    """
+
+    def call(self, tokens, size):
+        return _image_tokens_to_map(tokens[:, 1:], size)
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class TokenPooling(layers.Layer):
+    """Pools a token sequence to one vector: ``"token"`` takes the class token (the reference's
+    classifier input), ``"avg"``/``"max"`` pool the image tokens.
+
+    Input: ``[batch, 1 + N, C]``. Output: ``[batch, C]``.
+    """
+
+    MODES = ("token", "avg", "max")
+
+    def __init__(self, mode="token", **kwargs):
+        super().__init__(**kwargs)
+        if mode not in self.MODES:
+            raise ValueError(f"TokenPooling mode must be one of {self.MODES}, got {mode!r}.")
+        self.mode = mode
+
+    def call(self, tokens):
+        if self.mode == "token":
+            return tokens[:, 0]
+        if self.mode == "avg":
+            return ops.mean(tokens[:, 1:], axis=1)
+        return ops.max(tokens[:, 1:], axis=1)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], input_shape[-1])
+
+    def get_config(self):
+        return {**super().get_config(), "mode": self.mode}
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class ScaleAggregation(layers.Layer):
+    """CoaT's classifier input: a learned weighted sum of the pooled features of the three
+    parallel scales (the reference's ``Conv1d(3, 1, kernel_size=1)`` "aggregate").
+
+    Inputs: a list of 3 tensors ``[batch, C]``. Output: ``[batch, C]``.
+    Weights: ``kernel`` ``[3]`` and ``bias`` ``[1]``.
+    """
+
+    def build(self, input_shape):
+        count = len(input_shape)
+        bound = count**-0.5  # PyTorch's default Conv1d initialisation range for fan-in `count`.
+        init = keras.initializers.RandomUniform(-bound, bound)
+        self.kernel = self.add_weight(shape=(count,), initializer=init, name="kernel")
+        self.bias = self.add_weight(shape=(1,), initializer=init, name="bias")
+
+    def call(self, inputs):
+        stacked = ops.stack(inputs, axis=-1)
+        return ops.matmul(stacked, ops.cast(self.kernel, stacked.dtype)) + ops.cast(
+            self.bias, stacked.dtype
+        )
+
+    def compute_output_shape(self, input_shape):
+        return input_shape[0]
