@@ -1,0 +1,251 @@
+"""Helpers for the checkpoint / weights / CLI tests: a loopback file server,
+manifests, checkpoints written by torch, hostile pickles, and running code in
+a subprocess where torch cannot be imported."""
+
+import contextlib
+import hashlib
+import http.server
+import json
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import zipfile
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def sha256_of(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+class FileServer:
+    """Serves files over HTTP on 127.0.0.1 from a thread, counting requests.
+
+    ``files`` maps URL paths ("/x.pth") to local files. ``truncate_to`` maps a
+    URL path to a byte count: the server announces the full Content-Length but
+    sends only that many bytes, then closes the connection.
+    """
+
+    def __init__(self):
+        self.files = {}
+        self.truncate_to = {}
+        self.requests = []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                server.requests.append(self.path)
+                local = server.files.get(self.path)
+                if local is None:
+                    self.send_error(404)
+                    return
+                with open(local, "rb") as f:
+                    body = f.read()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body[: server.truncate_to.get(self.path, len(body))])
+                self.close_connection = True
+
+            def do_HEAD(self):
+                server.requests.append("HEAD " + self.path)
+                self.send_error(405)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def serve(self, url_path, local_path):
+        self.files[url_path] = str(local_path)
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}{url_path}"
+
+
+def closed_port_url(name="x.pth"):
+    """A loopback URL on which nothing listens."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/{name}"
+
+
+def write_manifest(path, entries):
+    """Writes ``{name: {"url": ..., "sha256": ...}}`` to `path`; returns its path."""
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(entries, f)
+    return str(path)
+
+
+def use_manifest(monkeypatch, tmp_path, entries):
+    """Points KERAS_COAT_WEIGHTS_MANIFEST at a manifest and KERAS_HOME at tmp_path."""
+    manifest = write_manifest(tmp_path / "manifest.json", entries)
+    monkeypatch.setenv("KERAS_COAT_WEIGHTS_MANIFEST", manifest)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
+    return manifest
+
+
+class Hostile:
+    """Unpickling this runs `command` through os.system (if allowed to)."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+class HostileCall:
+    """Unpickling this calls `func(*args)` (if allowed to)."""
+
+    def __init__(self, func, *args):
+        self.func = func
+        self.args = args
+
+    def __reduce__(self):
+        return (self.func, self.args)
+
+
+def write_torch_like_zip(path, obj, storages=None, archive_name="archive"):
+    """Writes `obj` pickled (protocol 2) in torch's zip layout, without torch.
+
+    `storages` maps storage keys to raw bytes stored under data/<key>.
+    """
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(f"{archive_name}/data.pkl", pickle.dumps(obj, protocol=2))
+        z.writestr(f"{archive_name}/byteorder", "little")
+        z.writestr(f"{archive_name}/version", "3\n")
+        for key, data in (storages or {}).items():
+            z.writestr(f"{archive_name}/data/{key}", data)
+    return str(path)
+
+
+def perturbed_timm_model(variant, seed=0):
+    """A timm CoaT with random weights whose LayerNorms and CLS tokens are also
+    random (their default 1/0 initialization would hide layout mistakes)."""
+    import timm
+    import torch
+
+    torch.manual_seed(seed)
+    model = timm.create_model(variant, pretrained=False).eval()
+    with torch.no_grad():
+        for name, tensor in model.named_parameters():
+            if ".norm" in name or name.startswith("norm") or "cls_token" in name:
+                tensor.copy_(torch.randn_like(tensor) * 0.5 + (1.0 if name.endswith("weight") else 0.0))
+    return model
+
+
+def save_authors_checkpoint(model, path, epoch=3):
+    """torch.save in the CoaT authors' training layout."""
+    import argparse
+
+    import torch
+
+    state_dict = model.state_dict()
+    torch.save(
+        {
+            "model": state_dict,
+            "optimizer": {"state": {}, "param_groups": [{"lr": 5e-4, "params": [0, 1]}]},
+            "lr_scheduler": {"base_lrs": [5e-4], "last_epoch": epoch},
+            "epoch": epoch,
+            "model_ema": state_dict,
+            "args": argparse.Namespace(model=str(type(model).__name__), lr=5e-4, drop_path=0.1),
+        },
+        path,
+    )
+    return str(path)
+
+
+# Prepended to code run by `run_without_torch`: any import of torch fails as
+# if it were not installed (while `sys.modules` stays free of it, as libraries
+# probing for torch expect).
+_BLOCK_TORCH = textwrap.dedent(
+    """
+    import sys
+
+    class _NoTorch:
+        def find_spec(self, name, path=None, target=None):
+            if name == "torch" or name.startswith("torch."):
+                raise ModuleNotFoundError(f"No module named {name!r} (blocked)", name=name)
+            return None
+
+    sys.meta_path.insert(0, _NoTorch())
+    try:
+        import torch
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("torch is still importable")
+    """
+)
+
+
+def run_without_torch(code, env_updates=None, timeout=600):
+    """Runs `code` in a fresh interpreter where ``import torch`` fails.
+
+    Returns the CompletedProcess; raises AssertionError with the output when
+    it exits non-zero.
+    """
+    env = dict(os.environ)
+    env.update(env_updates or {})
+    env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    program = _BLOCK_TORCH + textwrap.dedent(code) + '\nassert "torch" not in sys.modules\n'
+    result = subprocess.run(
+        [sys.executable, "-c", program],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=REPO_ROOT,
+    )
+    if result.returncode != 0:
+        raise AssertionError(
+            f"subprocess failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+        )
+    return result
+
+
+def fake_converter(calls):
+    """A converter for `ensure_converted_weights` that records its calls and
+    writes the state dict's arrays to an HDF5 file."""
+
+    def convert(checkpoint_name, state_dict, path):
+        import h5py
+
+        calls.append((checkpoint_name, sorted(state_dict)))
+        with h5py.File(path, "w") as f:
+            for name, value in state_dict.items():
+                f[name] = value
+
+    return convert
+
+
+@contextlib.contextmanager
+def no_network():
+    """Makes any attempt to open a socket connection fail loudly."""
+    real = socket.socket.connect
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError(f"unexpected network access to {args}")
+
+    socket.socket.connect = refuse
+    try:
+        yield
+    finally:
+        socket.socket.connect = real
+
