@@ -1,0 +1,460 @@
+"""The published CoaT ImageNet checkpoints: where they are, how to fetch them safely.
+
+`load_imagenet_weights(model, checkpoint_name)` (called by the factories for
+``weights="imagenet"``):
+
+1. finds the checkpoint's URL and SHA-256 in `CHECKPOINTS`, or in the JSON
+   manifest named by the ``KERAS_COAT_WEIGHTS_MANIFEST`` environment variable,
+   which replaces the table (for mirrors, local copies and offline machines)::
+
+       {"coat_lite_tiny": {"url": "file:///mirror/coat_lite_tiny.pth",
+                           "sha256": "e88e96b0"}, ...}
+
+   ``url`` is ``http://``, ``https://`` or ``file://`` and ends in ``.pth``,
+   ``.pt``, ``.bin`` or ``.safetensors``; ``sha256`` is the full hex digest
+   or a prefix of at least 8 hex digits;
+2. if the converted weights are already cached
+   (``$KERAS_HOME/models/keras_coat/<name>-<sha8>-v1.weights.h5``, ``KERAS_HOME``
+   defaulting to ``~/.keras``), loads them: no network access at all;
+3. otherwise downloads the checkpoint with `keras.utils.get_file` to a
+   temporary file beside the cache, checks its SHA-256, reads it without
+   running anything from it (`keras_coat.checkpoint`), converts it into a
+   full 1000-class model (`keras_coat.convert`), saves that model's weights
+   to the cache and loads them into `model` (with or without its head).
+
+Every file appears in the cache under its final name only when complete and
+verified (temporary file in the same folder, then `os.replace`), and a lock
+file serializes processes fetching the same checkpoint, so concurrent or
+interrupted loads never leave a broken cache: the next call simply retries.
+"""
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import socket
+import tempfile
+import time
+import urllib.parse
+import uuid
+
+from keras_coat.checkpoint import SUPPORTED_EXTENSIONS, read_state_dict
+
+__all__ = [
+    "BASE_URL",
+    "CHECKPOINTS",
+    "MANIFEST_ENV",
+    "ManifestError",
+    "WeightsDownloadError",
+    "WeightsEntry",
+    "cache_dir",
+    "cached_weights_path",
+    "checkpoint_table",
+    "ensure_converted_weights",
+    "load_imagenet_weights",
+    "variant_of",
+]
+
+MANIFEST_ENV = "KERAS_COAT_WEIGHTS_MANIFEST"
+BASE_URL = "https://vcl.ucsd.edu/coat/pretrained/"
+# Bumped whenever the converted cache files would change for the same checkpoint.
+CACHE_FORMAT = 1
+NUM_CLASSES = 1000
+# Seconds a download may wait on the server for any single read.
+DOWNLOAD_TIMEOUT = 60.0
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightsEntry:
+    """Where a checkpoint lives and the (prefix of its) SHA-256 digest."""
+
+    name: str
+    url: str
+    sha256: str
+
+
+def _official(name, file_name):
+    sha256 = file_name.rsplit("_", 1)[1].split(".")[0]
+    return WeightsEntry(name, BASE_URL + file_name, sha256)
+
+
+# The authors' checkpoints; the first 8 hex digits of each file's SHA-256 are
+# part of its name.
+CHECKPOINTS = {
+    entry.name: entry
+    for entry in (
+        _official("coat_lite_tiny", "coat_lite_tiny_e88e96b0.pth"),
+        _official("coat_lite_mini", "coat_lite_mini_6b4a8ae5.pth"),
+        _official("coat_lite_small", "coat_lite_small_8d362f48.pth"),
+        _official("coat_lite_medium", "coat_lite_medium_a750cd63.pth"),
+        _official("coat_lite_medium_384", "coat_lite_medium_384x384_f9129688.pth"),
+        _official("coat_tiny", "coat_tiny_c6efc33c.pth"),
+        _official("coat_mini", "coat_mini_40667eec.pth"),
+        _official("coat_small", "coat_small_7479cf9b.pth"),
+    )
+}
+
+_HEX = re.compile(r"[0-9a-f]+")
+_URL_SCHEMES = ("http", "https", "file")
+_MANIFEST_FIELDS = {"url", "sha256"}
+
+
+class ManifestError(ValueError):
+    """The weights manifest (``KERAS_COAT_WEIGHTS_MANIFEST``) is unusable."""
+
+
+class WeightsDownloadError(OSError):
+    """A checkpoint could not be downloaded, or failed its SHA-256 check."""
+
+
+def variant_of(checkpoint_name):
+    """The model variant a checkpoint belongs to (``coat_lite_medium_384`` -> ``coat_lite_medium``)."""
+    _check_name(checkpoint_name)
+    return checkpoint_name.removesuffix("_384")
+
+
+def _check_name(checkpoint_name):
+    if checkpoint_name not in CHECKPOINTS:
+        raise ValueError(
+            f"Unknown CoaT checkpoint {checkpoint_name!r}. Available: "
+            f"{', '.join(CHECKPOINTS)}."
+        )
+
+
+def checkpoint_table():
+    """The checkpoint table in force: the manifest's if one is set, else `CHECKPOINTS`."""
+    path = os.environ.get(MANIFEST_ENV)
+    if not path:
+        return dict(CHECKPOINTS)
+    return read_manifest(path)
+
+
+def read_manifest(path):
+    """Reads and validates a weights manifest; returns ``{name: WeightsEntry}``."""
+    where = f"the weights manifest {path!r} (named by {MANIFEST_ENV})"
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except OSError as e:
+        raise ManifestError(f"Cannot read {where}: {e}.") from e
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{where} is not valid JSON: {e}.") from e
+    if not isinstance(data, dict):
+        raise ManifestError(
+            f"{where} must hold a JSON object mapping checkpoint names to "
+            '{"url": ..., "sha256": ...}; found a JSON ' + type(data).__name__ + "."
+        )
+    table = {}
+    for name, spec in data.items():
+        if name not in CHECKPOINTS:
+            raise ManifestError(
+                f"{where} names an unknown checkpoint {name!r}; known: {', '.join(CHECKPOINTS)}."
+            )
+        table[name] = _manifest_entry(name, spec, where)
+    return table
+
+
+def _manifest_entry(name, spec, where):
+    if not isinstance(spec, dict) or set(spec) != _MANIFEST_FIELDS:
+        raise ManifestError(
+            f"In {where}, the entry for {name!r} must be an object with exactly the fields "
+            f"'url' and 'sha256'; found {spec!r}."
+        )
+    url, sha256 = spec["url"], spec["sha256"]
+    parsed = urllib.parse.urlsplit(url) if isinstance(url, str) else None
+    if parsed is None or parsed.scheme not in _URL_SCHEMES:
+        raise ManifestError(
+            f"In {where}, the url of {name!r} must start with http://, https:// or file://; "
+            f"found {url!r}."
+        )
+    if not parsed.path.lower().endswith(SUPPORTED_EXTENSIONS):
+        raise ManifestError(
+            f"In {where}, the url of {name!r} must name a file ending in "
+            f"{', '.join(SUPPORTED_EXTENSIONS)}; found {url!r}."
+        )
+    if parsed.scheme == "file" and (parsed.netloc not in ("", "localhost")):
+        raise ManifestError(
+            f"In {where}, the file:// url of {name!r} must be absolute "
+            f"(file:///path/to/file); found {url!r}."
+        )
+    if (
+        not isinstance(sha256, str)
+        or not 8 <= len(sha256) <= 64
+        or not _HEX.fullmatch(sha256.lower())
+    ):
+        raise ManifestError(
+            f"In {where}, the sha256 of {name!r} must be the file's SHA-256 hex digest or a "
+            f"prefix of it of at least 8 hex digits; found {sha256!r}."
+        )
+    return WeightsEntry(name, url, sha256.lower())
+
+
+def resolve(checkpoint_name):
+    """The `WeightsEntry` in force for `checkpoint_name`."""
+    _check_name(checkpoint_name)
+    table = checkpoint_table()
+    if checkpoint_name not in table:
+        raise ManifestError(
+            f"The weights manifest {os.environ.get(MANIFEST_ENV)!r} (named by {MANIFEST_ENV}) "
+            f"has no entry for {checkpoint_name!r}; it lists {', '.join(table) or 'nothing'}."
+        )
+    return table[checkpoint_name]
+
+
+def cache_dir():
+    """Folder of the downloads and converted weights: ``$KERAS_HOME/models/keras_coat``."""
+    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    folder = os.path.join(home, "models", "keras_coat")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError:
+        pass
+    if not os.access(folder, os.W_OK):
+        # Keras' own fallback for a read-only home.
+        folder = os.path.join(tempfile.gettempdir(), ".keras", "models", "keras_coat")
+        os.makedirs(folder, exist_ok=True)
+    return folder
+
+
+def _stem(entry):
+    return f"{entry.name}-{entry.sha256[:8]}"
+
+
+def cached_weights_path(checkpoint_name):
+    """Where the converted weights of `checkpoint_name` are (or will be) cached."""
+    entry = resolve(checkpoint_name)
+    return os.path.join(cache_dir(), f"{_stem(entry)}-v{CACHE_FORMAT}.weights.h5")
+
+
+def load_imagenet_weights(model, checkpoint_name):
+    """Loads the ImageNet weights `checkpoint_name` into a CoaT `model`.
+
+    `model` is a model of the checkpoint's variant, with or without its
+    1000-class head, at any input size. See the module docstring for the
+    download, verification and caching steps.
+
+    Raises:
+        ValueError: unknown checkpoint, a model without 3 input channels, or
+            a head with other than 1000 classes.
+        ManifestError: the manifest in ``KERAS_COAT_WEIGHTS_MANIFEST`` is
+            unusable or lacks the checkpoint.
+        WeightsDownloadError: the download failed or its SHA-256 differs.
+        keras_coat.checkpoint.UnsafeCheckpointError: the file asks to run
+            code; nothing from it was run.
+        keras_coat.convert.ConversionError: the checkpoint does not fit the
+            variant.
+    """
+    from keras_coat import convert
+
+    _check_model(model, checkpoint_name)
+    path = ensure_converted_weights(checkpoint_name, _convert_to_weights_file)
+    convert.load_weights_h5(model, path)
+
+
+def _check_model(model, checkpoint_name):
+    _check_name(checkpoint_name)
+    channels = model.inputs[0].shape[-1] if model.inputs else None
+    if channels != 3:
+        raise ValueError(
+            f"The ImageNet weights {checkpoint_name!r} expect RGB input with 3 channels; the "
+            f"model's input has {channels}."
+        )
+    head = _find_layer(model, "head")
+    units = getattr(head, "units", None)
+    if head is not None and units != NUM_CLASSES:
+        raise ValueError(
+            f"The ImageNet weights {checkpoint_name!r} have a {NUM_CLASSES}-class head; the "
+            f"model's head has {units} classes. Build it with include_top=False (and add your "
+            "own head), or with classes=1000."
+        )
+
+
+def _find_layer(model, name):
+    try:
+        return model.get_layer(name)
+    except ValueError:
+        return None
+
+
+def _convert_to_weights_file(checkpoint_name, state_dict, path):
+    """Converts `state_dict` into a full 1000-class model and saves its weights to `path`."""
+    from keras_coat import convert, create_model
+
+    reference = create_model(variant_of(checkpoint_name), weights=None, classes=NUM_CLASSES)
+    convert.assign_state_dict(reference, state_dict)
+    reference.save_weights(path)
+
+
+def ensure_converted_weights(checkpoint_name, converter):
+    """Returns the cached converted weights file, fetching and converting it if needed.
+
+    Args:
+        checkpoint_name: a key of `CHECKPOINTS`.
+        converter: ``converter(checkpoint_name, state_dict, path)`` writes the
+            converted weights to `path` (a temporary ``.weights.h5`` name that
+            is renamed into the cache once written).
+
+    Returns:
+        The path of the converted weights file in the cache. When it already
+        exists nothing is downloaded (no network access at all).
+    """
+    entry = resolve(checkpoint_name)
+    target = cached_weights_path(checkpoint_name)
+    if os.path.isfile(target):
+        return target
+    folder = os.path.dirname(target)
+    with _file_lock(os.path.join(folder, f"{_stem(entry)}.lock")):
+        if os.path.isfile(target):  # another process finished it while we waited
+            return target
+        _remove_temporaries(folder, entry)
+        checkpoint = _fetch_verified(entry, folder)
+        temporary = _temporary_name(folder, entry, ".weights.h5")
+        try:
+            converter(checkpoint_name, read_state_dict(checkpoint), temporary)
+            os.replace(temporary, target)
+        finally:
+            _remove(temporary)
+            # Later loads need only the converted file; a checkpoint that could
+            # not be read or converted would fail again.
+            _remove(checkpoint)
+    return target
+
+
+def _fetch_verified(entry, folder):
+    """Downloads `entry` into `folder` (unless already there) and checks its SHA-256."""
+    extension = _extension(entry.url)
+    verified = os.path.join(folder, _stem(entry) + extension)
+    if os.path.isfile(verified):
+        # Left by a process killed while converting; check it again.
+        if _sha256(verified).startswith(entry.sha256):
+            return verified
+        _remove(verified)
+    temporary = _temporary_name(folder, entry, extension)
+    try:
+        _download(entry, temporary)
+        actual = _sha256(temporary)
+        if not actual.startswith(entry.sha256):
+            raise WeightsDownloadError(
+                f"The file downloaded from {entry.url} for {entry.name!r} has SHA-256 "
+                f"{actual}, but {entry.sha256} was expected: it is truncated, corrupt or not "
+                "the published checkpoint, and was deleted. Retry the load; if the server "
+                f"moved or changed the file, point {MANIFEST_ENV} at a manifest giving a "
+                "trusted URL and hash."
+            )
+        os.replace(temporary, verified)
+    finally:
+        _remove(temporary)
+    return verified
+
+
+def _download(entry, path):
+    import keras
+
+    folder, file_name = os.path.split(path)
+    try:
+        with _default_socket_timeout(DOWNLOAD_TIMEOUT):
+            keras.utils.get_file(
+                fname=file_name, origin=entry.url, cache_dir=folder, cache_subdir=folder
+            )
+    except Exception as e:
+        raise WeightsDownloadError(
+            f"Could not download the {entry.name!r} weights from {entry.url} "
+            f"(expected SHA-256 {entry.sha256}) into {folder}: {e}. Check the network "
+            f"connection and retry; to use a mirror or a local copy, set {MANIFEST_ENV} to a "
+            'JSON manifest {"' + entry.name + '": {"url": ..., "sha256": ...}}.'
+        ) from e
+    if not os.path.isfile(path):
+        raise WeightsDownloadError(f"Downloading {entry.url} produced no file at {path}.")
+
+
+@contextlib.contextmanager
+def _default_socket_timeout(seconds):
+    """Bounds each socket read of the download unless the caller chose a timeout."""
+    previous = socket.getdefaulttimeout()
+    if previous is None:
+        socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        if previous is None:
+            socket.setdefaulttimeout(None)
+
+
+def _extension(url):
+    path = urllib.parse.urlsplit(url).path.lower()
+    for extension in SUPPORTED_EXTENSIONS:
+        if path.endswith(extension):
+            return extension
+    raise ManifestError(
+        f"Cannot tell the checkpoint format of {url!r}: it should end in "
+        f"{', '.join(SUPPORTED_EXTENSIONS)}."
+    )
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+_TEMPORARY_MARK = ".partial-"
+
+
+def _temporary_name(folder, entry, suffix):
+    # Dot-prefixed and unique; the real suffix last, since readers and
+    # Keras' save_weights go by it.
+    return os.path.join(folder, f".{_stem(entry)}{_TEMPORARY_MARK}{uuid.uuid4().hex}{suffix}")
+
+
+def _remove_temporaries(folder, entry):
+    """Deletes what an interrupted load of `entry` left (only called under its lock)."""
+    prefix = f".{_stem(entry)}{_TEMPORARY_MARK}"
+    for name in os.listdir(folder):
+        if name.startswith(prefix):
+            _remove(os.path.join(folder, name))
+
+
+def _remove(path):
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+
+
+@contextlib.contextmanager
+def _file_lock(path, timeout=3600.0):
+    """An exclusive lock between processes on `path` (flock, or an O_EXCL file)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        fcntl = None
+    if fcntl is not None:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+        return
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fd = os.open(path + ".excl", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"Waited {timeout:.0f} s for the lock {path}.excl; if no other process "
+                    "is loading these weights, delete it."
+                ) from None
+            time.sleep(0.5)
+    try:
+        os.close(fd)
+        yield
+    finally:
+        _remove(path + ".excl")
