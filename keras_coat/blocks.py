@@ -17,6 +17,7 @@ from keras_coat.layers import (
     FactorizedConvAttention,
     FeatureInterpolation,
     StochasticDepth,
+    TokenwiseDense,
     _TRUNC_NORMAL,
 )
 
@@ -29,9 +30,9 @@ def ConvAttention(dim, num_heads, crpe, name):
     Returns ``apply(tokens, size)`` mapping ``[batch, 1 + H * W, dim]`` to the same shape.
     ``name`` is the attention's prefix, e.g. ``serial_blocks1.0.factoratt_crpe``.
     """
-    qkv_proj = layers.Dense(3 * dim, kernel_initializer=_TRUNC_NORMAL, name=f"{name}.qkv")
+    qkv_proj = TokenwiseDense(3 * dim, kernel_initializer=_TRUNC_NORMAL, name=f"{name}.qkv")
     attention = FactorizedConvAttention(num_heads, name=name)
-    out_proj = layers.Dense(dim, kernel_initializer=_TRUNC_NORMAL, name=f"{name}.proj")
+    out_proj = TokenwiseDense(dim, kernel_initializer=_TRUNC_NORMAL, name=f"{name}.proj")
 
     def apply(tokens, size):
         qkv = qkv_proj(tokens)

@@ -210,59 +210,84 @@ def assign_state_dict(model, state_dict):
         variable.assign(value.astype(variable.dtype))
 
 
-def load_weights_h5(model, path):
-    """Loads a `.weights.h5` saved from a CoaT model into `model`, matched by layer name.
+def transfer_weights(source, target):
+    """Copies weights from `source` to `target` layer by layer name, strictly.
 
-    The file may come from a model with more layers (a full model's file into an
-    `include_top=False` model: the head is skipped); every weight of `model` must be found in the
-    file with the same shape.
+    Every layer of `target` that has weights must exist in `source` with the same weight shapes;
+    `source` may have more layers (a classifier's head when `target` is a backbone).
     """
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        if "layers" not in f:
-            raise ConversionError(f"{path!r} is not a Keras .weights.h5 file of a functional model.")
-        stored = f["layers"]
-        assignments = []
-        for layer in model.layers:
-            if not layer.weights:
-                continue
-            group = _find_layer_group(stored, layer.name)
-            if group is None:
+    source_layers = {layer.name: layer for layer in source.layers}
+    assignments = []
+    for layer in target.layers:
+        if not layer.weights:
+            continue
+        if layer.name not in source_layers:
+            raise ConversionError(
+                f"The source model has no layer {layer.name!r}; is it another variant?"
+            )
+        for variable, value in zip(layer.weights, source_layers[layer.name].weights):
+            if tuple(value.shape) != tuple(variable.shape):
                 raise ConversionError(
-                    f"{path!r} has no weights for layer {layer.name!r}; was it saved from a "
-                    "model of another variant?"
+                    f"Shape mismatch for {variable.path!r}: the source has {tuple(value.shape)}, "
+                    f"the target needs {tuple(variable.shape)}."
                 )
-            arrays = _collect_vars(group)
-            if len(arrays) != len(layer.weights):
-                raise ConversionError(
-                    f"{path!r} holds {len(arrays)} weights for layer {layer.name!r}, the model "
-                    f"has {len(layer.weights)}."
-                )
-            for variable, value in zip(layer.weights, arrays):
-                if tuple(value.shape) != tuple(variable.shape):
-                    raise ConversionError(
-                        f"Shape mismatch for {variable.path!r}: {path!r} has {value.shape}, the "
-                        f"model needs {tuple(variable.shape)}."
-                    )
-                assignments.append((variable, value))
+            assignments.append((variable, value))
     for variable, value in assignments:
         variable.assign(value)
 
 
-def _find_layer_group(stored, layer_name):
-    # Keras stores layers of a functional model under their snake-cased class/unique names; the
-    # layer's own name is kept as the group's key in Keras 3.
-    return stored[layer_name] if layer_name in stored else None
+def load_weights_h5(model, path):
+    """Loads a `.weights.h5` saved from a CoaT model (`model.save_weights`) into `model`.
+
+    Models of the same architecture load directly. A model without the classifier
+    (`include_top=False`) also loads the file of the full model: a full twin is built from the
+    model's build arguments, loaded, and its weights are transferred by layer name (the head is
+    dropped).
+    """
+    layer_names = {layer.name for layer in model.layers}
+    build_kwargs = getattr(model, "_coat_build_kwargs", None)
+    if "head" in layer_names or build_kwargs is None:
+        _keras_load_weights(model, path)
+        return
+    from keras_coat.models import CoaT
+
+    full = CoaT(
+        **{
+            **build_kwargs,
+            "include_top": True,
+            "pooling": None,
+            "weights": None,
+            "input_tensor": None,
+            "classes": _head_classes(path),
+            "classifier_activation": None,
+        }
+    )
+    _keras_load_weights(full, path)
+    transfer_weights(full, model)
 
 
-def _collect_vars(group):
-    """Weights of a layer group in creation order, nested sublayers included."""
-    arrays = []
-    if "vars" in group:
-        count = len(group["vars"].keys())
-        arrays.extend(group["vars"][str(i)][()] for i in range(count))
-    if "layers" in group:
-        for sub in group["layers"].keys():
-            arrays.extend(_collect_vars(group["layers"][sub]))
-    return arrays
+def _keras_load_weights(model, path):
+    try:
+        model.load_weights(path)
+    except (ValueError, KeyError) as error:
+        raise ConversionError(
+            f"Could not load {path!r} into {model.name!r}: {error}. Was the file saved from a "
+            "model of another variant or with another number of classes?"
+        ) from error
+
+
+def _head_classes(path):
+    """Number of classes of the head stored in a CoaT `.weights.h5` (1000 if not found).
+
+    Keras names the groups of a functional model's layers after their classes, in build order;
+    the head is the last Dense layer CoaT builds.
+    """
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        groups = f.get("layers", {})
+        dense = [k for k in groups if re.fullmatch(r"dense(_\d+)?", k)]
+        if not dense:
+            return 1000
+        last = max(dense, key=lambda k: int(k.rsplit("_", 1)[1]) if "_" in k else 0)
+        return int(groups[last]["vars"]["1"].shape[0])

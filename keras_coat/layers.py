@@ -8,12 +8,17 @@ Everything here is written with ``keras.ops`` only, so it runs on the TensorFlow
 """
 
 import keras
+import numpy as np
 from keras import layers, ops
 
 _PACKAGE = "keras_coat"
 
 # timm and the authors initialise every Linear layer and the class tokens this way.
 _TRUNC_NORMAL = {"class_name": "TruncatedNormal", "config": {"stddev": 0.02}}
+
+
+# Widths up to which FactorizedConvAttention uses one masked [C, C] context for all heads.
+_FULL_CONTEXT_MAX_CHANNELS = 128
 
 
 def _grid(size):
@@ -80,6 +85,10 @@ class PatchEmbedding(layers.Layer):
         return {**super().get_config(), "embed_dim": self.embed_dim, "patch_size": self.patch_size}
 
 
+def _spec(layer, shape):
+    return keras.KerasTensor(shape, dtype=layer.compute_dtype)
+
+
 def _image_tokens_to_map(tokens, size):
     height, width = _grid(size)
     return ops.reshape(tokens, (-1, height, width, tokens.shape[-1]))
@@ -107,6 +116,11 @@ class ConvPositionEncoding(layers.Layer):
         encoded = self.proj(feature_map) + feature_map
         encoded = ops.reshape(encoded, ops.shape(image))
         return ops.concatenate([cls, encoded], axis=1)
+
+    # Layers called with a grid `size` give their output spec directly: tracing `call` would
+    # turn the Python ints of `size` into tracers on JAX.
+    def compute_output_spec(self, tokens, size):
+        return _spec(self, tokens.shape)
 
     def get_config(self):
         return {**super().get_config(), "kernel_size": self.kernel_size}
@@ -162,6 +176,9 @@ class ConvRelativePositionEncoding(layers.Layer):
         encoded = query * ops.reshape(encoded, ops.shape(query))
         return ops.pad(encoded, ((0, 0), (1, 0), (0, 0)))
 
+    def compute_output_spec(self, qkv, size):
+        return _spec(self, (qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3))
+
     def get_config(self):
         return {
             **super().get_config(),
@@ -187,17 +204,31 @@ class FactorizedConvAttention(layers.Layer):
 
     def call(self, inputs):
         qkv, relative = inputs
-        length, channels = qkv.shape[1], qkv.shape[-1] // 3
+        channels = qkv.shape[-1] // 3
         head_dim = channels // self.num_heads
-        # Heads stay in place ([batch, N, heads, d]); the einsums pick the contraction order, so
-        # no explicit transposes to [batch, heads, N, d] are materialised.
-        qkv = ops.reshape(qkv, (-1, length, 3, self.num_heads, head_dim))
-        query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        query, key, value = (
+            qkv[..., :channels],
+            qkv[..., channels : 2 * channels],
+            qkv[..., 2 * channels :],
+        )
         key = ops.softmax(key, axis=1)
+        if channels <= _FULL_CONTEXT_MAX_CHANNELS:
+            # One [C, C] context for all heads, masked to its block diagonal (which also carries
+            # the scale): at small widths two plain batched matmuls beat per-head einsums, whose
+            # layout changes cost more than the extra multiply-adds.
+            context = ops.einsum("bnk,bnv->bkv", key, value)
+            context = context * ops.cast(self._head_mask(channels, head_dim), context.dtype)
+            return ops.matmul(query, context) + relative
+        split = (-1, qkv.shape[1], self.num_heads, head_dim)
+        query, key, value = (ops.reshape(t, split) for t in (query, key, value))
         context = ops.einsum("bnhk,bnhv->bhkv", key, value)
         attended = ops.einsum("bnhk,bhkv->bnhv", query, context)
-        attended = ops.reshape(attended, (-1, length, channels))
+        attended = ops.reshape(attended, (-1, qkv.shape[1], channels))
         return attended * ops.cast(head_dim**-0.5, attended.dtype) + relative
+
+    def _head_mask(self, channels, head_dim):
+        blocks = np.kron(np.eye(self.num_heads), np.ones((head_dim, head_dim)))
+        return (blocks * head_dim**-0.5).astype("float32")
 
     def compute_output_shape(self, input_shape):
         return input_shape[1]
@@ -225,7 +256,11 @@ class MLP(layers.Layer):
         self.fc2.build((*input_shape[:-1], self.hidden_dim))
 
     def call(self, x):
-        return self.fc2(ops.gelu(self.fc1(x), approximate=False))
+        # Token-wise on a 2-D [tokens, C] view: plain matmuls fuse with their bias and GELU,
+        # batched 3-D ones do not.
+        flat = ops.reshape(x, (-1, x.shape[-1]))
+        flat = self.fc2(ops.gelu(self.fc1(flat), approximate=False))
+        return ops.reshape(flat, (*ops.shape(x)[:-1], self.output_dim))
 
     def compute_output_shape(self, input_shape):
         return (*input_shape[:-1], self.output_dim)
@@ -236,6 +271,19 @@ class MLP(layers.Layer):
             "hidden_dim": self.hidden_dim,
             "output_dim": self.output_dim,
         }
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class TokenwiseDense(layers.Dense):
+    """A ``Dense`` layer applied to every token: ``[..., C_in] -> [..., units]``.
+
+    Computes on a 2-D ``[tokens, C_in]`` view, where the matmul fuses with its bias.
+    """
+
+    def call(self, inputs, training=None):
+        flat = ops.reshape(inputs, (-1, inputs.shape[-1]))
+        flat = super().call(flat, training=training)
+        return ops.reshape(flat, (*ops.shape(inputs)[:-1], self.units))
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -291,6 +339,10 @@ class FeatureInterpolation(layers.Layer):
         resized = ops.reshape(resized, (-1, height * width, tokens.shape[-1]))
         return ops.concatenate([tokens[:, :1], resized], axis=1)
 
+    def compute_output_spec(self, tokens, size, target_size):
+        height, width = _grid(target_size)
+        return _spec(self, (tokens.shape[0], 1 + height * width, tokens.shape[-1]))
+
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class TokensToFeatureMap(layers.Layer):
@@ -301,6 +353,10 @@ class TokensToFeatureMap(layers.Layer):
 
     def call(self, tokens, size):
         return _image_tokens_to_map(tokens[:, 1:], size)
+
+    def compute_output_spec(self, tokens, size):
+        height, width = _grid(size)
+        return _spec(self, (tokens.shape[0], height, width, tokens.shape[-1]))
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)

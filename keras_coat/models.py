@@ -391,6 +391,20 @@ def CoaT(
     model_inputs = keras.utils.get_source_inputs(input_tensor) if input_tensor is not None else inputs
     model = keras.Model(model_inputs, x, name=name)
     model.pyramid_outputs = pyramid
+    # Kept so that a model without its head can load the weights file of the full model.
+    model._coat_build_kwargs = dict(
+        embed_dims=embed_dims,
+        serial_depths=serial_depths,
+        mlp_ratios=mlp_ratios,
+        parallel_depth=parallel_depth,
+        num_heads=num_heads,
+        patch_size=patch_size,
+        crpe_windows=crpe_windows,
+        input_shape=(height, width, channels),
+        include_preprocessing=include_preprocessing,
+        name=name,
+        architecture=architecture,
+    )
 
     if weights == "imagenet":
         from keras_coat import weights as weights_lib
