@@ -1,0 +1,241 @@
+"""Command line: ``python -m keras_coat {predict,info,export} ...``.
+
+    python -m keras_coat predict cat.jpg dog.png --model coat_lite_small --top 5
+    python -m keras_coat predict photo.jpg --model coat_lite_medium --image-size 384
+    python -m keras_coat predict photo.jpg --weights my_finetune.weights.h5
+    python -m keras_coat info
+
+Each subcommand is one ``_add_<name>_command(subparsers)`` function that
+declares its arguments and sets ``handler``, a function of the parsed
+arguments returning the exit status.
+"""
+
+import argparse
+import importlib.util
+import json
+import sys
+
+DEFAULT_MODEL = "coat_lite_small"
+DEFAULT_IMAGE_SIZE = 224
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return args.handler(args)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="python -m keras_coat",
+        description="CoaT (Co-scale conv-attentional image Transformers) for Keras 3.",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_predict_command(subparsers)
+    _add_info_command(subparsers)
+    _add_export_command(subparsers)
+    return parser
+
+
+def _variants():
+    from keras_coat.models import MODEL_CONFIGS
+
+    return list(MODEL_CONFIGS)
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _crop_pct(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
+# ----------------------------------------------------------------------------- predict
+
+
+def _add_predict_command(subparsers):
+    from keras_coat.imagenet import DEFAULT_CROP_PCT
+
+    parser = subparsers.add_parser(
+        "predict",
+        help="classify images with an ImageNet-1k CoaT",
+        description="Classify images into the 1000 ImageNet classes. Images get the reference "
+        "evaluation transform (bicubic resize to size/crop_pct, center crop).",
+    )
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL, choices=_variants(), help=f"variant (default {DEFAULT_MODEL})"
+    )
+    parser.add_argument(
+        "--weights",
+        default="imagenet",
+        help="'imagenet' (default: download, verify and cache the authors' checkpoint) or a "
+        "weights file: .weights.h5, .pth/.pt or .safetensors (1000-class head)",
+    )
+    parser.add_argument(
+        "--image-size",
+        type=_positive_int,
+        default=DEFAULT_IMAGE_SIZE,
+        help="input resolution (default 224; 384 selects the 384 checkpoint of coat_lite_medium)",
+    )
+    parser.add_argument(
+        "--crop-pct",
+        type=_crop_pct,
+        default=DEFAULT_CROP_PCT,
+        help=f"center-crop share of the resized image (default {DEFAULT_CROP_PCT})",
+    )
+    parser.add_argument("--top", type=_positive_int, default=5, help="classes per image (default 5)")
+    parser.add_argument("--batch-size", type=_positive_int, default=8, help="images per batch")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per image")
+    parser.set_defaults(handler=_predict)
+
+
+def _predict(args):
+    import numpy as np
+
+    from keras_coat import create_model
+    from keras_coat.imagenet import decode_predictions, load_image
+
+    if args.top > 1000:
+        print("error: --top must be at most 1000", file=sys.stderr)
+        return 2
+    images = []
+    for path in args.images:
+        try:
+            images.append(load_image(path, image_size=args.image_size, crop_pct=args.crop_pct))
+        except (OSError, ValueError) as e:  # missing file, not an image
+            print(f"error: cannot read image {path!r}: {e}", file=sys.stderr)
+            return 1
+    model = create_model(
+        args.model,
+        weights=args.weights,
+        input_shape=(args.image_size, args.image_size, 3),
+        classifier_activation="softmax",
+    )
+    for start in range(0, len(images), args.batch_size):
+        batch = np.stack(images[start : start + args.batch_size])
+        probabilities = model.predict(batch, verbose=0)
+        decoded = decode_predictions(probabilities, top=args.top)
+        for path, predictions in zip(args.images[start:], decoded):
+            _print_predictions(path, predictions, as_json=args.json)
+    return 0
+
+
+def _print_predictions(path, predictions, as_json):
+    if as_json:
+        rows = [{"wnid": w, "class": c, "probability": p} for w, c, p in predictions]
+        print(json.dumps({"image": path, "predictions": rows}))
+        return
+    print(path)
+    for rank, (wnid, name, probability) in enumerate(predictions, start=1):
+        print(f"  {rank:>2}. {100 * probability:6.2f}%  {name} ({wnid})")
+
+
+# -------------------------------------------------------------------------------- info
+
+
+def _add_info_command(subparsers):
+    parser = subparsers.add_parser(
+        "info",
+        help="list the variants and their ImageNet checkpoints",
+        description="List the CoaT variants, their size and accuracy (paper), and where their "
+        "ImageNet checkpoints come from and are cached.",
+    )
+    parser.set_defaults(handler=_info)
+
+
+def _info(args):
+    import os
+
+    from keras_coat import weights
+    from keras_coat.models import MODEL_CONFIGS
+
+    manifest = os.environ.get(weights.MANIFEST_ENV)
+    try:
+        table = weights.checkpoint_table()
+    except weights.ManifestError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"{'variant':<18} {'params':>11} {'GFLOPs':>7} {'top-1':>6}  checkpoints")
+    for variant, config in MODEL_CONFIGS.items():
+        names = [n for n in weights.CHECKPOINTS if weights.variant_of(n) == variant]
+        states = []
+        for name in names:
+            if name not in table:
+                states.append(f"{name} (not in manifest)")
+            else:
+                cached = os.path.isfile(weights.cached_weights_path(name))
+                states.append(f"{name} ({'cached' if cached else 'not downloaded'})")
+        print(
+            f"{variant:<18} {config['params']:>11,} {config['gflops']:>7} "
+            f"{config['top1']:>5}%  {', '.join(states)}"
+        )
+    print()
+    source = f"manifest {manifest} ({weights.MANIFEST_ENV})" if manifest else "built-in table"
+    print(f"weights source: {source}")
+    print(f"weights cache:  {weights.cache_dir()}")
+    return 0
+
+
+# ------------------------------------------------------------------------------ export
+
+
+def _add_export_command(subparsers):
+    """Registers ``export`` (SavedModel for serving) when `keras_coat.export` is present.
+
+    The export module (TensorFlow only) is imported when the command runs, so
+    the other commands never pay for it.
+    """
+    if importlib.util.find_spec("keras_coat.export") is None:
+        return
+    parser = subparsers.add_parser(
+        "export",
+        help="export a SavedModel with serving signatures (TensorFlow)",
+        description="Build a CoaT variant and export it as a versioned SavedModel.",
+    )
+    parser.add_argument("output", help="model base directory; the version goes in OUTPUT/VERSION")
+    parser.add_argument("--model", default=DEFAULT_MODEL, choices=_variants())
+    parser.add_argument(
+        "--weights", default="imagenet", help="'imagenet', 'none' (random) or a weights file"
+    )
+    parser.add_argument("--version", type=_positive_int, default=1)
+    parser.add_argument("--image-size", type=_positive_int, default=None)
+    parser.add_argument(
+        "--class-names", default=None, help="text file, one class name per line (sets the classes)"
+    )
+    parser.add_argument("--top", type=_positive_int, default=5)
+    parser.add_argument("--overwrite", action="store_true")
+    parser.set_defaults(handler=_export)
+
+
+def _export(args):
+    from keras_coat.export import export_command
+
+    export_command(
+        args.model,
+        None if args.weights.lower() == "none" else args.weights,
+        args.output,
+        version=args.version,
+        image_size=args.image_size,
+        class_names_file=args.class_names,
+        top_k=args.top,
+        overwrite=args.overwrite,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
