@@ -282,8 +282,15 @@ def _convert_to_weights_file(checkpoint_name, state_dict, path):
     """Converts `state_dict` into a full 1000-class model and saves its weights to `path`."""
     from keras_coat import convert, create_model
 
-    reference = create_model(variant_of(checkpoint_name), weights=None, classes=NUM_CLASSES)
-    convert.assign_state_dict(reference, state_dict)
+    variant = variant_of(checkpoint_name)
+    reference = create_model(variant, weights=None, classes=NUM_CLASSES)
+    try:
+        convert.assign_state_dict(reference, state_dict)
+    except convert.ConversionError as e:
+        raise convert.ConversionError(
+            f"The checkpoint {resolve(checkpoint_name).url} given for {checkpoint_name!r} does "
+            f"not fit the {variant} model (if {MANIFEST_ENV} is set, check its entry): {e}"
+        ) from e
     reference.save_weights(path)
 
 

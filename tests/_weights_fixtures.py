@@ -134,21 +134,6 @@ def write_torch_like_zip(path, obj, storages=None, archive_name="archive"):
     return str(path)
 
 
-def perturbed_timm_model(variant, seed=0):
-    """A timm CoaT with random weights whose LayerNorms and CLS tokens are also
-    random (their default 1/0 initialization would hide layout mistakes)."""
-    import timm
-    import torch
-
-    torch.manual_seed(seed)
-    model = timm.create_model(variant, pretrained=False).eval()
-    with torch.no_grad():
-        for name, tensor in model.named_parameters():
-            if ".norm" in name or name.startswith("norm") or "cls_token" in name:
-                tensor.copy_(torch.randn_like(tensor) * 0.5 + (1.0 if name.endswith("weight") else 0.0))
-    return model
-
-
 def save_authors_checkpoint(model, path, epoch=3):
     """torch.save in the CoaT authors' training layout."""
     import argparse

@@ -11,13 +11,13 @@ import zipfile
 import numpy as np
 import pytest
 
-from _weights_fixtures import (
+from keras_coat.checkpoint import CheckpointError, UnsafeCheckpointError, read_state_dict
+from tests._weights_fixtures import (
     Hostile,
     HostileCall,
     run_without_torch,
     write_torch_like_zip,
 )
-from keras_coat.checkpoint import CheckpointError, UnsafeCheckpointError, read_state_dict
 
 torch = pytest.importorskip("torch")
 

@@ -9,14 +9,14 @@ import sys
 import numpy as np
 import pytest
 
-from _weights_fixtures import (
+from keras_coat.__main__ import build_parser, main
+from tests._weights_fixtures import (
     REPO_ROOT,
-    perturbed_timm_model,
     save_authors_checkpoint,
     sha256_of,
     use_manifest,
 )
-from keras_coat.__main__ import build_parser, main
+from tests.reference import timm_model
 
 torch = pytest.importorskip("torch")
 
@@ -33,7 +33,7 @@ def _write_image(path, width, height, seed):
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     folder = tmp_path_factory.mktemp("cli")
-    model = perturbed_timm_model("coat_lite_tiny", seed=1)
+    model = timm_model("coat_lite_tiny", seed=1)
     path = save_authors_checkpoint(model, folder / "coat_lite_tiny.pth")
     images = [
         _write_image(folder / "landscape.jpg", 400, 300, seed=1),

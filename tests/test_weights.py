@@ -10,22 +10,22 @@ import textwrap
 import numpy as np
 import pytest
 
-from _weights_fixtures import (
+from keras_coat import weights
+from keras_coat.checkpoint import UnsafeCheckpointError
+from tests._weights_fixtures import (
     REPO_ROOT,
     FileServer,
     Hostile,
     closed_port_url,
     fake_converter,
     no_network,
-    perturbed_timm_model,
     run_without_torch,
     save_authors_checkpoint,
     sha256_of,
     use_manifest,
     write_manifest,
 )
-from keras_coat import weights
-from keras_coat.checkpoint import UnsafeCheckpointError
+from tests.reference import timm_model
 
 torch = pytest.importorskip("torch")
 
@@ -309,7 +309,7 @@ def test_two_processes_share_one_download(monkeypatch, tmp_path, server, small_c
         import sys, time
         sys.path.insert(0, {os.path.join(REPO_ROOT, "tests")!r})
         from keras_coat import weights
-        from _weights_fixtures import fake_converter
+        from tests._weights_fixtures import fake_converter
 
         def slow_converter(name, state_dict, path):
             with open({str(calls_log)!r}, "a") as log:
@@ -351,7 +351,7 @@ def tiny_reference(tmp_path_factory):
     """A perturbed timm coat_lite_tiny in the authors' checkpoint layout, with
     its logits and pre-logits on random inputs."""
     folder = tmp_path_factory.mktemp("reference")
-    model = perturbed_timm_model("coat_lite_tiny", seed=0)
+    model = timm_model("coat_lite_tiny", seed=0)
     path = save_authors_checkpoint(model, folder / "coat_lite_tiny.pth")
     rng = np.random.default_rng(0)
     images = rng.uniform(0, 255, size=(2, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
@@ -445,8 +445,9 @@ def test_checkpoint_of_another_variant(monkeypatch, tmp_path, server, tiny_refer
     url = server.serve("/tiny.pth", tiny_reference["path"])
     name = {"CoaTLiteSmall": "coat_lite_small", "CoaTLiteMini": "coat_lite_mini"}[factory]
     use_manifest(monkeypatch, tmp_path, {name: {"url": url, "sha256": tiny_reference["sha256"]}})
-    with pytest.raises(ConversionError, match=match):
+    with pytest.raises(ConversionError, match=match) as info:
         getattr(keras_coat, factory)(weights="imagenet")
+    assert url in str(info.value) and name in str(info.value)
     assert _cache_is_clean(tmp_path)
 
 
