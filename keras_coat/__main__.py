@@ -77,7 +77,10 @@ def _add_predict_command(subparsers):
     )
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     parser.add_argument(
-        "--model", default=DEFAULT_MODEL, choices=_variants(), help=f"variant (default {DEFAULT_MODEL})"
+        "--model",
+        default=DEFAULT_MODEL,
+        choices=_variants(),
+        help=f"variant (default {DEFAULT_MODEL})",
     )
     parser.add_argument(
         "--weights",
@@ -97,7 +100,9 @@ def _add_predict_command(subparsers):
         default=DEFAULT_CROP_PCT,
         help=f"center-crop share of the resized image (default {DEFAULT_CROP_PCT})",
     )
-    parser.add_argument("--top", type=_positive_int, default=5, help="classes per image (default 5)")
+    parser.add_argument(
+        "--top", type=_positive_int, default=5, help="classes per image (default 5)"
+    )
     parser.add_argument("--batch-size", type=_positive_int, default=8, help="images per batch")
     parser.add_argument("--json", action="store_true", help="print one JSON object per image")
     parser.set_defaults(handler=_predict)

@@ -284,9 +284,7 @@ class _StorageLoader:
             try:
                 raw = self.archive.read(f"{self.prefix}data/{ref.key}")
             except KeyError:
-                raise CheckpointError(
-                    f"Storage {ref.key!r} is missing from the archive."
-                ) from None
+                raise CheckpointError(f"Storage {ref.key!r} is missing from the archive.") from None
             storage_dtype = "<u2" if dtype == "bfloat16" else dtype
             array = np.frombuffer(raw, dtype=storage_dtype)
             if self.byteorder == "big" and array.dtype.itemsize > 1:
@@ -524,9 +522,7 @@ def _unwrap_state_dict(obj):
         )
     for key in _STATE_DICT_KEYS:
         nested = obj.get(key)
-        if isinstance(nested, Mapping) and any(
-            isinstance(v, _LazyTensor) for v in nested.values()
-        ):
+        if isinstance(nested, Mapping) and any(isinstance(v, _LazyTensor) for v in nested.values()):
             return nested
     if not any(isinstance(v, _LazyTensor) for v in obj.values()):
         raise CheckpointError(

@@ -67,8 +67,7 @@ def preprocess_input(x):
 def _check_channels(shape):
     if not shape or shape[-1] not in (3, None):
         raise ValueError(
-            "preprocess_input expects RGB images with 3 channels last; "
-            f"received shape {shape}."
+            "preprocess_input expects RGB images with 3 channels last; " f"received shape {shape}."
         )
 
 

@@ -110,7 +110,7 @@ class WeightsDownloadError(OSError):
 
 
 def variant_of(checkpoint_name):
-    """The model variant a checkpoint belongs to (``coat_lite_medium_384`` -> ``coat_lite_medium``)."""
+    """The variant a checkpoint belongs to: ``coat_lite_medium_384`` -> ``coat_lite_medium``."""
     _check_name(checkpoint_name)
     return checkpoint_name.removesuffix("_384")
 
@@ -118,8 +118,7 @@ def variant_of(checkpoint_name):
 def _check_name(checkpoint_name):
     if checkpoint_name not in CHECKPOINTS:
         raise ValueError(
-            f"Unknown CoaT checkpoint {checkpoint_name!r}. Available: "
-            f"{', '.join(CHECKPOINTS)}."
+            f"Unknown CoaT checkpoint {checkpoint_name!r}. Available: " f"{', '.join(CHECKPOINTS)}."
         )
 
 
@@ -250,7 +249,14 @@ def load_imagenet_weights(model, checkpoint_name):
 
     _check_model(model, checkpoint_name)
     path = ensure_converted_weights(checkpoint_name, _convert_to_weights_file)
-    convert.load_weights_h5(model, path)
+    try:
+        convert.load_weights_h5(model, path)
+    except OSError:
+        # Cache files are written whole, so this one was damaged afterwards
+        # (disk, a user's edit): replace it once.
+        _remove(path)
+        path = ensure_converted_weights(checkpoint_name, _convert_to_weights_file)
+        convert.load_weights_h5(model, path)
 
 
 def _check_model(model, checkpoint_name):

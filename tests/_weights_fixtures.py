@@ -158,8 +158,7 @@ def save_authors_checkpoint(model, path, epoch=3):
 # Prepended to code run by `run_without_torch`: any import of torch fails as
 # if it were not installed (while `sys.modules` stays free of it, as libraries
 # probing for torch expect).
-_BLOCK_TORCH = textwrap.dedent(
-    """
+_BLOCK_TORCH = textwrap.dedent("""
     import sys
 
     class _NoTorch:
@@ -175,8 +174,7 @@ _BLOCK_TORCH = textwrap.dedent(
         pass
     else:
         raise SystemExit("torch is still importable")
-    """
-)
+    """)
 
 
 def run_without_torch(code, env_updates=None, timeout=600):
@@ -233,4 +231,3 @@ def no_network():
         yield
     finally:
         socket.socket.connect = real
-

@@ -219,8 +219,7 @@ def test_reader_works_where_torch_cannot_be_imported(tmp_path):
     torch.save({"model": state_dict, "args": argparse.Namespace(a=1)}, path)
     expected = tmp_path / "expected.npz"
     np.savez(expected, **{k: _as_numpy(v) for k, v in state_dict.items()})
-    run_without_torch(
-        f"""
+    run_without_torch(f"""
         import numpy as np
         from keras_coat.checkpoint import read_state_dict
         arrays = read_state_dict({str(path)!r})
@@ -228,5 +227,4 @@ def test_reader_works_where_torch_cannot_be_imported(tmp_path):
         assert sorted(arrays) == sorted(expected.files), sorted(arrays)
         for name in expected.files:
             np.testing.assert_array_equal(arrays[name], expected[name])
-        """
-    )
+        """)

@@ -46,7 +46,9 @@ def _timm_top(model, images, top):
     """timm's own evaluation pipeline on the files: the expected predictions."""
     import timm.data
 
-    config = timm.data.resolve_data_config({"crop_pct": 224 / 256, "interpolation": "bicubic"}, model=model)
+    config = timm.data.resolve_data_config(
+        {"crop_pct": 224 / 256, "interpolation": "bicubic"}, model=model
+    )
     transform = timm.data.create_transform(**config)
     from PIL import Image
 
@@ -66,9 +68,23 @@ def test_predict_matches_timm(monkeypatch, tmp_path, capsys, tiny_checkpoint):
     from keras_coat.imagenet import class_wnids
 
     path = tiny_checkpoint["path"]
-    use_manifest(monkeypatch, tmp_path, {"coat_lite_tiny": {"url": _uri(path), "sha256": sha256_of(path)}})
+    use_manifest(
+        monkeypatch, tmp_path, {"coat_lite_tiny": {"url": _uri(path), "sha256": sha256_of(path)}}
+    )
     images = tiny_checkpoint["images"]
-    status = main(["predict", *images, "--model", "coat_lite_tiny", "--top", "3", "--json", "--batch-size", "1"])
+    status = main(
+        [
+            "predict",
+            *images,
+            "--model",
+            "coat_lite_tiny",
+            "--top",
+            "3",
+            "--json",
+            "--batch-size",
+            "1",
+        ]
+    )
     assert status == 0
     results = _read_json_lines(capsys.readouterr().out)
     order, probabilities = _timm_top(tiny_checkpoint["model"], images, top=3)
@@ -82,7 +98,9 @@ def test_predict_matches_timm(monkeypatch, tmp_path, capsys, tiny_checkpoint):
         )
 
     # The readable format, from the cache, with a weights file instead.
-    status = main(["predict", images[0], "--model", "coat_lite_tiny", "--weights", tiny_checkpoint["path"]])
+    status = main(
+        ["predict", images[0], "--model", "coat_lite_tiny", "--weights", tiny_checkpoint["path"]]
+    )
     assert status == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == images[0] and len(lines) == 6
@@ -127,8 +145,15 @@ def test_info_lists_variants_and_checkpoints(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
     assert main(["info"]) == 0
     out = capsys.readouterr().out
-    for variant in ("coat_lite_tiny", "coat_lite_mini", "coat_lite_small", "coat_lite_medium",
-                    "coat_tiny", "coat_mini", "coat_small"):
+    for variant in (
+        "coat_lite_tiny",
+        "coat_lite_mini",
+        "coat_lite_small",
+        "coat_lite_medium",
+        "coat_tiny",
+        "coat_mini",
+        "coat_small",
+    ):
         assert f"\n{variant} " in out
     assert "coat_lite_medium_384 (not downloaded)" in out
     assert "5,721,960" in out and "built-in table" in out
@@ -151,7 +176,12 @@ def test_export_command_is_registered_when_the_module_exists():
             parser.parse_args(["export", "out"])
         return
     args = parser.parse_args(["export", "out", "--model", "coat_tiny", "--weights", "none"])
-    assert (args.command, args.model, args.output, args.weights) == ("export", "coat_tiny", "out", "none")
+    assert (args.command, args.model, args.output, args.weights) == (
+        "export",
+        "coat_tiny",
+        "out",
+        "none",
+    )
 
 
 @pytest.mark.slow
@@ -159,7 +189,11 @@ def test_module_entry_point(tmp_path):
     env = dict(os.environ, KERAS_HOME=str(tmp_path), PYTHONPATH=REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="3")
     env.pop("KERAS_COAT_WEIGHTS_MANIFEST", None)
     result = subprocess.run(
-        [sys.executable, "-m", "keras_coat", "info"], capture_output=True, text=True, env=env, cwd=REPO_ROOT
+        [sys.executable, "-m", "keras_coat", "info"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO_ROOT,
     )
     assert result.returncode == 0, result.stderr
     assert "coat_small" in result.stdout

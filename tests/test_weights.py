@@ -94,7 +94,9 @@ def test_cache_lives_under_keras_home(monkeypatch, tmp_path):
     monkeypatch.delenv(MANIFEST_ENV, raising=False)
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "home"))
     path = weights.cached_weights_path("coat_lite_tiny")
-    assert path == str(tmp_path / "home" / "models" / "keras_coat" / "coat_lite_tiny-e88e96b0-v1.weights.h5")
+    assert path == str(
+        tmp_path / "home" / "models" / "keras_coat" / "coat_lite_tiny-e88e96b0-v1.weights.h5"
+    )
 
 
 # ---------------------------------------------------------------- manifests
@@ -111,8 +113,14 @@ GOOD = {"url": "https://mirror.example/coat_lite_tiny.pth", "sha256": "e88e96b0"
         (json.dumps({"coat_lite_tiny": "https://x/y.pth"}), "exactly the fields"),
         (json.dumps({"coat_lite_tiny": {"url": GOOD["url"]}}), "exactly the fields"),
         (json.dumps({"coat_lite_tiny": {**GOOD, "md5": "0"}}), "exactly the fields"),
-        (json.dumps({"coat_lite_tiny": {**GOOD, "url": "ftp://x/y.pth"}}), "http://, https:// or file://"),
-        (json.dumps({"coat_lite_tiny": {**GOOD, "url": "/local/y.pth"}}), "http://, https:// or file://"),
+        (
+            json.dumps({"coat_lite_tiny": {**GOOD, "url": "ftp://x/y.pth"}}),
+            "http://, https:// or file://",
+        ),
+        (
+            json.dumps({"coat_lite_tiny": {**GOOD, "url": "/local/y.pth"}}),
+            "http://, https:// or file://",
+        ),
         (json.dumps({"coat_lite_tiny": {**GOOD, "url": 3}}), "http://, https:// or file://"),
         (json.dumps({"coat_lite_tiny": {**GOOD, "url": "https://x/y.zip"}}), "ending in"),
         (json.dumps({"coat_lite_tiny": {**GOOD, "url": "file://relative/y.pth"}}), "absolute"),
@@ -156,10 +164,14 @@ def test_manifest_replaces_the_table(monkeypatch, tmp_path):
 # ------------------------------------------- download, verify, cache (fake converter)
 
 
-def test_download_verify_convert_cache_then_offline(monkeypatch, tmp_path, server, small_checkpoint):
+def test_download_verify_convert_cache_then_offline(
+    monkeypatch, tmp_path, server, small_checkpoint
+):
     url = server.serve("/w/coat_lite_tiny.pth", small_checkpoint)
     use_manifest(
-        monkeypatch, tmp_path, {"coat_lite_tiny": {"url": url, "sha256": sha256_of(small_checkpoint)[:12]}}
+        monkeypatch,
+        tmp_path,
+        {"coat_lite_tiny": {"url": url, "sha256": sha256_of(small_checkpoint)[:12]}},
     )
     calls = []
     path = weights.ensure_converted_weights("coat_lite_tiny", fake_converter(calls))
@@ -168,7 +180,9 @@ def test_download_verify_convert_cache_then_offline(monkeypatch, tmp_path, serve
     assert path == weights.cached_weights_path("coat_lite_tiny")
     assert path.startswith(str(tmp_path / "keras_home"))
     # Only the converted file (and the lock) stay: no checkpoint, no partials.
-    assert [n for n in _cache_files(tmp_path) if not n.endswith(".lock")] == [os.path.basename(path)]
+    assert [n for n in _cache_files(tmp_path) if not n.endswith(".lock")] == [
+        os.path.basename(path)
+    ]
 
     with no_network():
         again = weights.ensure_converted_weights("coat_lite_tiny", fake_converter(calls))
@@ -181,7 +195,12 @@ def test_full_digest_and_file_url(monkeypatch, tmp_path, small_checkpoint):
     use_manifest(
         monkeypatch,
         tmp_path,
-        {"coat_mini": {"url": small_checkpoint.as_uri(), "sha256": sha256_of(small_checkpoint).upper()}},
+        {
+            "coat_mini": {
+                "url": small_checkpoint.as_uri(),
+                "sha256": sha256_of(small_checkpoint).upper(),
+            }
+        },
     )
     calls = []
     path = weights.ensure_converted_weights("coat_mini", fake_converter(calls))
@@ -189,7 +208,9 @@ def test_full_digest_and_file_url(monkeypatch, tmp_path, small_checkpoint):
     assert small_checkpoint.exists()  # the source of a file:// url is left alone
 
 
-def test_wrong_hash_leaves_nothing_and_the_next_call_retries(monkeypatch, tmp_path, server, small_checkpoint):
+def test_wrong_hash_leaves_nothing_and_the_next_call_retries(
+    monkeypatch, tmp_path, server, small_checkpoint
+):
     url = server.serve("/coat_lite_tiny.pth", small_checkpoint)
     wrong = "0123abcd"
     use_manifest(monkeypatch, tmp_path, {"coat_lite_tiny": {"url": url, "sha256": wrong}})
@@ -201,7 +222,11 @@ def test_wrong_hash_leaves_nothing_and_the_next_call_retries(monkeypatch, tmp_pa
     assert MANIFEST_ENV in message and "Retry" in message
     assert calls == [] and _cache_is_clean(tmp_path)
 
-    use_manifest(monkeypatch, tmp_path, {"coat_lite_tiny": {"url": url, "sha256": sha256_of(small_checkpoint)}})
+    use_manifest(
+        monkeypatch,
+        tmp_path,
+        {"coat_lite_tiny": {"url": url, "sha256": sha256_of(small_checkpoint)}},
+    )
     assert os.path.isfile(weights.ensure_converted_weights("coat_lite_tiny", fake_converter(calls)))
     assert len(server.requests) == 2
 
@@ -225,7 +250,9 @@ def test_cut_file_fails_its_hash(monkeypatch, tmp_path, small_checkpoint):
     cut = tmp_path / "cut.pth"
     cut.write_bytes(small_checkpoint.read_bytes()[:-100])
     use_manifest(
-        monkeypatch, tmp_path, {"coat_lite_tiny": {"url": cut.as_uri(), "sha256": sha256_of(small_checkpoint)}}
+        monkeypatch,
+        tmp_path,
+        {"coat_lite_tiny": {"url": cut.as_uri(), "sha256": sha256_of(small_checkpoint)}},
     )
     with pytest.raises(weights.WeightsDownloadError, match="SHA-256"):
         weights.ensure_converted_weights("coat_lite_tiny", fake_converter([]))
@@ -238,7 +265,12 @@ def test_unreachable_server(monkeypatch, tmp_path):
     with pytest.raises(weights.WeightsDownloadError) as info:
         weights.ensure_converted_weights("coat_lite_tiny", fake_converter([]))
     message = str(info.value)
-    assert url in message and "e88e96b0" in message and "network" in message and MANIFEST_ENV in message
+    assert (
+        url in message
+        and "e88e96b0" in message
+        and "network" in message
+        and MANIFEST_ENV in message
+    )
     assert _cache_is_clean(tmp_path)
 
 
@@ -263,9 +295,15 @@ def test_hostile_checkpoint_runs_nothing_and_is_not_kept(monkeypatch, tmp_path, 
     assert calls == [] and _cache_is_clean(tmp_path)
 
 
-def test_failed_conversion_leaves_no_half_written_file(monkeypatch, tmp_path, server, small_checkpoint):
+def test_failed_conversion_leaves_no_half_written_file(
+    monkeypatch, tmp_path, server, small_checkpoint
+):
     url = server.serve("/coat_lite_tiny.pth", small_checkpoint)
-    use_manifest(monkeypatch, tmp_path, {"coat_lite_tiny": {"url": url, "sha256": sha256_of(small_checkpoint)}})
+    use_manifest(
+        monkeypatch,
+        tmp_path,
+        {"coat_lite_tiny": {"url": url, "sha256": sha256_of(small_checkpoint)}},
+    )
 
     def crashing_converter(name, state_dict, path):
         with open(path, "wb") as f:
@@ -280,7 +318,9 @@ def test_failed_conversion_leaves_no_half_written_file(monkeypatch, tmp_path, se
     assert len(calls) == 1
 
 
-def test_leftovers_of_a_killed_process_are_reused_or_removed(monkeypatch, tmp_path, server, small_checkpoint):
+def test_leftovers_of_a_killed_process_are_reused_or_removed(
+    monkeypatch, tmp_path, server, small_checkpoint
+):
     url = server.serve("/coat_lite_tiny.pth", small_checkpoint)
     digest = sha256_of(small_checkpoint)
     use_manifest(monkeypatch, tmp_path, {"coat_lite_tiny": {"url": url, "sha256": digest}})
@@ -304,8 +344,7 @@ def test_two_processes_share_one_download(monkeypatch, tmp_path, server, small_c
         tmp_path / "m.json", {"coat_lite_tiny": {"url": url, "sha256": sha256_of(small_checkpoint)}}
     )
     calls_log = tmp_path / "calls.log"
-    program = textwrap.dedent(
-        f"""
+    program = textwrap.dedent(f"""
         import sys, time
         sys.path.insert(0, {os.path.join(REPO_ROOT, "tests")!r})
         from keras_coat import weights
@@ -318,8 +357,7 @@ def test_two_processes_share_one_download(monkeypatch, tmp_path, server, small_c
             fake_converter([])(name, state_dict, path)
 
         print(weights.ensure_converted_weights("coat_lite_tiny", slow_converter))
-        """
-    )
+        """)
     env = dict(
         os.environ,
         KERAS_COAT_WEIGHTS_MANIFEST=manifest,
@@ -328,7 +366,13 @@ def test_two_processes_share_one_download(monkeypatch, tmp_path, server, small_c
         TF_CPP_MIN_LOG_LEVEL="3",
     )
     procs = [
-        subprocess.Popen([sys.executable, "-c", program], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", program],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for _ in range(2)
     ]
     outputs = [p.communicate(timeout=300) for p in procs]
@@ -381,9 +425,15 @@ def test_imagenet_weights_end_to_end(monkeypatch, tmp_path, server, tiny_referen
     from keras_coat.imagenet import preprocess_input
 
     url = server.serve("/pretrained/coat_lite_tiny.pth", tiny_reference["path"])
-    use_manifest(monkeypatch, tmp_path, {"coat_lite_tiny": {"url": url, "sha256": tiny_reference["sha256"][:8]}})
+    use_manifest(
+        monkeypatch,
+        tmp_path,
+        {"coat_lite_tiny": {"url": url, "sha256": tiny_reference["sha256"][:8]}},
+    )
 
-    model = keras_coat.CoaTLiteTiny(weights="imagenet", include_preprocessing=False, classifier_activation=None)
+    model = keras_coat.CoaTLiteTiny(
+        weights="imagenet", include_preprocessing=False, classifier_activation=None
+    )
     logits = model.predict(tiny_reference["normalized"], verbose=0)
     np.testing.assert_allclose(logits, tiny_reference["logits"], atol=1e-4, rtol=0)
     assert server.requests == ["/pretrained/coat_lite_tiny.pth"]
@@ -404,6 +454,20 @@ def test_imagenet_weights_end_to_end(monkeypatch, tmp_path, server, tiny_referen
         preprocess_input(tiny_reference["images"]), tiny_reference["normalized"], atol=0
     )
     assert server.requests == ["/pretrained/coat_lite_tiny.pth"]
+
+    # A cache file damaged after the fact is fetched and converted again.
+    with open(weights.cached_weights_path("coat_lite_tiny"), "r+b") as f:
+        f.write(b"garbage!")
+    model = keras_coat.CoaTLiteTiny(
+        weights="imagenet", include_preprocessing=False, classifier_activation=None
+    )
+    np.testing.assert_allclose(
+        model.predict(tiny_reference["normalized"], verbose=0),
+        tiny_reference["logits"],
+        atol=1e-4,
+        rtol=0,
+    )
+    assert len(server.requests) == 2
 
 
 @pytest.mark.slow
@@ -438,7 +502,9 @@ def test_imagenet_weights_load_without_torch(tmp_path, server, tiny_reference):
         ("CoaTLiteMini", r"Shape mismatch for '.*'.*\(\d+(, \d+)*\).*\(\d+(, \d+)*\)"),
     ],
 )
-def test_checkpoint_of_another_variant(monkeypatch, tmp_path, server, tiny_reference, factory, match):
+def test_checkpoint_of_another_variant(
+    monkeypatch, tmp_path, server, tiny_reference, factory, match
+):
     import keras_coat
     from keras_coat.convert import ConversionError
 
@@ -463,7 +529,9 @@ def test_model_checks_before_any_download(monkeypatch, tmp_path):
     ten_classes = keras_coat.CoaTLiteTiny(weights=None, classes=10)
     with pytest.raises(ValueError, match="1000-class head.*10 classes"):
         weights.load_imagenet_weights(ten_classes, "coat_lite_tiny")
-    gray = keras_coat.CoaTLiteTiny(weights=None, input_shape=(64, 64, 1), include_preprocessing=False)
+    gray = keras_coat.CoaTLiteTiny(
+        weights=None, input_shape=(64, 64, 1), include_preprocessing=False
+    )
     with pytest.raises(ValueError, match="3 channels"):
         weights.load_imagenet_weights(gray, "coat_lite_tiny")
     with pytest.raises(ValueError, match="Unknown CoaT checkpoint"):
