@@ -213,6 +213,7 @@ def test_storage_too_small_for_the_tensor_is_an_error(tmp_path):
         read_state_dict(damaged)
 
 
+@pytest.mark.slow
 def test_reader_works_where_torch_cannot_be_imported(tmp_path):
     state_dict = _mixed_state_dict()
     path = tmp_path / "mixed.pth"

@@ -501,6 +501,7 @@ def test_imagenet_weights_load_without_torch(tmp_path, server, tiny_reference):
         # Lite Mini has the same depths but wider stages 3-4: a shape mismatch.
         ("CoaTLiteMini", r"Shape mismatch for '.*'.*\(\d+(, \d+)*\).*\(\d+(, \d+)*\)"),
     ],
+    ids=["deeper-variant", "wider-variant"],
 )
 def test_checkpoint_of_another_variant(
     monkeypatch, tmp_path, server, tiny_reference, factory, match
