@@ -209,36 +209,66 @@ def _add_export_command(subparsers):
     parser = subparsers.add_parser(
         "export",
         help="export a SavedModel with serving signatures (TensorFlow)",
-        description="Build a CoaT variant and export it as a versioned SavedModel.",
+        description="Build a CoaT variant and export it as a versioned SavedModel for "
+        "TensorFlow Serving (OUTPUT/VERSION), with signatures serving_default (float pixels) "
+        "and serving_bytes (encoded JPEG/PNG); then print its signatures and how to serve it.",
     )
-    parser.add_argument("output", help="model base directory; the version goes in OUTPUT/VERSION")
+    # The base directory, as --output DIR or positionally; SUPPRESS keeps an absent
+    # positional from overwriting --output.
+    parser.add_argument(
+        "--output", help="model base directory; the SavedModel goes in OUTPUT/VERSION"
+    )
+    parser.add_argument("output", nargs="?", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     parser.add_argument("--model", default=DEFAULT_MODEL, choices=_variants())
     parser.add_argument(
-        "--weights", default="imagenet", help="'imagenet', 'none' (random) or a weights file"
+        "--weights",
+        default="imagenet",
+        help="'imagenet' (default), 'none' (random weights) or a weights file "
+        "(.weights.h5, .pth/.pt, .safetensors)",
     )
-    parser.add_argument("--version", type=_positive_int, default=1)
-    parser.add_argument("--image-size", type=_positive_int, default=None)
+    parser.add_argument("--version", type=_positive_int, default=1, help="version (default 1)")
     parser.add_argument(
-        "--class-names", default=None, help="text file, one class name per line (sets the classes)"
+        "--image-size",
+        type=_positive_int,
+        default=None,
+        help="input resolution, a multiple of 32 (default 224; 384 with coat_lite_medium "
+        "selects its 384 checkpoint)",
     )
-    parser.add_argument("--top", type=_positive_int, default=5)
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument(
+        "--class-names",
+        default=None,
+        help="text file, one class name per line; sets the number of classes (default: the "
+        "1000 ImageNet classes)",
+    )
+    parser.add_argument(
+        "--top", type=_positive_int, default=5, help="top classes each request returns (default 5)"
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing OUTPUT/VERSION"
+    )
     parser.set_defaults(handler=_export)
 
 
 def _export(args):
+    if not args.output:
+        print("error: the export needs --output DIR", file=sys.stderr)
+        return 2
     from keras_coat.export import export_command
 
-    export_command(
-        args.model,
-        None if args.weights.lower() == "none" else args.weights,
-        args.output,
-        version=args.version,
-        image_size=args.image_size,
-        class_names_file=args.class_names,
-        top_k=args.top,
-        overwrite=args.overwrite,
-    )
+    try:
+        export_command(
+            args.model,
+            None if args.weights.lower() == "none" else args.weights,
+            args.output,
+            version=args.version,
+            image_size=args.image_size,
+            class_names_file=args.class_names,
+            top_k=args.top,
+            overwrite=args.overwrite,
+        )
+    except (ValueError, OSError) as e:  # bad arguments, existing version, unreadable files
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -610,3 +610,13 @@ def test_command_line_exports_and_explains(tmp_path):
     assert again.returncode == 1
     assert "error:" in again.stderr and "overwrite" in again.stderr
     assert "Traceback" not in again.stderr
+
+
+def test_command_line_needs_an_output_directory(capsys):
+    from keras_coat.__main__ import build_parser, main
+
+    assert main(["export", "--model", "coat_lite_tiny"]) == 2
+    assert "--output" in capsys.readouterr().err
+    parser = build_parser()
+    assert parser.parse_args(["export", "--output", "a"]).output == "a"
+    assert parser.parse_args(["export", "b"]).output == "b"
