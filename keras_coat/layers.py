@@ -113,7 +113,13 @@ class ConvPositionEncoding(layers.Layer):
     def call(self, tokens, size):
         cls, image = tokens[:, :1], tokens[:, 1:]
         feature_map = _image_tokens_to_map(image, size)
-        encoded = self.proj(feature_map) + feature_map
+        # The residual is folded into the kernel (+1 at the centre tap): one pass over the map
+        # instead of two, and TensorFlow's remapper breaks on DepthwiseConv + BiasAdd + Add.
+        identity = np.zeros((self.kernel_size, self.kernel_size, 1, 1), "float32")
+        identity[self.kernel_size // 2, self.kernel_size // 2] = 1.0
+        kernel = ops.cast(self.proj.kernel, feature_map.dtype) + ops.cast(identity, feature_map.dtype)
+        encoded = ops.depthwise_conv(feature_map, kernel, strides=1, padding="same")
+        encoded = ops.add(encoded, ops.cast(self.proj.bias, encoded.dtype))
         encoded = ops.reshape(encoded, ops.shape(image))
         return ops.concatenate([cls, encoded], axis=1)
 

@@ -435,15 +435,15 @@ def load_weights_file(model, path):
     convert.assign_state_dict(model, read_state_dict(path))
 
 
-def create_model(name, **kwargs):
+def create_model(variant, **kwargs):
     """Builds a published variant by its reference name, e.g. `create_model("coat_lite_small")`."""
-    if name not in MODEL_CONFIGS:
+    if variant not in MODEL_CONFIGS:
         raise ValueError(
-            f"Unknown CoaT variant {name!r}. Available: {', '.join(MODEL_CONFIGS)}."
+            f"Unknown CoaT variant {variant!r}. Available: {', '.join(MODEL_CONFIGS)}."
         )
-    config = {k: MODEL_CONFIGS[name][k] for k in ARCHITECTURE_KEYS}
-    kwargs.setdefault("name", name)
-    return CoaT(**config, architecture=name, **kwargs)
+    config = {k: MODEL_CONFIGS[variant][k] for k in ARCHITECTURE_KEYS}
+    kwargs.setdefault("name", variant)
+    return CoaT(**config, architecture=variant, **kwargs)
 
 
 def _make_factory(variant, title, description):

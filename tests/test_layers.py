@@ -1,0 +1,226 @@
+"""Focused tests of each CoaT layer: shapes, serialization, and the math against NumPy."""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from keras_coat import layers as coat_layers
+
+RNG = np.random.RandomState(0)
+
+
+def _np(x):
+    return np.asarray(ops.convert_to_numpy(x))
+
+
+def _roundtrip(layer):
+    """from_config(get_config()) gives an equivalent layer (same class, same config)."""
+    config = layer.get_config()
+    clone = type(layer).from_config(config)
+    assert clone.get_config() == config
+    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
+    assert type(restored) is type(layer)
+    return clone
+
+
+def _tokens(batch, height, width, channels):
+    return RNG.randn(batch, 1 + height * width, channels).astype("float32")
+
+
+def test_class_token_prepends_the_same_learned_vector():
+    layer = coat_layers.ClassToken()
+    x = RNG.randn(3, 5, 8).astype("float32")
+    y = _np(layer(x))
+    assert y.shape == (3, 6, 8)
+    np.testing.assert_array_equal(y[:, 1:], x)
+    cls = _np(layer.cls_token)[0, 0]
+    assert np.abs(cls).max() > 0  # truncated-normal initialised, as in the reference
+    for row in y[:, 0]:
+        np.testing.assert_array_equal(row, cls)
+    _roundtrip(layer)
+
+
+def test_patch_embedding_shapes_and_layer_norm():
+    layer = coat_layers.PatchEmbedding(16, 4)
+    y = _np(layer(RNG.rand(2, 32, 64, 3).astype("float32")))
+    assert y.shape == (2, 8 * 16, 16)
+    # LayerNorm with unit scale: every token has mean 0 and variance 1 (eps 1e-5).
+    np.testing.assert_allclose(y.mean(-1), 0, atol=1e-5)
+    np.testing.assert_allclose(y.var(-1), 1, atol=1e-3)
+    assert layer.norm.epsilon == 1e-5
+    clone = _roundtrip(layer)
+    assert (clone.embed_dim, clone.patch_size) == (16, 4)
+
+
+def test_conv_position_encoding_is_residual_depthwise_conv_and_keeps_cls():
+    layer = coat_layers.ConvPositionEncoding(3)
+    tokens = _tokens(2, 4, 6, 8)
+    y = _np(layer(tokens, size=(4, 6)))
+    np.testing.assert_array_equal(y[:, 0], tokens[:, 0])
+    image = tokens[:, 1:].reshape(2, 4, 6, 8)
+    expected = _np(layer.proj(image)) + image
+    np.testing.assert_allclose(y[:, 1:], expected.reshape(2, 24, 8), atol=1e-6)
+    # With a zero kernel and bias it is the identity (the encoding is added, not substituted).
+    layer.proj.kernel.assign(np.zeros(layer.proj.kernel.shape, "float32"))
+    layer.proj.bias.assign(np.zeros(layer.proj.bias.shape, "float32"))
+    np.testing.assert_allclose(_np(layer(tokens, size=(4, 6))), tokens, atol=1e-6)
+    assert _roundtrip(layer).kernel_size == 3
+
+
+def _naive_crpe(qkv, size, heads, windows, layer):
+    """Eq. 10-11 with explicit loops over heads and window offsets (zero padding)."""
+    batch, length, three_c = qkv.shape
+    channels = three_c // 3
+    head_dim = channels // heads
+    height, width = size
+    q = qkv[:, 1:, :channels].reshape(batch, height, width, channels)
+    v = qkv[:, 1:, 2 * channels :].reshape(batch, height, width, channels)
+    out = np.zeros_like(q)
+    channel = 0
+    for conv, (window, group_heads) in zip(layer.convs, windows):
+        kernel = _np(conv.kernel)[..., 0]  # [window, window, group channels]
+        bias = _np(conv.bias)
+        r = window // 2
+        padded = np.pad(v, ((0, 0), (r, r), (r, r), (0, 0)))
+        for c in range(group_heads * head_dim):
+            acc = np.full((batch, height, width), bias[c], "float64")
+            for dy in range(window):
+                for dx in range(window):
+                    acc += kernel[dy, dx, c] * padded[:, dy : dy + height, dx : dx + width, channel]
+            out[..., channel] = q[..., channel] * acc
+            channel += 1
+    return np.concatenate([np.zeros((batch, 1, channels)), out.reshape(batch, -1, channels)], 1)
+
+
+def test_conv_relative_position_encoding_matches_loops():
+    windows = ((3, 2), (5, 3), (7, 3))
+    layer = coat_layers.ConvRelativePositionEncoding(8, windows)
+    qkv = RNG.randn(2, 1 + 5 * 7, 3 * 16).astype("float32")
+    y = _np(layer(qkv, size=(5, 7)))
+    assert y.shape == (2, 36, 16)
+    np.testing.assert_array_equal(y[:, 0], 0)  # the class token gets no relative encoding
+    expected = _naive_crpe(qkv, (5, 7), 8, windows, layer)
+    np.testing.assert_allclose(y, expected, atol=1e-5)
+    assert [c.kernel.shape[0] for c in layer.convs] == [3, 5, 7]
+    assert _roundtrip(layer).windows == windows
+
+
+def test_conv_relative_position_encoding_rejects_bad_head_splits():
+    with pytest.raises(ValueError, match="num_heads"):
+        coat_layers.ConvRelativePositionEncoding(8, ((3, 2), (5, 3)))
+
+
+def _naive_factorized_attention(qkv, relative, heads):
+    """Eq. 12 per head: Q / sqrt(d) (softmax_N(K)^T V) + EV, in float64."""
+    qkv = qkv.astype("float64")
+    batch, length, three_c = qkv.shape
+    channels = three_c // 3
+    d = channels // heads
+    out = np.zeros((batch, length, channels))
+    for h in range(heads):
+        sl = slice(h * d, (h + 1) * d)
+        q = qkv[:, :, :channels][:, :, sl]
+        k = qkv[:, :, channels : 2 * channels][:, :, sl]
+        v = qkv[:, :, 2 * channels :][:, :, sl]
+        k = np.exp(k - k.max(1, keepdims=True))
+        k = k / k.sum(1, keepdims=True)
+        out[:, :, sl] = q @ (np.swapaxes(k, 1, 2) @ v) / math.sqrt(d)
+    return out + relative
+
+
+@pytest.mark.parametrize("channels", [64, 256])  # both code paths: masked context and per head
+def test_factorized_attention_matches_equation_12(channels):
+    layer = coat_layers.FactorizedConvAttention(8)
+    qkv = RNG.randn(2, 1 + 7 * 7, 3 * channels).astype("float32")
+    relative = RNG.randn(2, 50, channels).astype("float32")
+    y = _np(layer([qkv, relative]))
+    np.testing.assert_allclose(y, _naive_factorized_attention(qkv, relative, 8), atol=2e-5)
+    assert _roundtrip(layer).num_heads == 8
+
+
+def test_factorized_attention_is_linear_in_tokens_per_query():
+    """Identical queries get identical outputs without position encoding (paper Eq. 4)."""
+    layer = coat_layers.FactorizedConvAttention(8)
+    qkv = RNG.randn(1, 10, 48).astype("float32")
+    qkv[0, 3, :16] = qkv[0, 7, :16]
+    y = _np(layer([qkv, np.zeros((1, 10, 16), "float32")]))
+    np.testing.assert_allclose(y[0, 3], y[0, 7], atol=1e-6)
+
+
+def test_mlp_uses_exact_gelu():
+    layer = coat_layers.MLP(12, 5)
+    x = RNG.randn(2, 3, 4).astype("float32")
+    y = _np(layer(x))
+    assert y.shape == (2, 3, 5)
+    h = x @ _np(layer.fc1.kernel) + _np(layer.fc1.bias)
+    erf = np.vectorize(math.erf)
+    h = 0.5 * h * (1 + erf(h / math.sqrt(2)))
+    np.testing.assert_allclose(y, h @ _np(layer.fc2.kernel) + _np(layer.fc2.bias), atol=1e-5)
+    assert _roundtrip(layer).output_dim == 5
+
+
+def test_tokenwise_dense_equals_dense_on_3d_inputs():
+    layer = coat_layers.TokenwiseDense(6)
+    x = RNG.randn(2, 5, 4).astype("float32")
+    np.testing.assert_allclose(
+        _np(layer(x)), x @ _np(layer.kernel) + _np(layer.bias), atol=1e-6
+    )
+    _roundtrip(layer)
+
+
+def test_stochastic_depth_drops_whole_samples_only_in_training():
+    layer = coat_layers.StochasticDepth(0.5, seed=1)
+    shortcut = np.zeros((256, 4, 3), "float32")
+    branch = np.ones((256, 4, 3), "float32")
+    np.testing.assert_array_equal(_np(layer([shortcut, branch])), branch)
+    y = _np(layer([shortcut, branch], training=True))
+    per_sample = y.reshape(256, -1)
+    # Each sample is all-dropped (0) or all-kept (scaled by 1 / keep = 2).
+    assert set(np.unique(per_sample)) <= {0.0, 2.0}
+    assert np.all(per_sample.min(1) == per_sample.max(1))
+    assert 0.3 < (per_sample[:, 0] > 0).mean() < 0.7
+    with pytest.raises(ValueError, match="rate"):
+        coat_layers.StochasticDepth(1.0)
+    assert _roundtrip(layer).rate == 0.5
+
+
+def test_feature_interpolation_keeps_source_cls_and_resizes_bilinearly():
+    layer = coat_layers.FeatureInterpolation()
+    tokens = _tokens(2, 4, 6, 3)
+    down = _np(layer(tokens, size=(4, 6), target_size=(2, 3)))
+    assert down.shape == (2, 7, 3)
+    np.testing.assert_array_equal(down[:, 0], tokens[:, 0])
+    # Halving with half-pixel centres and no antialiasing is the mean of each 2x2 block.
+    image = tokens[:, 1:].reshape(2, 2, 2, 3, 2, 3)
+    np.testing.assert_allclose(down[:, 1:], image.mean((2, 4)).reshape(2, 6, 3), atol=1e-6)
+    up = _np(layer(tokens, size=(4, 6), target_size=(8, 12)))
+    assert up.shape == (2, 97, 3)
+    np.testing.assert_array_equal(up[:, 0], tokens[:, 0])
+    # The corner output pixel sits beyond the first input centre: it equals the corner input.
+    np.testing.assert_allclose(up[:, 1], tokens[:, 1], atol=1e-6)
+    _roundtrip(layer)
+
+
+def test_tokens_to_feature_map_and_pooling():
+    tokens = _tokens(2, 3, 5, 4)
+    fmap = _np(coat_layers.TokensToFeatureMap()(tokens, size=(3, 5)))
+    np.testing.assert_array_equal(fmap, tokens[:, 1:].reshape(2, 3, 5, 4))
+    pools = {m: _np(coat_layers.TokenPooling(m)(tokens)) for m in coat_layers.TokenPooling.MODES}
+    np.testing.assert_array_equal(pools["token"], tokens[:, 0])
+    np.testing.assert_allclose(pools["avg"], tokens[:, 1:].mean(1), atol=1e-6)
+    np.testing.assert_array_equal(pools["max"], tokens[:, 1:].max(1))
+    with pytest.raises(ValueError, match="mode"):
+        coat_layers.TokenPooling("sum")
+    assert _roundtrip(coat_layers.TokenPooling("avg")).mode == "avg"
+
+
+def test_scale_aggregation_is_a_weighted_sum_of_scales():
+    layer = coat_layers.ScaleAggregation()
+    xs = [RNG.randn(2, 6).astype("float32") for _ in range(3)]
+    y = _np(layer(xs))
+    w, b = _np(layer.kernel), _np(layer.bias)
+    np.testing.assert_allclose(y, sum(wi * xi for wi, xi in zip(w, xs)) + b, atol=1e-6)
+    _roundtrip(layer)
