@@ -1,0 +1,102 @@
+"""The run's metrics file: DIR/metrics.json, rewritten atomically after every epoch."""
+
+import json
+import os
+import time
+
+import keras
+import numpy as np
+
+
+def write_json(path, data):
+    """Writes `data` to `path` atomically (a reader sees the old or the new file, never half)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_json(path):
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+class MetricsWriter(keras.callbacks.Callback):
+    """Keeps DIR/metrics.json current: the latest and best validation results, epochs done and
+    training throughput (images per second over the epoch's training steps, input pipeline
+    included; the first epoch of a session also pays for tracing/compilation).
+
+    `previous` is the file of an interrupted session, so the best result survives a resume.
+    """
+
+    def __init__(self, path, epochs, global_batch, steps_per_epoch, previous=None):
+        super().__init__()
+        self.path = path
+        previous = previous or {}
+        self.metrics = {
+            "status": "running",
+            "epochs": epochs,
+            "epochs_completed": previous.get("epochs_completed", 0),
+            "best_val_accuracy": previous.get("best_val_accuracy"),
+            "best_epoch": previous.get("best_epoch"),
+        }
+        self.images_per_epoch = global_batch * steps_per_epoch
+        self._epoch_start = None
+        self._last_step_end = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._last_step_end = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = {k: float(v) for k, v in (logs or {}).items()}
+        seconds = self._last_step_end - self._epoch_start
+        self.metrics.update(
+            epochs_completed=epoch + 1,
+            images_per_second=self.images_per_epoch / seconds,
+            train_loss=logs.get("loss"),
+            train_accuracy=logs.get("accuracy"),
+            val_loss=logs.get("val_loss"),
+            val_accuracy=logs.get("val_accuracy"),
+            learning_rate=float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)),
+        )
+        best = self.metrics["best_val_accuracy"]
+        if logs.get("val_accuracy") is not None and (best is None or logs["val_accuracy"] > best):
+            self.metrics.update(best_val_accuracy=logs["val_accuracy"], best_epoch=epoch + 1)
+        write_json(self.path, self.metrics)
+
+    def finish(self, final_logs):
+        """The completed run's metrics, with the final model's validation results."""
+        self.metrics.update(
+            status="complete",
+            val_loss=float(final_logs["loss"]),
+            val_accuracy=float(final_logs["accuracy"]),
+        )
+        if "top5_accuracy" in final_logs:
+            self.metrics["val_top5_accuracy"] = float(final_logs["top5_accuracy"])
+        return dict(self.metrics)
+
+
+class ReseedModelRandomness(keras.callbacks.Callback):
+    """Sets the model's random-number states (stochastic depth) from (seed, epoch) at the start
+    of every epoch.
+
+    Keras keeps them in `SeedGenerator` variables that backups do not save; re-deriving them per
+    epoch makes a resumed run draw the same drop-path masks as an uninterrupted one.
+    """
+
+    def __init__(self, seed):
+        super().__init__()
+        self.seed = seed
+
+    def on_epoch_begin(self, epoch, logs=None):
+        states = [v for v in self.model.non_trainable_variables if v.name == "seed_generator_state"]
+        for index, state in enumerate(states):
+            # [stream, counter]: one stream per generator and run; the counter starts per epoch.
+            stream = (self.seed * 1_000_003 + index) % (2**31 - 1)
+            state.assign(np.array([stream, epoch << 32], dtype=state.dtype))

@@ -1,0 +1,342 @@
+"""Data sources and the tf.data input pipelines, built from small named steps.
+
+Sources (`load_source`):
+  * `digits`: scikit-learn's 1,797 real 8x8 handwritten digit scans (bundled, no download),
+    upscaled to the image size, grayscale to RGB, [0, 255]; a stratified 80/20 split with a fixed
+    seed gives 1,437 training and 360 held-out images.
+  * `folder:PATH`: an image-folder tree, `PATH/train/<class>/*` and `PATH/val/<class>/*` (or
+    `validation/`); with no such split, `PATH/<class>/*` and a fixed-seed 10% held out.
+  * any TFDS image classification dataset by name (`imagenet2012`, `cifar10`, ...): `train` and
+    `validation` (or `test`). Manual datasets read their archives from `--manual-dir` (TFDS'
+    `manual_dir`, by default `<data_dir>/downloads/manual`).
+
+Pipelines have static shapes and `drop_remainder=True` everywhere (TPU-ready). The training
+pipeline is a function of (seed, epoch, position) only: each epoch is shuffled with its own seed
+and every example gets its own augmentation seed, so a resumed run sees the same batches as an
+uninterrupted one. The validation pipeline pads the last batch with weight-0 examples and scales
+the real examples' weights so that Keras' batch-averaged loss and weighted accuracy are exact
+means over the real examples.
+"""
+
+import dataclasses
+import math
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from training import augment
+
+AUTOTUNE = tf.data.AUTOTUNE
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+DIGITS_SPLIT_SEED = 0
+DIGITS_HELD_OUT = 0.2
+FOLDER_HELD_OUT = 0.1
+SHUFFLE_BUFFER = 16_384
+
+
+@dataclasses.dataclass
+class Split:
+    """Records of one split and how to turn a record into {"image": uint8 HxWx3, "label"}."""
+
+    records: tf.data.Dataset
+    num_examples: int
+    decode: callable
+
+
+@dataclasses.dataclass
+class Source:
+    name: str
+    train: Split
+    validation: Split
+    class_names: list
+
+    @property
+    def num_classes(self):
+        return len(self.class_names)
+
+
+def load_source(name, image_size, data_dir=None, manual_dir=None):
+    """The dataset called `name` (see the module docstring)."""
+    if name == "digits":
+        return _digits_source(image_size)
+    if name.startswith("folder:"):
+        return _folder_source(name[len("folder:") :])
+    return _tfds_source(name, data_dir, manual_dir)
+
+
+def _digits_source(image_size):
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = digits.images.astype(np.float32) * (255.0 / 16.0)  # 0..16 -> 0..255
+    images = np.repeat(images[..., None], 3, axis=-1)
+    images = augment.resize(images, (image_size, image_size)).numpy()
+    images = np.round(images).astype(np.uint8)
+    x_train, x_val, y_train, y_val = train_test_split(
+        images,
+        digits.target.astype(np.int64),
+        test_size=DIGITS_HELD_OUT,
+        random_state=DIGITS_SPLIT_SEED,
+        stratify=digits.target,
+    )
+
+    def split(x, y):
+        records = tf.data.Dataset.from_tensor_slices({"image": x, "label": y})
+        return Split(records, len(y), decode=lambda record: record)
+
+    return Source(
+        "digits", split(x_train, y_train), split(x_val, y_val), [str(d) for d in range(10)]
+    )
+
+
+def _folder_source(path):
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"folder dataset: {path!r} is not a directory.")
+    subdirs = {d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d))}
+    validation_dir = next((d for d in ("val", "validation") if d in subdirs), None)
+    if "train" in subdirs and validation_dir:
+        class_names = _class_names(os.path.join(path, "train"))
+        train = _list_images(os.path.join(path, "train"), class_names)
+        validation = _list_images(os.path.join(path, validation_dir), class_names)
+    else:
+        class_names = _class_names(path)
+        files, labels = _list_images(path, class_names)
+        order = np.random.RandomState(DIGITS_SPLIT_SEED).permutation(len(files))
+        held_out = max(1, int(round(len(files) * FOLDER_HELD_OUT)))
+        if held_out >= len(files):
+            raise ValueError(f"folder dataset {path!r}: too few images to hold some out.")
+        val_idx, train_idx = order[:held_out], order[held_out:]
+        train = ([files[i] for i in train_idx], [labels[i] for i in train_idx])
+        validation = ([files[i] for i in val_idx], [labels[i] for i in val_idx])
+
+    def split(files_and_labels):
+        files, labels = files_and_labels
+        records = tf.data.Dataset.from_tensor_slices(
+            {"path": np.array(files), "label": np.array(labels, np.int64)}
+        )
+        return Split(records, len(files), decode=_read_image_file)
+
+    return Source(f"folder:{path}", split(train), split(validation), class_names)
+
+
+def _class_names(root):
+    names = sorted(
+        d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and d not in ("train",)
+    )
+    if not names:
+        raise ValueError(f"folder dataset: no class directories in {root!r}.")
+    return names
+
+
+def _list_images(root, class_names):
+    files, labels = [], []
+    for label, name in enumerate(class_names):
+        class_dir = os.path.join(root, name)
+        if not os.path.isdir(class_dir):
+            continue
+        for file in sorted(os.listdir(class_dir)):
+            if file.lower().endswith(IMAGE_EXTENSIONS):
+                files.append(os.path.join(class_dir, file))
+                labels.append(label)
+    if not files:
+        raise ValueError(
+            f"folder dataset: no images ({', '.join(IMAGE_EXTENSIONS)}) under {root!r}."
+        )
+    return files, labels
+
+
+def _read_image_file(record):
+    return {"image": _decode_image(tf.io.read_file(record["path"])), "label": record["label"]}
+
+
+def _decode_image(encoded):
+    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+    return tf.ensure_shape(image, (None, None, 3))
+
+
+def _tfds_source(name, data_dir, manual_dir):
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder(name, data_dir=data_dir)
+    try:
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
+        )
+    except Exception as error:  # TFDS raises many types (network, manual data missing, ...)
+        raise RuntimeError(
+            f"Could not prepare the TFDS dataset {name!r} in {builder.data_dir}: {error}\n"
+            "Datasets that need a download must be prepared beforehand on a machine with network "
+            "access (`tfds build`); manual datasets such as imagenet2012 read their archives from "
+            "--manual-dir."
+        ) from error
+    info = builder.info
+    image_key, label_key = info.supervised_keys or ("image", "label")
+    splits = info.splits
+    validation_split = next((s for s in ("validation", "test") if s in splits), None)
+    if "train" not in splits or validation_split is None:
+        raise ValueError(
+            f"TFDS dataset {name!r} needs a 'train' and a 'validation' or 'test' split; it has "
+            f"{sorted(splits)}."
+        )
+
+    def split(split_name):
+        records = builder.as_dataset(
+            split=split_name,
+            decoders={image_key: tfds.decode.SkipDecoding()},
+            read_config=tfds.ReadConfig(shuffle_seed=0),
+            shuffle_files=split_name == "train",
+        ).map(lambda ex: {"image": ex[image_key], "label": ex[label_key]})
+
+        def decode(record):
+            return {"image": _decode_image(record["image"]), "label": record["label"]}
+
+        return Split(records, splits[split_name].num_examples, decode)
+
+    return Source(name, split("train"), split(validation_split), info.features[label_key].names)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pipelines
+
+
+def steps_per_epoch(recipe, source, max_steps=None):
+    """Full batches per epoch (the remainder is dropped), optionally capped at `max_steps`."""
+    steps = source.train.num_examples // recipe.batch_size
+    if steps == 0:
+        raise ValueError(
+            f"The global batch size {recipe.batch_size} is larger than the training split "
+            f"({source.train.num_examples} examples) of {source.name}."
+        )
+    return min(steps, max_steps) if max_steps else steps
+
+
+class TrainTransform:
+    """Named per-example steps of the training pipeline, in order.
+
+    decode -> random_resized_crop (bicubic) -> horizontal_flip -> rand_augment | color_jitter ->
+    random_erasing -> one_hot. Images stay float32 pixels in [0, 255] (the model normalizes).
+    """
+
+    def __init__(self, recipe, num_classes):
+        self.recipe = recipe
+        self.num_classes = num_classes
+        self.rand_augment = (
+            augment.RandAugment(recipe.rand_augment_magnitude, recipe.rand_augment_ops)
+            if recipe.rand_augment_magnitude is not None
+            else None
+        )
+        # timm ignores the colour jitter when RandAugment is on; so do we.
+        self.color_jitter = (
+            augment.ColorJitter(recipe.color_jitter)
+            if recipe.color_jitter and self.rand_augment is None
+            else None
+        )
+        self.random_erasing = (
+            augment.RandomErasing(recipe.random_erasing) if recipe.random_erasing else None
+        )
+
+    @property
+    def step_names(self):
+        names = ["decode", "random_resized_crop"]
+        names += ["horizontal_flip"] if self.recipe.horizontal_flip else []
+        names += ["rand_augment"] if self.rand_augment else []
+        names += ["color_jitter"] if self.color_jitter else []
+        names += ["random_erasing"] if self.random_erasing else []
+        return names + ["one_hot"]
+
+    def __call__(self, example, seed):
+        r = self.recipe
+        image = augment.random_resized_crop(
+            example["image"], augment.fold_in(seed, 0), r.image_size, r.crop_scale, r.crop_ratio
+        )
+        if r.horizontal_flip:
+            image = augment.horizontal_flip(image, augment.fold_in(seed, 1))
+        if self.rand_augment:
+            image = self.rand_augment(image, augment.fold_in(seed, 2))
+        if self.color_jitter:
+            image = self.color_jitter(image, augment.fold_in(seed, 3))
+        if self.random_erasing:
+            image = self.random_erasing(image, augment.fold_in(seed, 4))
+        image = tf.ensure_shape(image, (r.image_size, r.image_size, 3))
+        return image, tf.one_hot(example["label"], self.num_classes)
+
+
+def train_dataset(recipe, source, seed, start_epoch=0, max_steps=None):
+    """Batches of (images, one-hot labels) for epochs `start_epoch` .. `recipe.epochs - 1`.
+
+    Exactly `steps_per_epoch` batches per epoch; epoch `e` is the same whatever `start_epoch` is.
+    """
+    steps = steps_per_epoch(recipe, source, max_steps)
+    transform = TrainTransform(recipe, source.num_classes)
+    mixing = (
+        augment.BatchMixing(recipe.mixup, recipe.cutmix, recipe.mixup_switch_prob)
+        if recipe.mixup or recipe.cutmix
+        else None
+    )
+    split = source.train
+    buffer = min(split.num_examples, SHUFFLE_BUFFER)
+    repeats = recipe.repeated_augmentations
+    run_seed = tf.constant([seed, 0], tf.int64)
+
+    def epoch(index):
+        # Pin this function graph's seed: with a global seed of 0, TF's get_seed compares the
+        # tensor op seed below with 0 as a Python bool and fails.
+        tf.random.set_seed(1)
+        epoch_seed = augment.fold_in(run_seed, index)
+        records = split.records.shuffle(buffer, seed=augment.fold_in(epoch_seed, 0)[0])
+        if repeats > 1:
+            # Repeated augmentation (DeiT's RASampler): each image `repeats` times in a row, so
+            # its copies land in one global batch; the epoch keeps its length.
+            records = records.flat_map(
+                lambda r: tf.data.Dataset.from_tensors(r).repeat(repeats)
+            )
+        records = records.take(steps * recipe.batch_size).enumerate()
+        examples = records.map(
+            lambda i, r: transform(split.decode(r), augment.fold_in(epoch_seed, 1, i)),
+            num_parallel_calls=AUTOTUNE,
+            deterministic=True,
+        )
+        batches = examples.batch(recipe.batch_size, drop_remainder=True)
+        if mixing is not None:
+            batches = batches.enumerate().map(
+                lambda i, batch: mixing(*batch, augment.fold_in(epoch_seed, 2, i)),
+                num_parallel_calls=AUTOTUNE,
+                deterministic=True,
+            )
+        return batches
+
+    dataset = tf.data.Dataset.range(start_epoch, recipe.epochs).flat_map(epoch)
+    return dataset.prefetch(AUTOTUNE)
+
+
+def eval_dataset(recipe, source, batch_size=None):
+    """Batches of (images, one-hot labels, weights) over the whole validation split.
+
+    The last batch is padded with zero images of weight 0; real examples weigh
+    `padded_count / count`, which makes Keras' batch-size-weighted mean of the loss the exact
+    mean over real examples (weighted metrics are unaffected by the constant factor).
+    """
+    batch_size = batch_size or recipe.batch_size
+    split = source.validation
+    count = split.num_examples
+    padded = math.ceil(count / batch_size) * batch_size
+    weight = padded / count
+    size = recipe.image_size
+
+    def transform(record):
+        example = split.decode(record)
+        image = augment.center_crop(example["image"], size, recipe.eval_crop_pct)
+        return image, tf.one_hot(example["label"], source.num_classes), tf.constant(weight)
+
+    examples = split.records.map(transform, num_parallel_calls=AUTOTUNE, deterministic=True)
+    padding = tf.data.Dataset.from_tensors(
+        (
+            tf.zeros((size, size, 3)),
+            tf.zeros((source.num_classes,)),
+            tf.constant(0.0),
+        )
+    ).repeat(padded - count)
+    examples = examples.concatenate(padding)
+    return examples.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE)

@@ -1,0 +1,106 @@
+"""Device set-up: logical CPU replicas, determinism, precision and the tf.distribute strategy.
+
+Everything here must run before TensorFlow initializes its devices (before the first op), so the
+entry point calls `configure_devices` first thing.
+"""
+
+import json
+import os
+
+import keras
+import tensorflow as tf
+
+from training.recipes import MIXED_PRECISION_POLICIES
+
+STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
+
+
+def configure_devices(cpu_replicas=0, seed=0, deterministic=False):
+    """Splits the CPU into `cpu_replicas` logical devices and seeds every RNG.
+
+    With several logical CPUs, MirroredStrategy runs (and can be tested) without accelerators.
+    `deterministic` also turns on TensorFlow's op determinism.
+    """
+    if cpu_replicas and cpu_replicas > 1:
+        cpus = tf.config.list_physical_devices("CPU")
+        tf.config.set_logical_device_configuration(
+            cpus[0], [tf.config.LogicalDeviceConfiguration()] * cpu_replicas
+        )
+    keras.utils.set_random_seed(seed)
+    if deterministic:
+        tf.config.experimental.enable_op_determinism()
+
+
+def set_precision(mixed_precision):
+    """Sets Keras' global dtype policy: "none" (float32), "bfloat16" or "float16" (mixed)."""
+    if mixed_precision not in MIXED_PRECISION_POLICIES:
+        raise ValueError(
+            f"mixed_precision must be one of {sorted(MIXED_PRECISION_POLICIES)}, got "
+            f"{mixed_precision!r}."
+        )
+    keras.mixed_precision.set_global_policy(MIXED_PRECISION_POLICIES[mixed_precision])
+
+
+def _cluster_spec():
+    config = os.environ.get("TF_CONFIG")
+    if not config:
+        return {}, {}
+    config = json.loads(config)
+    return config.get("cluster", {}), config.get("task", {})
+
+
+def make_strategy(kind="auto", tpu=None):
+    """The tf.distribute strategy named `kind`.
+
+    auto: TPU if `tpu` is given, multi_worker if TF_CONFIG names more than one task, mirrored if
+    there are several GPUs or logical CPUs, else one_device (GPU 0 if any, else the CPU).
+    """
+    if kind not in STRATEGIES:
+        raise ValueError(f"Unknown strategy {kind!r}. Available: {', '.join(STRATEGIES)}.")
+    cluster, _ = _cluster_spec()
+    if kind == "auto":
+        if tpu:
+            kind = "tpu"
+        elif sum(len(tasks) for tasks in cluster.values()) > 1:
+            kind = "multi_worker"
+        elif len(_replica_devices()) > 1:
+            kind = "mirrored"
+        else:
+            kind = "one_device"
+    if kind == "tpu":
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu or "")
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+        return tf.distribute.TPUStrategy(resolver)
+    if kind == "multi_worker":
+        if not cluster:
+            raise ValueError("--strategy multi_worker needs TF_CONFIG describing the cluster.")
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if kind == "mirrored":
+        return tf.distribute.MirroredStrategy(devices=_replica_devices())
+    return tf.distribute.OneDeviceStrategy(_replica_devices()[0])
+
+
+def _replica_devices():
+    gpus = tf.config.list_logical_devices("GPU")
+    return [d.name for d in gpus] if gpus else [d.name for d in tf.config.list_logical_devices("CPU")]
+
+
+def is_chief(strategy):
+    """Whether this process writes the run's outputs (always, except non-chief workers)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return True
+    task_type, task_id = resolver.task_type, resolver.task_id
+    if task_type in (None, "chief"):
+        return True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return task_type == "worker" and task_id == 0 and not has_chief
+
+
+def worker_name(strategy):
+    """A name for this process's private outputs ("chief", "worker-1", ...)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or resolver.task_type is None:
+        return "chief"
+    return f"{resolver.task_type}-{resolver.task_id}"

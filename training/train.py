@@ -1,0 +1,350 @@
+"""Train a CoaT classifier: `python -m training.train --model coat_lite_tiny --dataset NAME --output-dir DIR`.
+
+One entry point for every setting: a recipe (`--recipe imagenet|finetune|demo`, see
+`training.recipes`) plus command-line overrides, any tf.distribute strategy, mixed precision and
+XLA. Rerunning the same command with the same `--output-dir` resumes an interrupted run from its
+last backup (model, optimizer, schedule step, epoch). Outputs in DIR:
+
+  recipe.json        the resolved recipe (a resume must use the same one)
+  backup/            BackupAndRestore state, removed when the run completes
+  last.keras         the model after the latest epoch (the final model once complete)
+  best.keras         the model of the epoch with the best validation accuracy
+  training_log.csv   one row per epoch; logs/ TensorBoard
+  metrics.json       val_accuracy, val_loss, epochs_completed, images_per_second, ...
+  export/1/          TensorFlow SavedModel for serving (keras_coat.export)
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from training import recipes as recipes_lib
+from training import strategy as strategy_lib
+from training.callbacks import read_json, write_json
+
+BACKUP_METADATA = "training_metadata.json"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m training.train",
+        description=__doc__.split("\n\n")[1],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    run = parser.add_argument_group("run")
+    run.add_argument("--recipe", choices=recipes_lib.RECIPE_NAMES, default="imagenet")
+    run.add_argument("--model", help="a keras_coat variant, e.g. coat_lite_tiny (default: the recipe's)")
+    run.add_argument(
+        "--model-config",
+        type=json.loads,
+        help="JSON keyword arguments of keras_coat.CoaT for a custom architecture "
+        '(e.g. \'{"embed_dims": [16, 16, 16, 16], "serial_depths": [1, 1, 1, 1], '
+        '"mlp_ratios": [2, 2, 2, 2]}\'); replaces --model',
+    )
+    run.add_argument("--dataset", help="digits, folder:PATH or a TFDS name (default: the recipe's)")
+    run.add_argument("--data-dir", help="TFDS data_dir")
+    run.add_argument("--manual-dir", help="TFDS manual_dir (imagenet2012's archives)")
+    run.add_argument("--output-dir", required=True)
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="TensorFlow op determinism: bitwise-reproducible runs, resumed or not",
+    )
+    run.add_argument("--steps-per-epoch", type=int, help="cap on training steps per epoch")
+    run.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2), help="Keras fit verbosity")
+    run.add_argument("--no-export", action="store_true", help="skip the SavedModel export")
+
+    devices = parser.add_argument_group("devices")
+    devices.add_argument("--strategy", choices=strategy_lib.STRATEGIES, default="auto")
+    devices.add_argument("--tpu", help="TPU name or grpc:// address (implies --strategy tpu)")
+    devices.add_argument(
+        "--cpu-replicas",
+        type=int,
+        default=0,
+        help="split the CPU into N logical devices (MirroredStrategy without accelerators)",
+    )
+    devices.add_argument(
+        "--mixed-precision", choices=sorted(recipes_lib.MIXED_PRECISION_POLICIES)
+    )
+    devices.add_argument(
+        "--jit-compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="XLA-compile the train step (default: Keras' choice, on for GPUs, off for CPUs)",
+    )
+
+    hp = parser.add_argument_group("recipe overrides")
+    hp.add_argument("--epochs", type=int)
+    hp.add_argument("--batch-size", type=int, help="global batch size, over all replicas")
+    hp.add_argument("--image-size", type=int)
+    hp.add_argument("--lr", type=float, help="learning rate per --lr-reference-batch images")
+    hp.add_argument("--lr-reference-batch", type=int)
+    hp.add_argument("--min-lr", type=float)
+    hp.add_argument("--warmup-lr", type=float)
+    hp.add_argument("--warmup-epochs", type=float)
+    hp.add_argument("--weight-decay", type=float)
+    hp.add_argument("--drop-path", type=float)
+    hp.add_argument("--label-smoothing", type=float)
+    hp.add_argument("--mixup", type=float, help="Mixup alpha, 0 disables")
+    hp.add_argument("--cutmix", type=float, help="CutMix alpha, 0 disables")
+    hp.add_argument("--mixup-switch-prob", type=float)
+    hp.add_argument("--rand-augment", type=float, help="RandAugment magnitude (0-10), -1 disables")
+    hp.add_argument("--color-jitter", type=float, help="0 disables")
+    hp.add_argument("--random-erasing", type=float, help="probability, 0 disables")
+    hp.add_argument("--repeated-augmentations", type=int)
+    hp.add_argument("--ema", type=float, help="EMA momentum of the weights, 0 disables")
+    hp.add_argument("--clip-norm", type=float, help="global gradient-norm clip, 0 disables")
+    hp.add_argument("--init-weights", help='"imagenet" or a weights file to start from')
+    hp.add_argument("--backup-every", help='"epoch" or a number of steps between backups')
+    return parser.parse_args(argv)
+
+
+def resolve_recipe(args):
+    """The recipe named by --recipe for --model, with the command line's overrides."""
+    recipe = recipes_lib.get_recipe(args.recipe, args.model)
+    changes = {
+        field: getattr(args, field)
+        for field in (
+            "dataset",
+            "epochs",
+            "batch_size",
+            "image_size",
+            "lr",
+            "lr_reference_batch",
+            "min_lr",
+            "warmup_lr",
+            "warmup_epochs",
+            "weight_decay",
+            "drop_path",
+            "label_smoothing",
+            "mixup",
+            "cutmix",
+            "mixup_switch_prob",
+            "random_erasing",
+            "repeated_augmentations",
+            "mixed_precision",
+            "init_weights",
+        )
+        if getattr(args, field) is not None
+    }
+    # Options where a sentinel value switches the feature off.
+    if args.rand_augment is not None:
+        changes["rand_augment_magnitude"] = None if args.rand_augment < 0 else args.rand_augment
+    if args.color_jitter is not None:
+        changes["color_jitter"] = args.color_jitter or None
+    if args.ema is not None:
+        changes["ema_momentum"] = args.ema or None
+    if args.clip_norm is not None:
+        changes["clip_norm"] = args.clip_norm or None
+    if args.backup_every is not None:
+        changes["backup_every"] = (
+            args.backup_every if args.backup_every == "epoch" else int(args.backup_every)
+        )
+    if args.model_config is not None:
+        changes["model"] = "custom"
+    return recipes_lib.override(recipe, changes)
+
+
+def build_model(recipe, num_classes, model_config=None):
+    """The recipe's CoaT classifier (softmax outputs, pixels in [0, 255]) for `num_classes`."""
+    import keras_coat
+
+    kwargs = dict(
+        input_shape=(recipe.image_size, recipe.image_size, 3),
+        classes=num_classes,
+        classifier_activation="softmax",
+        include_preprocessing=True,
+        drop_path_rate=recipe.drop_path,
+    )
+    if model_config is not None:
+        return keras_coat.CoaT(**model_config, **kwargs)
+    if recipe.init_weights is None:
+        return keras_coat.create_model(recipe.model, **kwargs)
+    if recipe.init_weights != "imagenet" or num_classes == 1000:
+        return keras_coat.create_model(recipe.model, weights=recipe.init_weights, **kwargs)
+    # New label set: start from the ImageNet model, keep everything but the classifier.
+    model = keras_coat.create_model(recipe.model, **kwargs)
+    pretrained = keras_coat.create_model(recipe.model, weights="imagenet", **{**kwargs, "classes": 1000})
+    for layer in model.layers:
+        if layer.name != "head" and layer.weights:
+            layer.set_weights(pretrained.get_layer(layer.name).get_weights())
+    return model
+
+
+def compile_model(model, recipe, steps_per_epoch, jit_compile=None):
+    import keras
+
+    from training import optim
+
+    metrics = [keras.metrics.CategoricalAccuracy(name="accuracy")]
+    if model.output_shape[-1] > 5:
+        metrics.append(keras.metrics.TopKCategoricalAccuracy(k=5, name="top5_accuracy"))
+    model.compile(
+        optimizer=optim.build_optimizer(recipe, steps_per_epoch),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=recipe.label_smoothing),
+        weighted_metrics=metrics,
+        jit_compile="auto" if jit_compile is None else jit_compile,
+    )
+    return model
+
+
+def backed_up_epoch(backup_dir):
+    """The epoch a BackupAndRestore backup in `backup_dir` resumes at (0 without backup)."""
+    path = os.path.join(backup_dir, BACKUP_METADATA)
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        return int(json.load(f)["epoch"])
+
+
+def check_same_recipe(path, recipe):
+    """A resumed run must use the recipe it started with; a new run records its recipe."""
+    previous = read_json(path)
+    current = json.loads(json.dumps(recipe.to_dict()))  # tuples -> lists, as stored
+    if previous is not None and previous != current:
+        changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
+        details = ", ".join(f"{k}: {previous.get(k)!r} -> {current.get(k)!r}" for k in changed)
+        raise SystemExit(
+            f"{path} records a different recipe ({details}). Resume with the same settings or "
+            "use a new --output-dir."
+        )
+    write_json(path, current)
+
+
+def make_callbacks(recipe, work_dir, global_batch, steps, metrics_path, seed):
+    import keras
+
+    from training.callbacks import MetricsWriter, ReseedModelRandomness
+
+    previous = read_json(metrics_path) or {}
+    best = previous.get("best_val_accuracy")
+    metrics_writer = MetricsWriter(metrics_path, recipe.epochs, global_batch, steps, previous)
+    callbacks = [
+        # First, so that the restored epoch and weights are in place for everyone else.
+        keras.callbacks.BackupAndRestore(
+            os.path.join(work_dir, "backup"),
+            save_freq=recipe.backup_every,
+            double_checkpoint=True,
+        ),
+        ReseedModelRandomness(seed),
+        metrics_writer,
+        keras.callbacks.ModelCheckpoint(os.path.join(work_dir, "last.keras")),
+        keras.callbacks.ModelCheckpoint(
+            os.path.join(work_dir, "best.keras"),
+            monitor="val_accuracy",
+            mode="max",
+            save_best_only=True,
+            initial_value_threshold=best,
+        ),
+        keras.callbacks.CSVLogger(os.path.join(work_dir, "training_log.csv"), append=True),
+        keras.callbacks.TensorBoard(os.path.join(work_dir, "logs")),
+    ]
+    return callbacks, metrics_writer
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        recipe = resolve_recipe(args)
+    except ValueError as error:
+        raise SystemExit(str(error))
+    if args.cpu_replicas < 0:
+        raise SystemExit(f"--cpu-replicas must be >= 0, got {args.cpu_replicas}.")
+
+    # Devices first: nothing may touch TensorFlow's runtime before this.
+    strategy_lib.configure_devices(args.cpu_replicas, args.seed, args.deterministic)
+    strategy = strategy_lib.make_strategy(args.strategy, args.tpu)
+    strategy_lib.set_precision(recipe.mixed_precision)
+    chief = strategy_lib.is_chief(strategy)
+    # Non-chief workers write the same files, to a private directory.
+    work_dir = (
+        args.output_dir
+        if chief
+        else os.path.join(args.output_dir, "workers", strategy_lib.worker_name(strategy))
+    )
+    os.makedirs(work_dir, exist_ok=True)
+    metrics_path = os.path.join(work_dir, "metrics.json")
+    say = print if chief else (lambda *a, **k: None)
+
+    previous = read_json(metrics_path)
+    if previous and previous.get("status") == "complete":
+        say(
+            f"{args.output_dir} holds a completed run ({previous['epochs_completed']} epochs, "
+            f"val_accuracy {previous['val_accuracy']:.4f}); nothing to do. Use a new --output-dir "
+            "to train again."
+        )
+        return previous
+    check_same_recipe(os.path.join(work_dir, "recipe.json"), recipe)
+
+    from training import data
+
+    source = data.load_source(recipe.dataset, recipe.image_size, args.data_dir, args.manual_dir)
+    steps = data.steps_per_epoch(recipe, source, args.steps_per_epoch)
+    start_epoch = backed_up_epoch(os.path.join(work_dir, "backup"))
+    train_ds = data.train_dataset(recipe, source, args.seed, start_epoch, args.steps_per_epoch)
+    val_ds = data.eval_dataset(recipe, source)
+
+    replicas = strategy.num_replicas_in_sync
+    say(
+        f"{type(strategy).__name__}: {replicas} replica(s), global batch {recipe.batch_size} "
+        f"({recipe.batch_size / replicas:g} per replica), precision {recipe.mixed_precision}.\n"
+        f"Recipe {recipe.name}: {recipe.model} at {recipe.image_size}px on {source.name} "
+        f"({source.train.num_examples} train / {source.validation.num_examples} held-out images, "
+        f"{source.num_classes} classes), {recipe.epochs} epochs x {steps} steps, peak lr "
+        f"{recipe.peak_lr:.3g}.\nTraining pipeline: {' -> '.join(data.TrainTransform(recipe, source.num_classes).step_names)}"
+        + (" -> batch -> mixup/cutmix" if recipe.mixup or recipe.cutmix else " -> batch")
+    )
+    if start_epoch:
+        say(f"Resuming from epoch {start_epoch} (backup in {os.path.join(work_dir, 'backup')}).")
+
+    with strategy.scope():
+        model = build_model(recipe, source.num_classes, args.model_config)
+        compile_model(model, recipe, steps, args.jit_compile)
+
+    callbacks, metrics_writer = make_callbacks(
+        recipe, work_dir, recipe.batch_size, steps, metrics_path, args.seed
+    )
+    started = time.time()
+    model.fit(
+        train_ds,
+        epochs=recipe.epochs,
+        steps_per_epoch=steps,
+        validation_data=val_ds,
+        callbacks=callbacks,
+        shuffle=False,  # the pipeline shuffles, per epoch and seed
+        verbose=args.verbose if chief else 0,
+    )
+    # With EMA, fit has just swapped the averaged weights in: measure and save those.
+    final = model.evaluate(val_ds, verbose=0, return_dict=True)
+    model.save(os.path.join(work_dir, "last.keras"))
+    metrics = metrics_writer.finish(final)
+    metrics["train_seconds_this_session"] = round(time.time() - started, 1)
+
+    if chief and not args.no_export:
+        from keras_coat.export import export_saved_model
+
+        export_dir = os.path.join(args.output_dir, "export")
+        export_saved_model(
+            model,
+            export_dir,
+            version=1,
+            class_names=source.class_names,
+            crop_pct=recipe.eval_crop_pct,
+            overwrite=True,
+        )
+        metrics["export_dir"] = os.path.join(export_dir, "1")
+    write_json(metrics_path, metrics)
+    say(
+        f"Done: val_accuracy {metrics['val_accuracy']:.4f}, val_loss {metrics['val_loss']:.4f} "
+        f"after {metrics['epochs_completed']} epochs; {metrics['images_per_second']:.1f} "
+        f"images/s. Outputs in {args.output_dir}."
+    )
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)
