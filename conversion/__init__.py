@@ -1,0 +1,1 @@
+"""PyTorch -> Keras conversion of CoaT checkpoints, with numerical verification."""

@@ -1,0 +1,161 @@
+"""Converts a PyTorch CoaT checkpoint (the authors' `.pth` or timm's `.safetensors`) to Keras.
+
+    python -m conversion.convert SOURCE --model coat_lite_tiny --output coat_lite_tiny.weights.h5
+    python -m conversion.convert coat_lite_medium_384.pth --model coat_lite_medium \\
+        --input-size 384 --output coat_lite_medium_384.weights.h5 --verify
+
+The checkpoint is read without running anything from it and without PyTorch
+(`keras_coat.checkpoint`), mapped strictly onto the model (`keras_coat.convert`), and written
+atomically. `--verify` (needs timm) loads the same tensors into timm's reference model and
+prints the largest absolute logit difference on random inputs; it fails above `--tolerance`.
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+
+# TensorFlow's C++ start-up chatter would bury the converter's own report.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+VARIANTS = (
+    "coat_lite_tiny",
+    "coat_lite_mini",
+    "coat_lite_small",
+    "coat_lite_medium",
+    "coat_tiny",
+    "coat_mini",
+    "coat_small",
+)
+
+
+def _input_size(text):
+    parts = text.lower().split("x")
+    try:
+        size = tuple(int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or HxW (e.g. 384 or 256x320), got {text!r}")
+    if len(size) == 1:
+        size = size * 2
+    if len(size) != 2 or any(s <= 0 or s % 32 for s in size):
+        raise argparse.ArgumentTypeError(
+            f"the input size must be N or HxW with multiples of 32, got {text!r}"
+        )
+    return size
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="python -m conversion.convert",
+        description="Convert a PyTorch CoaT checkpoint to a Keras .weights.h5 file.",
+    )
+    parser.add_argument("source", help="checkpoint: .pth/.pt (authors' or timm's) or .safetensors")
+    parser.add_argument("--model", required=True, choices=VARIANTS, help="CoaT variant")
+    parser.add_argument("--output", required=True, help="output path ending in .weights.h5")
+    parser.add_argument(
+        "--input-size", type=_input_size, default=(224, 224),
+        help="model input size, N or HxW (default 224; 384 for the Lite-Medium 384 checkpoint)",
+    )
+    parser.add_argument(
+        "--verify", action="store_true",
+        help="compare logits with timm's reference model on random inputs (needs timm)",
+    )
+    parser.add_argument("--batch", type=int, default=2, help="images for --verify (default 2)")
+    parser.add_argument(
+        "--tolerance", type=float, default=1e-4,
+        help="largest allowed absolute logit difference for --verify (default 1e-4)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    return parser
+
+
+def save_weights_atomically(model, path):
+    """Writes `model`'s weights to `path` through a temporary file in the same directory."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=".converting-", suffix=".weights.h5", dir=folder)
+    os.close(handle)
+    try:
+        model.save_weights(temporary, overwrite=True)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def verify_against_reference(model, state_dict, variant, input_size, batch, seed=0):
+    """Largest absolute logit difference between `model` and timm's `variant` on random inputs.
+
+    timm's model gets the same tensors under every name it registers them (shared modules
+    appear several times in its state dict), so a checkpoint holding one alias verifies too.
+    """
+    import numpy as np
+    import timm
+    import torch
+
+    from keras_coat.convert import _canonical_tensors, canonical_name
+
+    reference = timm.create_model(variant, pretrained=False, img_size=input_size).eval()
+    tensors, _ = _canonical_tensors(state_dict)
+    reference.load_state_dict(
+        {key: torch.from_numpy(np.ascontiguousarray(tensors[canonical_name(key)]))
+         for key in reference.state_dict()},
+        strict=True,
+    )
+    images = np.random.RandomState(seed).randn(batch, *input_size, 3).astype("float32")
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
+    logits = np.asarray(model.predict(images, verbose=0))
+    return float(np.abs(logits - expected).max())
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if not args.output.endswith(".weights.h5"):
+        sys.exit(f"error: --output must end with .weights.h5 (got {args.output!r})")
+    if os.path.exists(args.output) and not args.overwrite:
+        sys.exit(f"error: {args.output!r} exists; pass --overwrite to replace it")
+    if not os.path.isfile(args.source):
+        sys.exit(f"error: the checkpoint {args.source!r} does not exist")
+    if args.verify:
+        try:
+            # timm (through torchvision) must be imported before TensorFlow: in the other
+            # order both register the same LLVM options and the process aborts.
+            import timm  # noqa: F401
+        except ImportError:
+            sys.exit("error: --verify needs timm and torch: pip install 'keras-coat[conversion]'")
+
+    from keras_coat import create_model
+    from keras_coat.checkpoint import CheckpointError, read_state_dict
+    from keras_coat.convert import ConversionError, assign_state_dict
+
+    try:
+        state_dict = read_state_dict(args.source)
+        model = create_model(
+            args.model,
+            input_shape=(*args.input_size, 3),
+            include_preprocessing=False,
+            classifier_activation=None,
+        )
+        assign_state_dict(model, state_dict)
+    except (CheckpointError, ConversionError) as error:
+        sys.exit(f"error: {args.source}: {error}")
+    print(f"converted {len(state_dict)} tensors into {args.model} "
+          f"({model.count_params():,} parameters)")
+
+    if args.verify:
+        difference = verify_against_reference(
+            model, state_dict, args.model, args.input_size, args.batch
+        )
+        print(f"verify: largest absolute logit difference vs timm = {difference:.3e} "
+              f"(tolerance {args.tolerance:g})")
+        if not difference <= args.tolerance:
+            sys.exit("error: the converted model does not match the reference; nothing written")
+
+    save_weights_atomically(model, args.output)
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
