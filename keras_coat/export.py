@@ -105,7 +105,11 @@ def export_saved_model(
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise ValueError(f"`directory` must be a directory; {directory!r} is a file.")
     height, width, classes = _check_model_shapes(model, image_size)
-    if not 0.0 < float(crop_pct) <= 1.0:
+    if (
+        isinstance(crop_pct, bool)
+        or not isinstance(crop_pct, numbers.Real)
+        or not 0.0 < crop_pct <= 1.0
+    ):
         raise ValueError(f"`crop_pct` must be in (0, 1]; received {crop_pct}.")
     if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1:
         raise ValueError(f"`top_k` must be a positive int; received {top_k!r}.")

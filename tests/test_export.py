@@ -397,6 +397,7 @@ def small_model():
         ({"image_size": (64, 64, 3)}, "image_size"),
         ({"crop_pct": 0}, "crop_pct"),
         ({"crop_pct": 1.5}, "crop_pct"),
+        ({"crop_pct": "0.875"}, "crop_pct"),
         ({"top_k": 0}, "top_k"),
         ({"model_input": "raw"}, "model_input"),
         ({"model_output": "scores"}, "model_output"),
