@@ -173,7 +173,9 @@ def _tfds_source(name, data_dir, manual_dir):
         ) from error
     info = builder.info
     image_key, label_key = info.supervised_keys or ("image", "label")
-    splits = info.splits
+    # Without generation metadata (e.g. under tfds.testing.mock_data) TFDS knows no splits and
+    # accepts any name: take the usual ones and count their examples.
+    splits = info.splits or {"train": None, "validation": None}
     validation_split = next((s for s in ("validation", "test") if s in splits), None)
     if "train" not in splits or validation_split is None:
         raise ValueError(
@@ -192,7 +194,11 @@ def _tfds_source(name, data_dir, manual_dir):
         def decode(record):
             return {"image": _decode_image(record["image"]), "label": record["label"]}
 
-        return Split(records, splits[split_name].num_examples, decode)
+        if splits[split_name] is not None:
+            count = splits[split_name].num_examples
+        else:
+            count = int(records.reduce(0, lambda n, _: n + 1))
+        return Split(records, count, decode)
 
     return Source(name, split("train"), split(validation_split), info.features[label_key].names)
 
