@@ -1,5 +1,6 @@
 """keras-coat: CoaT (Co-scale conv-attentional image Transformers) for Keras 3."""
 
+from keras_coat.imagenet import decode_predictions, preprocess_input
 from keras_coat.models import (
     MODEL_CONFIGS,
     CoaT,
@@ -14,3 +15,14 @@ from keras_coat.models import (
 )
 
 __version__ = "0.1.0"
+
+
+def export_saved_model(model, directory, version=1, **kwargs):
+    """Exports `model` as a TF Serving SavedModel in `directory/<version>/`.
+
+    See `keras_coat.export.export_saved_model`; TensorFlow is imported only when this is called,
+    so the package itself runs on any Keras backend.
+    """
+    from keras_coat import export
+
+    return export.export_saved_model(model, directory, version=version, **kwargs)

@@ -234,3 +234,13 @@ def test_real_variant_roundtrip_through_keras_file(tmp_path):
     path = tmp_path / "coat_tiny.keras"
     model.save(path)
     np.testing.assert_array_equal(_np(keras.models.load_model(path)(x)), _np(model(x)))
+
+
+def test_public_api():
+    names = {
+        "CoaT", "CoaTLiteTiny", "CoaTLiteMini", "CoaTLiteSmall", "CoaTLiteMedium", "CoaTTiny",
+        "CoaTMini", "CoaTSmall", "create_model", "MODEL_CONFIGS", "preprocess_input",
+        "decode_predictions", "export_saved_model",
+    }
+    assert names <= set(dir(keras_coat))
+    assert "directory" in inspect.signature(keras_coat.export_saved_model).parameters

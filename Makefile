@@ -1,0 +1,40 @@
+# keras-coat: `make demo` and `make test` create the environment themselves.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-keras-coat
+
+.PHONY: venv test test-fast test-jax demo bench clean
+
+# Everything the tests, the demo and the converter need: TensorFlow, JAX (CPU), the reference
+# stack (torch>=2.14, torchvision>=0.29, timm) and the training extras.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# The whole suite on TensorFlow (slow tests included), then the model tests again on JAX.
+test: $(STAMP)
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q -p no:cacheprovider
+	$(MAKE) --no-print-directory test-jax
+
+test-jax: $(STAMP)
+	KERAS_BACKEND=jax TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q -p no:cacheprovider \
+		tests/test_layers.py tests/test_models.py tests/test_parity.py
+
+test-fast: $(STAMP)
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q -p no:cacheprovider -m "not slow"
+
+# Trains CoaT-Lite Tiny on scikit-learn's handwritten digits, exports it as a SavedModel and
+# classifies held-out digits through the export.
+demo: $(STAMP)
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m training.demo --output-dir demo-output
+
+bench: $(STAMP)
+	$(PY) benchmarks/throughput.py
+
+clean:
+	rm -rf demo-output .pytest_cache

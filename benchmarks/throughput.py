@@ -1,0 +1,211 @@
+"""Inference throughput and peak memory: keras_coat against timm, on this machine, in one run.
+
+    python benchmarks/throughput.py                       # CoaT-Lite Small, batch 1 and 8
+    python benchmarks/throughput.py --models coat_lite_tiny coat_tiny --batch-sizes 8
+
+Each (framework, model, batch) runs in its own subprocess, so the peak resident memory reported
+is that of one framework with one model, and neither framework's threads compete with the
+other's. fp32, 224x224, random weights (throughput does not depend on their values): the median
+of `--repeats` timed forward passes after `--warmup` untimed ones. keras_coat runs as a
+TensorFlow graph (`tf.function`, no XLA: on CPUs graph mode is the faster one), or jit-compiled
+on the JAX backend with `--keras-backend jax`; timm runs in `torch.inference_mode()`.
+The table is printed and written between markers into benchmarks/RESULTS.md.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+BEGIN, END = "<!-- inference-throughput:begin -->", "<!-- inference-throughput:end -->"
+
+
+def _peak_rss_mib():
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _measure_keras(model_name, batch, size, warmup, repeats, backend):
+    import time
+
+    import numpy as np
+
+    import keras_coat
+
+    # Normalized inputs, like timm: both sides do the same work.
+    model = keras_coat.create_model(
+        model_name, input_shape=(size, size, 3), include_preprocessing=False
+    )
+    images = (np.random.RandomState(0).rand(batch, size, size, 3) * 255).astype("float32")
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        forward = tf.function(lambda x: model(x, training=False), jit_compile=False)
+        images = tf.constant(images)
+
+        def run():
+            return forward(images).numpy()
+    else:
+        import jax
+
+        forward = jax.jit(lambda weights, x: model.stateless_call(weights, [], x)[0])
+        weights = [v.value for v in model.trainable_variables + model.non_trainable_variables]
+        assert not model.non_trainable_variables
+        images = jax.device_put(images)
+
+        def run():
+            return np.asarray(forward(weights, images))
+
+    return _time(run, warmup, repeats)
+
+
+def _measure_timm(model_name, batch, size, warmup, repeats):
+    import timm
+    import torch
+
+    model = timm.create_model(model_name, pretrained=False, img_size=size).eval()
+    images = torch.rand(batch, 3, size, size)
+
+    def run():
+        with torch.inference_mode():
+            return model(images)
+
+    return _time(run, warmup, repeats)
+
+
+def _time(run, warmup, repeats):
+    import time
+
+    import numpy as np
+
+    for _ in range(warmup):
+        run()
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        seconds.append(time.perf_counter() - start)
+    return float(np.median(seconds)), float(np.min(seconds))
+
+
+def worker(args):
+    """Runs one measurement and prints it as JSON (called in a subprocess)."""
+    if args.framework == "timm":
+        import timm  # noqa: F401  (timm before TensorFlow: they clash in the other order)
+
+        median, best = _measure_timm(args.model, args.batch, args.size, args.warmup, args.repeats)
+        threads = __import__("torch").get_num_threads()
+    else:
+        median, best = _measure_keras(
+            args.model, args.batch, args.size, args.warmup, args.repeats, args.keras_backend
+        )
+        threads = os.cpu_count()
+    print(json.dumps({
+        "framework": args.framework, "model": args.model, "batch": args.batch,
+        "median_s": median, "best_s": best, "images_per_s": args.batch / median,
+        "peak_rss_mib": _peak_rss_mib(), "threads": threads,
+    }))
+
+
+def _run_worker(framework, model, batch, args):
+    command = [
+        sys.executable, os.path.abspath(__file__), "--worker", "--framework", framework,
+        "--model", model, "--batch", str(batch), "--size", str(args.size),
+        "--warmup", str(args.warmup), "--repeats", str(args.repeats),
+        "--keras-backend", args.keras_backend,
+    ]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", KERAS_BACKEND=args.keras_backend)
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    if result.returncode:
+        raise RuntimeError(f"{framework} {model} batch {batch} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _table(rows, args):
+    keras_label = "keras_coat (TF graph)" if args.keras_backend == "tensorflow" else \
+        "keras_coat (JAX jit)"
+    lines = [
+        f"Measured {datetime.date.today().isoformat()} on {_cpu_name()}, {os.cpu_count()} cores, "
+        f"fp32, {args.size}x{args.size}, median of {args.repeats} runs after {args.warmup} "
+        "warm-up runs, each framework in its own process.",
+        "",
+        f"| model | batch | {keras_label} img/s | timm img/s | speed-up | "
+        "keras_coat peak RSS MiB | timm peak RSS MiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for model, batch, keras_row, timm_row in rows:
+        lines.append(
+            f"| {model} | {batch} | {keras_row['images_per_s']:.2f} | "
+            f"{timm_row['images_per_s']:.2f} | "
+            f"{keras_row['images_per_s'] / timm_row['images_per_s']:.2f}x | "
+            f"{keras_row['peak_rss_mib']:.0f} | {timm_row['peak_rss_mib']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def _write_results(table):
+    section = f"{BEGIN}\n## Inference throughput (CPU)\n\n{table}\n{END}"
+    text = open(RESULTS).read() if os.path.exists(RESULTS) else "# Benchmark results\n"
+    if BEGIN in text and END in text:
+        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: section, text,
+                      flags=re.S)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    temporary = RESULTS + ".tmp"
+    with open(temporary, "w") as f:
+        f.write(text)
+    os.replace(temporary, RESULTS)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["coat_lite_small"])
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--keras-backend", choices=["tensorflow", "jax"], default="tensorflow")
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--framework", choices=["keras_coat", "timm"], help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return worker(args)
+
+    rows = []
+    for model in args.models:
+        for batch in args.batch_sizes:
+            keras_row = _run_worker("keras_coat", model, batch, args)
+            timm_row = _run_worker("timm", model, batch, args)
+            rows.append((model, batch, keras_row, timm_row))
+            print(f"{model} batch {batch}: keras_coat {keras_row['images_per_s']:.2f} img/s "
+                  f"({keras_row['peak_rss_mib']:.0f} MiB), timm {timm_row['images_per_s']:.2f} "
+                  f"img/s ({timm_row['peak_rss_mib']:.0f} MiB)", flush=True)
+    table = _table(rows, args)
+    print("\n" + table)
+    if not args.no_write:
+        _write_results(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
