@@ -75,10 +75,32 @@ def make_strategy(kind="auto", tpu=None):
     if kind == "multi_worker":
         if not cluster:
             raise ValueError("--strategy multi_worker needs TF_CONFIG describing the cluster.")
+        _configure_coordination(cluster)
         return tf.distribute.MultiWorkerMirroredStrategy()
     if kind == "mirrored":
         return tf.distribute.MirroredStrategy(devices=_replica_devices())
     return tf.distribute.OneDeviceStrategy(_replica_devices()[0])
+
+
+def _configure_coordination(cluster, heartbeat_timeout_s=300):
+    """Sets up TF's coordination service as MultiWorkerMirroredStrategy would, with a longer
+    heartbeat timeout: its 10 s default declares busy workers dead on loaded CPU-only hosts
+    (the service runs inside worker 0, beside its input pipeline and training step)."""
+    from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
+    from tensorflow.python.eager import context
+
+    jobs = [
+        coordination_config_pb2.CoordinatedJob(name=job, num_tasks=len(cluster[job]))
+        for job in ("chief", "worker")
+        if job in cluster
+    ]
+    leader = f"/job:{'chief' if 'chief' in cluster else 'worker'}/replica:0/task:0"
+    context.context().configure_coordination_service(
+        service_type="standalone",
+        service_leader=leader,
+        coordinated_jobs=jobs,
+        heartbeat_timeout_in_ms=heartbeat_timeout_s * 1000,
+    )
 
 
 def _replica_devices():
@@ -86,10 +108,14 @@ def _replica_devices():
     return [d.name for d in gpus] if gpus else [d.name for d in tf.config.list_logical_devices("CPU")]
 
 
+def is_multi_worker(strategy):
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+
+
 def is_chief(strategy):
     """Whether this process writes the run's outputs (always, except non-chief workers)."""
     resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    if resolver is None or not is_multi_worker(strategy):
         return True
     task_type, task_id = resolver.task_type, resolver.task_id
     if task_type in (None, "chief"):
@@ -104,3 +130,35 @@ def worker_name(strategy):
     if resolver is None or resolver.task_type is None:
         return "chief"
     return f"{resolver.task_type}-{resolver.task_id}"
+
+
+def prepare_multi_worker_fit(model, element_spec):
+    """Works around Keras 3's `fit` under MultiWorkerMirroredStrategy (keras-team/keras#20585).
+
+    Two steps of Keras' TensorFlow trainer fail there: building state from a first batch averaged
+    with `strategy.reduce` over a nest of per-replica values, and averaging the scalar step logs
+    with `reduce(..., axis=0)`. So the metrics' and optimizer's variables are created here from a
+    local zero batch (leaving that build step nothing to do, and it is skipped), and scalar logs
+    are averaged over replicas with `axis=None`. Call inside `strategy.scope()` after `compile`.
+    """
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+
+    batch = tuple(tf.zeros([1, *spec.shape[1:]], spec.dtype) for spec in element_spec)
+    model._symbolic_build(data_batch=batch)
+    model.optimizer.build(model.trainable_variables)
+    model._maybe_symbolic_build = lambda *args, **kwargs: None
+
+    reduce_per_replica = tf_trainer.reduce_per_replica
+    if getattr(reduce_per_replica, "_multi_worker_scalars", False):
+        return
+
+    def reduce_scalars_across_workers(values, strategy, reduction):
+        if reduction in ("auto", "mean") and is_multi_worker(strategy):
+            return keras.tree.map_structure(
+                lambda v: strategy.reduce("MEAN", v, axis=None if v.shape.rank == 0 else 0),
+                values,
+            )
+        return reduce_per_replica(values, strategy, reduction)
+
+    reduce_scalars_across_workers._multi_worker_scalars = True
+    tf_trainer.reduce_per_replica = reduce_scalars_across_workers
