@@ -1,0 +1,160 @@
+"""Training through the command line in subprocesses: strategies and fault tolerance.
+
+Logical CPU devices and TF_CONFIG must be set before TensorFlow initializes, so every run is a
+fresh `python -m training.train` process. Models are a tiny custom CoaT at 32x32 on digits, a
+couple of steps per epoch, to keep each test small.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = '{"embed_dims": [16, 16, 16, 16], "serial_depths": [1, 1, 1, 1], "mlp_ratios": [2, 2, 2, 2]}'
+COMMON = [
+    "--recipe", "demo", "--model-config", TINY, "--batch-size", "16", "--steps-per-epoch", "2",
+    "--no-export", "--verbose", "2", "--seed", "3",
+]  # fmt: skip
+TIMEOUT = 600
+
+# A run whose callbacks end by blocking after the first epoch (so after the first backup):
+# the test then kills it with SIGKILL at a known point.
+PAUSING_DRIVER = """
+import sys, time, keras
+from training import train
+make_callbacks = train.make_callbacks
+class PauseAfterFirstEpoch(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        open(sys.argv[1], "w").close()
+        time.sleep(3600)
+def pausing(*args, **kwargs):
+    callbacks, writer = make_callbacks(*args, **kwargs)
+    return callbacks + [PauseAfterFirstEpoch()], writer
+train.make_callbacks = pausing
+train.main(sys.argv[2:])
+"""
+
+
+def _env(**extra):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT, **extra)
+    env.pop("TF_CONFIG", None)
+    env.update(extra)
+    return env
+
+
+def _start(args, env=None, driver=None):
+    command = [sys.executable] + (["-c", driver] if driver else ["-m", "training.train"]) + args
+    return subprocess.Popen(
+        command, cwd=ROOT, env=env or _env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+
+
+def _finish(process):
+    output, _ = process.communicate(timeout=TIMEOUT)
+    assert process.returncode == 0, output[-4000:]
+    return output
+
+
+def _weights(path):
+    import keras
+
+    import keras_coat  # noqa: F401  (registers the layers)
+
+    return keras.saving.load_model(path, compile=False).get_weights()
+
+
+def _max_difference(a, b):
+    return max(float(np.max(np.abs(x - y))) for x, y in zip(a, b))
+
+
+def _free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@pytest.mark.slow
+def test_mirrored_on_two_cpu_replicas_matches_one_device(tmp_path):
+    args = COMMON + ["--epochs", "2", "--deterministic"]
+    single = _start(args + ["--strategy", "one_device", "--output-dir", str(tmp_path / "one")])
+    mirrored = _start(args + ["--cpu-replicas", "2", "--output-dir", str(tmp_path / "two")])
+    single_out, mirrored_out = _finish(single), _finish(mirrored)
+    assert "OneDeviceStrategy: 1 replica(s), global batch 16 (16 per replica)" in single_out
+    # --strategy auto picks MirroredStrategy over the two logical CPUs.
+    assert "MirroredStrategy: 2 replica(s), global batch 16 (8 per replica)" in mirrored_out
+    difference = _max_difference(
+        _weights(tmp_path / "one" / "last.keras"), _weights(tmp_path / "two" / "last.keras")
+    )
+    assert difference < 1e-5
+    metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert metrics["status"] == "complete" and metrics["epochs_completed"] == 2
+
+
+@pytest.mark.slow
+def test_two_multi_worker_processes_end_with_identical_weights(tmp_path):
+    ports = _free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
+    args = COMMON + [
+        "--epochs", "1", "--drop-path", "0.1", "--strategy", "multi_worker",
+        "--output-dir", str(tmp_path),
+    ]  # fmt: skip
+    workers = [
+        _start(args, env=_env(TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})))
+        for i in range(2)
+    ]
+    outputs = [_finish(worker) for worker in workers]
+    assert "CollectiveAllReduceStrategy: 2 replica(s), global batch 16 (8 per replica)" in outputs[0]
+    chief = _weights(tmp_path / "last.keras")
+    other = _weights(tmp_path / "workers" / "worker-1" / "last.keras")
+    assert _max_difference(chief, other) == 0.0
+    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "complete"
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_from_its_backup_and_matches_an_uninterrupted_one(tmp_path):
+    args = COMMON + ["--epochs", "3", "--drop-path", "0.1", "--deterministic"]
+    interrupted, reference = tmp_path / "interrupted", tmp_path / "reference"
+    marker = tmp_path / "first-epoch-done"
+    pausing = _start([str(marker)] + args + ["--output-dir", str(interrupted)], driver=PAUSING_DRIVER)
+    uninterrupted = _start(args + ["--output-dir", str(reference)])
+    deadline = time.time() + TIMEOUT
+    while not marker.exists():
+        assert pausing.poll() is None, pausing.communicate()[0][-4000:]
+        assert time.time() < deadline, "the first epoch never ended"
+        time.sleep(0.2)
+    os.kill(pausing.pid, signal.SIGKILL)
+    pausing.wait()
+    assert pausing.returncode == -signal.SIGKILL
+    backup = json.loads((interrupted / "backup" / "training_metadata.json").read_text())
+    assert backup["epoch"] == 1
+    assert json.loads((interrupted / "metrics.json").read_text())["epochs_completed"] == 1
+
+    resumed = _finish(_start(args + ["--output-dir", str(interrupted)]))
+    _finish(uninterrupted)
+    assert "Resuming from epoch 1" in resumed
+    assert "Epoch 1/3" not in resumed and "Epoch 2/3" in resumed and "Epoch 3/3" in resumed
+    epochs = [line.split(",")[0] for line in (interrupted / "training_log.csv").read_text().splitlines()[1:]]
+    assert epochs == ["0", "1", "2"]
+    assert not (interrupted / "backup").exists()  # removed once the run completed
+    metrics = json.loads((interrupted / "metrics.json").read_text())
+    assert metrics["status"] == "complete" and metrics["epochs_completed"] == 3
+    difference = _max_difference(
+        _weights(interrupted / "last.keras"), _weights(reference / "last.keras")
+    )
+    assert difference == 0.0
+
+    # A completed run is left alone.
+    again = _finish(_start(args + ["--output-dir", str(interrupted)]))
+    assert "holds a completed run" in again
