@@ -16,6 +16,7 @@ from keras_coat.layers import (
     MLP,
     FactorizedConvAttention,
     FeatureInterpolation,
+    QueryKeyValue,
     StochasticDepth,
     TokenwiseDense,
     _TRUNC_NORMAL,
@@ -30,13 +31,14 @@ def ConvAttention(dim, num_heads, crpe, name):
     Returns ``apply(tokens, size)`` mapping ``[batch, 1 + H * W, dim]`` to the same shape.
     ``name`` is the attention's prefix, e.g. ``serial_blocks1.0.factoratt_crpe``.
     """
-    qkv_proj = TokenwiseDense(3 * dim, kernel_initializer=_TRUNC_NORMAL, name=f"{name}.qkv")
+    qkv_proj = QueryKeyValue(name=f"{name}.qkv")
     attention = FactorizedConvAttention(num_heads, name=name)
     out_proj = TokenwiseDense(dim, kernel_initializer=_TRUNC_NORMAL, name=f"{name}.proj")
 
     def apply(tokens, size):
-        qkv = qkv_proj(tokens)
-        return out_proj(attention([qkv, crpe(qkv, size=size)]))
+        query, key, value = qkv_proj(tokens)
+        relative = crpe([query, value], size=size)
+        return out_proj(attention([query, key, value, relative]))
 
     return apply
 

@@ -22,6 +22,7 @@ from keras_coat.layers import (
     ConvPositionEncoding,
     ConvRelativePositionEncoding,
     PatchEmbedding,
+    QueryKeyValue,
     ScaleAggregation,
 )
 
@@ -101,6 +102,11 @@ def _layer_targets(layer):
             (layer.fc1.bias, f"{prefix}.fc1.bias", _identity),
             (layer.fc2.kernel, f"{prefix}.fc2.weight", _linear),
             (layer.fc2.bias, f"{prefix}.fc2.bias", _identity),
+        ]
+    if isinstance(layer, QueryKeyValue):
+        return [
+            (layer.kernel, f"{prefix}.weight", _linear),
+            (layer.bias, f"{prefix}.bias", _identity),
         ]
     if isinstance(layer, ScaleAggregation):
         return [

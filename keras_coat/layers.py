@@ -139,8 +139,8 @@ class ConvRelativePositionEncoding(layers.Layer):
     ``EV_img = Q_img * DepthwiseConv2D(V_img)`` with the channels split by heads into groups with
     their own window (by default 2 heads of 3x3, 3 of 5x5, 3 of 7x7); the class token's row is 0.
 
-    Input: the fused projection ``qkv`` ``[batch, 1 + H * W, 3 * C]`` (Q, K, V along the last axis,
-    each with heads outermost, as the reference lays them out). Call with ``size=(H, W)``.
+    Inputs: ``[query, value]``, each ``[batch, 1 + H * W, C]`` with heads outermost in the
+    channels, as the reference lays them out. Call with ``size=(H, W)``.
     Output: ``[batch, 1 + H * W, C]``. One instance is shared by every attention of its scale.
     """
 
@@ -159,7 +159,7 @@ class ConvRelativePositionEncoding(layers.Layer):
         ]
 
     def build(self, input_shape):
-        channels = input_shape[-1] // 3
+        channels = input_shape[0][-1]
         if channels % self.num_heads:
             raise ValueError(
                 f"CRPE got {channels} channels, which {self.num_heads} heads do not divide."
@@ -173,17 +173,17 @@ class ConvRelativePositionEncoding(layers.Layer):
             self.split_points.append(start)
         self.split_points = self.split_points[:-1]
 
-    def call(self, qkv, size):
-        channels = qkv.shape[-1] // 3
-        query = qkv[:, 1:, :channels]
-        value = _image_tokens_to_map(qkv[:, 1:, 2 * channels :], size)
+    def call(self, inputs, size):
+        query, value = inputs
+        value = _image_tokens_to_map(value[:, 1:], size)
         groups = ops.split(value, self.split_points, axis=-1)
         encoded = ops.concatenate([conv(g) for conv, g in zip(self.convs, groups)], axis=-1)
-        encoded = query * ops.reshape(encoded, ops.shape(query))
-        return ops.pad(encoded, ((0, 0), (1, 0), (0, 0)))
+        encoded = ops.reshape(encoded, (-1, query.shape[1] - 1, query.shape[2]))
+        # Zero row for the class token, then the Hadamard product with all of Q.
+        return query * ops.pad(encoded, ((0, 0), (1, 0), (0, 0)))
 
-    def compute_output_spec(self, qkv, size):
-        return _spec(self, (qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3))
+    def compute_output_spec(self, inputs, size):
+        return _spec(self, inputs[0].shape)
 
     def get_config(self):
         return {
@@ -194,14 +194,50 @@ class ConvRelativePositionEncoding(layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
+class QueryKeyValue(layers.Layer):
+    """The fused Q, K, V projection of the reference (one ``[C, 3 * C]`` kernel and bias),
+    returning the three projections as separate tensors.
+
+    Input: ``[batch, N, C]``. Outputs: ``[query, key, value]``, each ``[batch, N, C]``.
+    Weights: ``kernel`` ``[C, 3 * C]`` (Q, K, V along the output axis), ``bias`` ``[3 * C]``.
+    """
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        self.kernel = self.add_weight(
+            shape=(channels, 3 * channels),
+            initializer=keras.initializers.get(_TRUNC_NORMAL),
+            name="kernel",
+        )
+        self.bias = self.add_weight(shape=(3 * channels,), initializer="zeros", name="bias")
+
+    def call(self, tokens):
+        channels = tokens.shape[-1]
+        flat = ops.reshape(tokens, (-1, channels))
+        kernel = ops.cast(self.kernel, flat.dtype)
+        bias = ops.cast(self.bias, flat.dtype)
+        # Three matmuls on slices of the (small) kernel rather than slices of the (large)
+        # fused output: no copies of activations, and each matmul fuses with its bias.
+        outputs = []
+        for i in range(3):
+            part = slice(i * channels, (i + 1) * channels)
+            projected = ops.add(ops.matmul(flat, kernel[:, part]), bias[part])
+            outputs.append(ops.reshape(projected, ops.shape(tokens)))
+        return outputs
+
+    def compute_output_shape(self, input_shape):
+        return [tuple(input_shape)] * 3
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
 class FactorizedConvAttention(layers.Layer):
     """Factorized attention with the CRPE term, Eq. 12 (before the output projection).
 
     ``ConvAtt = Q / sqrt(d) (softmax(K)^T V) + EV``, per head, softmax over the tokens (class
     token included), ``d`` the head dimension. The cost is linear in the number of tokens.
 
-    Inputs: ``[qkv, relative]``: ``qkv`` ``[batch, N, 3 * C]`` and the CRPE term ``[batch, N, C]``.
-    Output: ``[batch, N, C]``.
+    Inputs: ``[query, key, value, relative]``, each ``[batch, N, C]`` (``relative`` is the CRPE
+    term). Output: ``[batch, N, C]``.
     """
 
     def __init__(self, num_heads=8, **kwargs):
@@ -209,27 +245,26 @@ class FactorizedConvAttention(layers.Layer):
         self.num_heads = int(num_heads)
 
     def call(self, inputs):
-        qkv, relative = inputs
-        channels = qkv.shape[-1] // 3
+        query, key, value, relative = inputs
+        channels = query.shape[-1]
         head_dim = channels // self.num_heads
-        query, key, value = (
-            qkv[..., :channels],
-            qkv[..., channels : 2 * channels],
-            qkv[..., 2 * channels :],
-        )
-        key = ops.softmax(key, axis=1)
+        # softmax over the tokens is a softmax over the last axis of K^T, which the context
+        # matmul wants anyway: one transpose instead of the two a softmax over axis 1 costs.
+        key = ops.softmax(ops.transpose(key, (0, 2, 1)), axis=-1)
         if channels <= _FULL_CONTEXT_MAX_CHANNELS:
             # One [C, C] context for all heads, masked to its block diagonal (which also carries
-            # the scale): at small widths two plain batched matmuls beat per-head einsums, whose
+            # the scale): at these widths two plain batched matmuls beat per-head ones, whose
             # layout changes cost more than the extra multiply-adds.
-            context = ops.einsum("bnk,bnv->bkv", key, value)
+            context = ops.matmul(key, value)
             context = context * ops.cast(self._head_mask(channels, head_dim), context.dtype)
             return ops.matmul(query, context) + relative
-        split = (-1, qkv.shape[1], self.num_heads, head_dim)
-        query, key, value = (ops.reshape(t, split) for t in (query, key, value))
-        context = ops.einsum("bnhk,bnhv->bhkv", key, value)
+        length = query.shape[1]
+        key = ops.reshape(key, (-1, self.num_heads, head_dim, length))
+        value = ops.reshape(value, (-1, length, self.num_heads, head_dim))
+        query = ops.reshape(query, (-1, length, self.num_heads, head_dim))
+        context = ops.einsum("bhkn,bnhv->bhkv", key, value)
         attended = ops.einsum("bnhk,bhkv->bnhv", query, context)
-        attended = ops.reshape(attended, (-1, qkv.shape[1], channels))
+        attended = ops.reshape(attended, (-1, length, channels))
         return attended * ops.cast(head_dim**-0.5, attended.dtype) + relative
 
     def _head_mask(self, channels, head_dim):
@@ -237,7 +272,7 @@ class FactorizedConvAttention(layers.Layer):
         return (blocks * head_dim**-0.5).astype("float32")
 
     def compute_output_shape(self, input_shape):
-        return input_shape[1]
+        return input_shape[0]
 
     def get_config(self):
         return {**super().get_config(), "num_heads": self.num_heads}

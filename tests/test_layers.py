@@ -70,14 +70,13 @@ def test_conv_position_encoding_is_residual_depthwise_conv_and_keeps_cls():
     assert _roundtrip(layer).kernel_size == 3
 
 
-def _naive_crpe(qkv, size, heads, windows, layer):
+def _naive_crpe(query, value, size, heads, windows, layer):
     """Eq. 10-11 with explicit loops over heads and window offsets (zero padding)."""
-    batch, length, three_c = qkv.shape
-    channels = three_c // 3
+    batch, length, channels = query.shape
     head_dim = channels // heads
     height, width = size
-    q = qkv[:, 1:, :channels].reshape(batch, height, width, channels)
-    v = qkv[:, 1:, 2 * channels :].reshape(batch, height, width, channels)
+    q = query[:, 1:].reshape(batch, height, width, channels)
+    v = value[:, 1:].reshape(batch, height, width, channels)
     out = np.zeros_like(q)
     channel = 0
     for conv, (window, group_heads) in zip(layer.convs, windows):
@@ -98,11 +97,11 @@ def _naive_crpe(qkv, size, heads, windows, layer):
 def test_conv_relative_position_encoding_matches_loops():
     windows = ((3, 2), (5, 3), (7, 3))
     layer = coat_layers.ConvRelativePositionEncoding(8, windows)
-    qkv = RNG.randn(2, 1 + 5 * 7, 3 * 16).astype("float32")
-    y = _np(layer(qkv, size=(5, 7)))
+    query, value = (RNG.randn(2, 1 + 5 * 7, 16).astype("float32") for _ in range(2))
+    y = _np(layer([query, value], size=(5, 7)))
     assert y.shape == (2, 36, 16)
     np.testing.assert_array_equal(y[:, 0], 0)  # the class token gets no relative encoding
-    expected = _naive_crpe(qkv, (5, 7), 8, windows, layer)
+    expected = _naive_crpe(query, value, (5, 7), 8, windows, layer)
     np.testing.assert_allclose(y, expected, atol=1e-5)
     assert [c.kernel.shape[0] for c in layer.convs] == [3, 5, 7]
     assert _roundtrip(layer).windows == windows
@@ -113,18 +112,14 @@ def test_conv_relative_position_encoding_rejects_bad_head_splits():
         coat_layers.ConvRelativePositionEncoding(8, ((3, 2), (5, 3)))
 
 
-def _naive_factorized_attention(qkv, relative, heads):
+def _naive_factorized_attention(query, key, value, relative, heads):
     """Eq. 12 per head: Q / sqrt(d) (softmax_N(K)^T V) + EV, in float64."""
-    qkv = qkv.astype("float64")
-    batch, length, three_c = qkv.shape
-    channels = three_c // 3
+    batch, length, channels = query.shape
     d = channels // heads
     out = np.zeros((batch, length, channels))
     for h in range(heads):
         sl = slice(h * d, (h + 1) * d)
-        q = qkv[:, :, :channels][:, :, sl]
-        k = qkv[:, :, channels : 2 * channels][:, :, sl]
-        v = qkv[:, :, 2 * channels :][:, :, sl]
+        q, k, v = (t.astype("float64")[:, :, sl] for t in (query, key, value))
         k = np.exp(k - k.max(1, keepdims=True))
         k = k / k.sum(1, keepdims=True)
         out[:, :, sl] = q @ (np.swapaxes(k, 1, 2) @ v) / math.sqrt(d)
@@ -134,19 +129,21 @@ def _naive_factorized_attention(qkv, relative, heads):
 @pytest.mark.parametrize("channels", [64, 256])  # both code paths: masked context and per head
 def test_factorized_attention_matches_equation_12(channels):
     layer = coat_layers.FactorizedConvAttention(8)
-    qkv = RNG.randn(2, 1 + 7 * 7, 3 * channels).astype("float32")
-    relative = RNG.randn(2, 50, channels).astype("float32")
-    y = _np(layer([qkv, relative]))
-    np.testing.assert_allclose(y, _naive_factorized_attention(qkv, relative, 8), atol=2e-5)
+    query, key, value, relative = (
+        RNG.randn(2, 1 + 7 * 7, channels).astype("float32") for _ in range(4)
+    )
+    y = _np(layer([query, key, value, relative]))
+    expected = _naive_factorized_attention(query, key, value, relative, 8)
+    np.testing.assert_allclose(y, expected, atol=2e-5)
     assert _roundtrip(layer).num_heads == 8
 
 
 def test_factorized_attention_is_linear_in_tokens_per_query():
     """Identical queries get identical outputs without position encoding (paper Eq. 4)."""
     layer = coat_layers.FactorizedConvAttention(8)
-    qkv = RNG.randn(1, 10, 48).astype("float32")
-    qkv[0, 3, :16] = qkv[0, 7, :16]
-    y = _np(layer([qkv, np.zeros((1, 10, 16), "float32")]))
+    query, key, value = (RNG.randn(1, 10, 16).astype("float32") for _ in range(3))
+    query[0, 3] = query[0, 7]
+    y = _np(layer([query, key, value, np.zeros((1, 10, 16), "float32")]))
     np.testing.assert_allclose(y[0, 3], y[0, 7], atol=1e-6)
 
 
@@ -160,6 +157,18 @@ def test_mlp_uses_exact_gelu():
     h = 0.5 * h * (1 + erf(h / math.sqrt(2)))
     np.testing.assert_allclose(y, h @ _np(layer.fc2.kernel) + _np(layer.fc2.bias), atol=1e-5)
     assert _roundtrip(layer).output_dim == 5
+
+
+def test_query_key_value_is_one_fused_projection_split_in_three():
+    layer = coat_layers.QueryKeyValue()
+    x = RNG.randn(2, 5, 8).astype("float32")
+    layer.build(x.shape)
+    layer.bias.assign(RNG.randn(24).astype("float32"))
+    outputs = [_np(t) for t in layer(x)]
+    fused = x @ _np(layer.kernel) + _np(layer.bias)
+    np.testing.assert_allclose(np.concatenate(outputs, -1), fused, atol=1e-5)
+    assert layer.kernel.shape == (8, 24)
+    _roundtrip(layer)
 
 
 def test_tokenwise_dense_equals_dense_on_3d_inputs():
