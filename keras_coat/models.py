@@ -390,9 +390,11 @@ def CoaT(
 
     model_inputs = keras.utils.get_source_inputs(input_tensor) if input_tensor is not None else inputs
     model = keras.Model(model_inputs, x, name=name)
-    model.pyramid_outputs = pyramid
+    # Plain attributes, set past Keras' attribute tracking: a tracked dict is no longer a dict
+    # that JAX accepts as the outputs of `keras.Model(model.inputs, model.pyramid_outputs)`.
+    object.__setattr__(model, "pyramid_outputs", pyramid)
     # Kept so that a model without its head can load the weights file of the full model.
-    model._coat_build_kwargs = dict(
+    build_kwargs = dict(
         embed_dims=embed_dims,
         serial_depths=serial_depths,
         mlp_ratios=mlp_ratios,
@@ -405,6 +407,7 @@ def CoaT(
         name=name,
         architecture=architecture,
     )
+    object.__setattr__(model, "_coat_build_kwargs", build_kwargs)
 
     if weights == "imagenet":
         from keras_coat import weights as weights_lib
