@@ -90,7 +90,8 @@ def main(argv=None):
     correct = sum(str(label) == name for label, name, *_ in rows)
     print(
         f"{correct}/{len(rows)} shown digits right; held-out accuracy over all "
-        f"{held_out} digits: {metrics['val_accuracy']:.2%} after {metrics['epochs_completed']} epochs."
+        f"{held_out} digits: {metrics['val_accuracy']:.2%} after "
+        f"{metrics['epochs_completed']} epochs."
     )
 
 

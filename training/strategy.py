@@ -105,7 +105,8 @@ def _configure_coordination(cluster, heartbeat_timeout_s=300):
 
 def _replica_devices():
     gpus = tf.config.list_logical_devices("GPU")
-    return [d.name for d in gpus] if gpus else [d.name for d in tf.config.list_logical_devices("CPU")]
+    devices = gpus or tf.config.list_logical_devices("CPU")
+    return [d.name for d in devices]
 
 
 def is_multi_worker(strategy):

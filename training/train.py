@@ -1,4 +1,6 @@
-"""Train a CoaT classifier: `python -m training.train --model coat_lite_tiny --dataset NAME --output-dir DIR`.
+"""Train a CoaT classifier.
+
+    python -m training.train --model coat_lite_tiny --dataset NAME --output-dir DIR
 
 One entry point for every setting: a recipe (`--recipe imagenet|finetune|demo`, see
 `training.recipes`) plus command-line overrides, any tf.distribute strategy, mixed precision and
@@ -30,12 +32,14 @@ BACKUP_METADATA = "training_metadata.json"
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m training.train",
-        description=__doc__.split("\n\n")[1],
+        description=__doc__.split("\n\n")[2],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     run = parser.add_argument_group("run")
     run.add_argument("--recipe", choices=recipes_lib.RECIPE_NAMES, default="imagenet")
-    run.add_argument("--model", help="a keras_coat variant, e.g. coat_lite_tiny (default: the recipe's)")
+    run.add_argument(
+        "--model", help="a keras_coat variant, e.g. coat_lite_tiny (default: the recipe's)"
+    )
     run.add_argument(
         "--model-config",
         type=json.loads,
@@ -54,7 +58,9 @@ def parse_args(argv=None):
         help="TensorFlow op determinism: bitwise-reproducible runs, resumed or not",
     )
     run.add_argument("--steps-per-epoch", type=int, help="cap on training steps per epoch")
-    run.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2), help="Keras fit verbosity")
+    run.add_argument(
+        "--verbose", type=int, default=1, choices=(0, 1, 2), help="Keras fit verbosity"
+    )
     run.add_argument("--no-export", action="store_true", help="skip the SavedModel export")
 
     devices = parser.add_argument_group("devices")
@@ -167,7 +173,9 @@ def build_model(recipe, num_classes, model_config=None):
         return keras_coat.create_model(recipe.model, weights=recipe.init_weights, **kwargs)
     # New label set: start from the ImageNet model, keep everything but the classifier.
     model = keras_coat.create_model(recipe.model, **kwargs)
-    pretrained = keras_coat.create_model(recipe.model, weights="imagenet", **{**kwargs, "classes": 1000})
+    pretrained = keras_coat.create_model(
+        recipe.model, weights="imagenet", **{**kwargs, "classes": 1000}
+    )
     for layer in model.layers:
         if layer.name != "head" and layer.weights:
             layer.set_weights(pretrained.get_layer(layer.name).get_weights())
@@ -205,7 +213,8 @@ def check_same_recipe(path, recipe):
     previous = read_json(path)
     current = json.loads(json.dumps(recipe.to_dict()))  # tuples -> lists, as stored
     if previous is not None and previous != current:
-        changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
+        keys = set(previous) | set(current)
+        changed = sorted(k for k in keys if previous.get(k) != current.get(k))
         details = ", ".join(f"{k}: {previous.get(k)!r} -> {current.get(k)!r}" for k in changed)
         raise SystemExit(
             f"{path} records a different recipe ({details}). Resume with the same settings or "
@@ -294,7 +303,8 @@ def main(argv=None):
         f"Recipe {recipe.name}: {recipe.model} at {recipe.image_size}px on {source.name} "
         f"({source.train.num_examples} train / {source.validation.num_examples} held-out images, "
         f"{source.num_classes} classes), {recipe.epochs} epochs x {steps} steps, peak lr "
-        f"{recipe.peak_lr:.3g}.\nTraining pipeline: {' -> '.join(data.TrainTransform(recipe, source.num_classes).step_names)}"
+        f"{recipe.peak_lr:.3g}.\nTraining pipeline: "
+        + " -> ".join(data.TrainTransform(recipe, source.num_classes).step_names)
         + (" -> batch -> mixup/cutmix" if recipe.mixup or recipe.cutmix else " -> batch")
     )
     if start_epoch:
