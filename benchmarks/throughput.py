@@ -32,8 +32,6 @@ def _peak_rss_mib():
 
 
 def _measure_keras(model_name, batch, size, warmup, repeats, backend):
-    import time
-
     import numpy as np
 
     import keras_coat
@@ -160,15 +158,17 @@ def _table(rows, args):
     return "\n".join(lines)
 
 
-def _write_results(table):
-    section = f"{BEGIN}\n## Inference throughput (CPU)\n\n{table}\n{END}"
+def write_results_section(begin, end, title, table):
+    """Replaces (or appends) the section between `begin` and `end` in RESULTS.md, atomically;
+    other sections of the file are left as they are."""
+    section = f"{begin}\n## {title}\n\n{table}\n{end}"
     text = open(RESULTS).read() if os.path.exists(RESULTS) else "# Benchmark results\n"
-    if BEGIN in text and END in text:
-        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: section, text,
-                      flags=re.S)
+    if begin in text and end in text:
+        pattern = re.escape(begin) + ".*?" + re.escape(end)
+        text = re.sub(pattern, lambda _: section, text, flags=re.S)
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
-    temporary = RESULTS + ".tmp"
+    temporary = f"{RESULTS}.tmp-{os.getpid()}"
     with open(temporary, "w") as f:
         f.write(text)
     os.replace(temporary, RESULTS)
@@ -203,7 +203,7 @@ def main(argv=None):
     table = _table(rows, args)
     print("\n" + table)
     if not args.no_write:
-        _write_results(table)
+        write_results_section(BEGIN, END, "Inference throughput (CPU)", table)
     return 0
 
 

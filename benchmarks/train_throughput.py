@@ -16,11 +16,10 @@ import argparse
 import datetime
 import json
 import os
-import re
 import subprocess
 import sys
 
-from throughput import _cpu_name, _time
+from throughput import _cpu_name, _time, write_results_section
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 BEGIN, END = "<!-- training-throughput:begin -->", "<!-- training-throughput:end -->"
@@ -128,20 +127,6 @@ def _table(keras_row, timm_row, args):
     ])  # fmt: skip
 
 
-def _write_section(table):
-    section = f"{BEGIN}\n## Training throughput (CPU)\n\n{table}\n{END}"
-    text = open(RESULTS).read() if os.path.exists(RESULTS) else "# Benchmark results\n"
-    if BEGIN in text and END in text:
-        pattern = re.escape(BEGIN) + ".*?" + re.escape(END)
-        text = re.sub(pattern, lambda _: section, text, flags=re.S)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    temporary = f"{RESULTS}.tmp-{os.getpid()}"
-    with open(temporary, "w") as f:
-        f.write(text)
-    os.replace(temporary, RESULTS)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="coat_lite_tiny")
@@ -160,7 +145,7 @@ def main(argv=None):
     table = _table(keras_row, timm_row, args)
     print(table)
     if not args.no_write:
-        _write_section(table)
+        write_results_section(BEGIN, END, "Training throughput (CPU)", table)
     return 0
 
 

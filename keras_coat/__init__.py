@@ -15,6 +15,21 @@ from keras_coat.models import (
 )
 
 __version__ = "0.1.0"
+__all__ = [
+    "CoaT",
+    "CoaTLiteMedium",
+    "CoaTLiteMini",
+    "CoaTLiteSmall",
+    "CoaTLiteTiny",
+    "CoaTMini",
+    "CoaTSmall",
+    "CoaTTiny",
+    "MODEL_CONFIGS",
+    "create_model",
+    "decode_predictions",
+    "export_saved_model",
+    "preprocess_input",
+]
 
 
 def export_saved_model(model, directory, version=1, **kwargs):

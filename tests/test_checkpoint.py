@@ -4,7 +4,6 @@ and refusing pickles that would run code."""
 import argparse
 import builtins
 import collections
-import os
 import subprocess
 import zipfile
 
