@@ -93,10 +93,10 @@ def verify_against_reference(model, state_dict, variant, input_size, batch, seed
     import timm
     import torch
 
-    from keras_coat.convert import _canonical_tensors, canonical_name
+    from keras_coat.convert import canonical_name, canonical_tensors
 
     reference = timm.create_model(variant, pretrained=False, img_size=input_size).eval()
-    tensors, _ = _canonical_tensors(state_dict)
+    tensors, _ = canonical_tensors(state_dict)
     reference.load_state_dict(
         {key: torch.from_numpy(np.ascontiguousarray(tensors[canonical_name(key)]))
          for key in reference.state_dict()},

@@ -150,8 +150,11 @@ def conversion_plan(model):
     return plan
 
 
-def _canonical_tensors(state_dict):
-    """Groups aliases under their canonical name, checking that aliases agree."""
+def canonical_tensors(state_dict):
+    """Groups aliases under their canonical name, checking that aliases agree.
+
+    Returns `({canonical name: array}, {canonical name: the source key it came from})`.
+    """
     tensors, origin = {}, {}
     for key, value in state_dict.items():
         value = np.asarray(value)
@@ -179,7 +182,7 @@ def assign_state_dict(model, state_dict):
     if not state_dict:
         raise ConversionError("The checkpoint holds no tensors.")
     plan = conversion_plan(model)
-    tensors, origin = _canonical_tensors(state_dict)
+    tensors, origin = canonical_tensors(state_dict)
     layer_names = {layer.name for layer in model.layers}
 
     expected = {key for _, key, _ in plan}
