@@ -73,56 +73,39 @@ def _aggregate_kernel(w):  # Conv1d(3, 1, 1): [1, 3, 1] -> [3]
     return np.reshape(w, (-1,))
 
 
+def _weight_and_bias(prefix, weight, bias, transform):
+    """The reference's `<prefix>.weight` (in `transform`ed layout) and `<prefix>.bias`."""
+    return [(weight, f"{prefix}.weight", transform), (bias, f"{prefix}.bias", _identity)]
+
+
 def _layer_targets(layer):
     """(keras variable, source key, transform) for every weight of one top-level layer."""
     prefix = layer.name
     if isinstance(layer, ClassToken):
         return [(layer.cls_token, prefix, _identity)]
     if isinstance(layer, PatchEmbedding):
-        return [
-            (layer.proj.kernel, f"{prefix}.proj.weight", _conv2d),
-            (layer.proj.bias, f"{prefix}.proj.bias", _identity),
-            (layer.norm.gamma, f"{prefix}.norm.weight", _identity),
-            (layer.norm.beta, f"{prefix}.norm.bias", _identity),
-        ]
+        return _weight_and_bias(
+            f"{prefix}.proj", layer.proj.kernel, layer.proj.bias, _conv2d
+        ) + _weight_and_bias(f"{prefix}.norm", layer.norm.gamma, layer.norm.beta, _identity)
     if isinstance(layer, ConvPositionEncoding):
-        return [
-            (layer.proj.kernel, f"{prefix}.proj.weight", _depthwise),
-            (layer.proj.bias, f"{prefix}.proj.bias", _identity),
-        ]
+        return _weight_and_bias(f"{prefix}.proj", layer.proj.kernel, layer.proj.bias, _depthwise)
     if isinstance(layer, ConvRelativePositionEncoding):
         targets = []
         for i, conv in enumerate(layer.convs):
-            targets.append((conv.kernel, f"{prefix}.conv_list.{i}.weight", _depthwise))
-            targets.append((conv.bias, f"{prefix}.conv_list.{i}.bias", _identity))
+            targets += _weight_and_bias(
+                f"{prefix}.conv_list.{i}", conv.kernel, conv.bias, _depthwise
+            )
         return targets
     if isinstance(layer, MLP):
-        return [
-            (layer.fc1.kernel, f"{prefix}.fc1.weight", _linear),
-            (layer.fc1.bias, f"{prefix}.fc1.bias", _identity),
-            (layer.fc2.kernel, f"{prefix}.fc2.weight", _linear),
-            (layer.fc2.bias, f"{prefix}.fc2.bias", _identity),
-        ]
-    if isinstance(layer, QueryKeyValue):
-        return [
-            (layer.kernel, f"{prefix}.weight", _linear),
-            (layer.bias, f"{prefix}.bias", _identity),
-        ]
+        return _weight_and_bias(
+            f"{prefix}.fc1", layer.fc1.kernel, layer.fc1.bias, _linear
+        ) + _weight_and_bias(f"{prefix}.fc2", layer.fc2.kernel, layer.fc2.bias, _linear)
+    if isinstance(layer, (QueryKeyValue, layers.Dense)):
+        return _weight_and_bias(prefix, layer.kernel, layer.bias, _linear)
     if isinstance(layer, ScaleAggregation):
-        return [
-            (layer.kernel, f"{prefix}.weight", _aggregate_kernel),
-            (layer.bias, f"{prefix}.bias", _identity),
-        ]
+        return _weight_and_bias(prefix, layer.kernel, layer.bias, _aggregate_kernel)
     if isinstance(layer, layers.LayerNormalization):
-        return [
-            (layer.gamma, f"{prefix}.weight", _identity),
-            (layer.beta, f"{prefix}.bias", _identity),
-        ]
-    if isinstance(layer, layers.Dense):
-        return [
-            (layer.kernel, f"{prefix}.weight", _linear),
-            (layer.bias, f"{prefix}.bias", _identity),
-        ]
+        return _weight_and_bias(prefix, layer.gamma, layer.beta, _identity)
     if layer.weights:
         raise ConversionError(
             f"Layer {layer.name!r} ({type(layer).__name__}) has weights the converter does not "
