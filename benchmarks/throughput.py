@@ -52,13 +52,18 @@ def _measure_keras(model_name, batch, size, warmup, repeats, backend):
     else:
         import jax
 
-        forward = jax.jit(lambda weights, x: model.stateless_call(weights, [], x)[0])
-        weights = [v.value for v in model.trainable_variables + model.non_trainable_variables]
-        assert not model.non_trainable_variables
+        forward = jax.jit(
+            lambda trainable, non_trainable, x: model.stateless_call(
+                trainable, non_trainable, x, training=False
+            )[0]
+        )
+        # Non-trainable state (the stochastic-depth seed generators) is passed too.
+        trainable = [v.value for v in model.trainable_variables]
+        non_trainable = [v.value for v in model.non_trainable_variables]
         images = jax.device_put(images)
 
         def run():
-            return np.asarray(forward(weights, images))
+            return np.asarray(forward(trainable, non_trainable, images))
 
     return _time(run, warmup, repeats)
 
