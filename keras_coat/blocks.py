@@ -18,6 +18,7 @@ from keras_coat.layers import (
     FeatureInterpolation,
     QueryKeyValue,
     StochasticDepth,
+    TokenLayerNormalization,
     TokenwiseDense,
     _TRUNC_NORMAL,
 )
@@ -48,10 +49,10 @@ def SerialBlock(dim, num_heads, mlp_ratio, cpe, crpe, drop_path_rate, name):
 
     Returns ``apply(tokens, size)``; tokens ``[batch, 1 + H * W, dim]`` in and out.
     """
-    norm1 = layers.LayerNormalization(epsilon=BLOCK_NORM_EPSILON, name=f"{name}.norm1")
+    norm1 = TokenLayerNormalization(epsilon=BLOCK_NORM_EPSILON, name=f"{name}.norm1")
     attention = ConvAttention(dim, num_heads, crpe, name=f"{name}.factoratt_crpe")
     residual1 = StochasticDepth(drop_path_rate, name=f"{name}.drop_path1")
-    norm2 = layers.LayerNormalization(epsilon=BLOCK_NORM_EPSILON, name=f"{name}.norm2")
+    norm2 = TokenLayerNormalization(epsilon=BLOCK_NORM_EPSILON, name=f"{name}.norm2")
     mlp = MLP(int(dim * mlp_ratio), dim, name=f"{name}.mlp")
     residual2 = StochasticDepth(drop_path_rate, name=f"{name}.drop_path2")
 
@@ -77,14 +78,14 @@ def ParallelBlock(dim, num_heads, mlp_ratio, crpes, drop_path_rate, name, scales
     attentions, norms1, norms2, residuals1, residuals2 = [], [], [], [], []
     for scale, crpe in zip(scales, crpes):
         norms1.append(
-            layers.LayerNormalization(epsilon=BLOCK_NORM_EPSILON, name=f"{name}.norm1{scale}")
+            TokenLayerNormalization(epsilon=BLOCK_NORM_EPSILON, name=f"{name}.norm1{scale}")
         )
         attentions.append(
             ConvAttention(dim, num_heads, crpe, name=f"{name}.factoratt_crpe{scale}")
         )
         residuals1.append(StochasticDepth(drop_path_rate, name=f"{name}.drop_path1{scale}"))
         norms2.append(
-            layers.LayerNormalization(epsilon=BLOCK_NORM_EPSILON, name=f"{name}.norm2{scale}")
+            TokenLayerNormalization(epsilon=BLOCK_NORM_EPSILON, name=f"{name}.norm2{scale}")
         )
         residuals2.append(StochasticDepth(drop_path_rate, name=f"{name}.drop_path2{scale}"))
     interpolations = {

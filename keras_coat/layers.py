@@ -53,6 +53,38 @@ class ClassToken(layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
+class TokenLayerNormalization(layers.LayerNormalization):
+    """LayerNorm over the channels of each token: ``keras.layers.LayerNormalization`` with a
+    cheaper ``call`` for the default configuration (last axis, ``center`` and ``scale``).
+
+    Computes ``beta + (x - mean) * (rsqrt(var + epsilon) * gamma)`` with the two-pass variance.
+    Keras' own formulation materialises ``gamma * rsqrt(var + eps)`` and ``-mean * inv`` at the
+    input's full size; on TensorFlow's CPU runtime, where element-wise ops are not fused, this one
+    makes three fewer full-size passes (LayerNorm is about 7% of CoaT's inference time there).
+    Same weights (``gamma``, ``beta``), config and results to float32 rounding; other
+    configurations fall back to the parent's ``call``.
+
+    Input: ``[..., C]``. Output: same shape.
+    """
+
+    def call(self, inputs):
+        last_axis = list(self.axis) in ([-1], [len(inputs.shape) - 1])
+        if not (last_axis and self.center and self.scale) or getattr(self, "rms_scaling", False):
+            return super().call(inputs)
+        # Statistics in float32 at least, as Keras does for half-precision inputs.
+        compute_dtype = keras.backend.result_type(inputs.dtype, "float32")
+        x = ops.cast(inputs, compute_dtype)
+        mean = ops.mean(x, axis=-1, keepdims=True)
+        centered = ops.subtract(x, mean)
+        variance = ops.mean(ops.square(centered), axis=-1, keepdims=True)
+        scale = ops.multiply(
+            ops.rsqrt(ops.add(variance, self.epsilon)), ops.cast(self.gamma, compute_dtype)
+        )
+        outputs = ops.add(ops.cast(self.beta, compute_dtype), ops.multiply(centered, scale))
+        return ops.cast(outputs, inputs.dtype)
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
 class PatchEmbedding(layers.Layer):
     """Non-overlapping patch embedding: a strided convolution, flatten, then LayerNorm (eps 1e-5).
 
@@ -66,7 +98,7 @@ class PatchEmbedding(layers.Layer):
         self.proj = layers.Conv2D(
             self.embed_dim, self.patch_size, strides=self.patch_size, name="proj"
         )
-        self.norm = layers.LayerNormalization(epsilon=1e-5, name="norm")
+        self.norm = TokenLayerNormalization(epsilon=1e-5, name="norm")
 
     def build(self, input_shape):
         self.proj.build(input_shape)

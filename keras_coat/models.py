@@ -15,6 +15,7 @@ from keras_coat.layers import (
     ConvRelativePositionEncoding,
     PatchEmbedding,
     ScaleAggregation,
+    TokenLayerNormalization,
     TokenPooling,
     TokensToFeatureMap,
     _TRUNC_NORMAL,
@@ -363,12 +364,12 @@ def CoaT(
     # class tokens of the parallel scales.
     if parallel_depth:
         normed = [
-            layers.LayerNormalization(epsilon=BLOCK_NORM_EPSILON, name=f"norm{stage}")(tokens)
+            TokenLayerNormalization(epsilon=BLOCK_NORM_EPSILON, name=f"norm{stage}")(tokens)
             for stage, tokens in zip((2, 3, 4), final_tokens)
         ]
     else:
         normed = [
-            layers.LayerNormalization(epsilon=BLOCK_NORM_EPSILON, name="norm4")(stage_tokens[-1])
+            TokenLayerNormalization(epsilon=BLOCK_NORM_EPSILON, name="norm4")(stage_tokens[-1])
         ]
 
     def pooled(mode):

@@ -43,6 +43,44 @@ def test_class_token_prepends_the_same_learned_vector():
     _roundtrip(layer)
 
 
+def _layer_norm_pair(channels, **kwargs):
+    """A TokenLayerNormalization and a keras LayerNormalization with the same random weights."""
+    ours = coat_layers.TokenLayerNormalization(**kwargs)
+    reference = keras.layers.LayerNormalization(**kwargs)
+    for layer in (ours, reference):
+        layer.build((None, None, channels))
+    for variable, other in zip(ours.weights, reference.weights):
+        value = RNG.randn(*variable.shape).astype("float32")
+        variable.assign(value)
+        other.assign(value)
+    return ours, reference
+
+
+def test_token_layer_normalization_equals_keras_layer_normalization():
+    ours, reference = _layer_norm_pair(48, epsilon=1e-6)
+    # Far-from-zero means: the variance must be taken around the mean (two passes).
+    x = (RNG.randn(3, 17, 48) * 4 + 30).astype("float32")
+    y = _np(ours(x))
+    np.testing.assert_allclose(y, _np(reference(x)), atol=2e-5)
+    normalized = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6)
+    np.testing.assert_allclose(y, normalized * _np(ours.gamma) + _np(ours.beta), atol=2e-5)
+    clone = _roundtrip(ours)
+    assert clone.epsilon == 1e-6
+    assert isinstance(ours, keras.layers.LayerNormalization)  # the converter relies on it
+
+
+def test_token_layer_normalization_keeps_half_precision_dtype_and_falls_back():
+    ours, reference = _layer_norm_pair(32, epsilon=1e-6)
+    x = RNG.randn(2, 9, 32).astype("float32")
+    half = ops.cast(x, "float16")
+    y = ours(half)
+    assert keras.backend.standardize_dtype(y.dtype) == "float16"
+    np.testing.assert_allclose(_np(ops.cast(y, "float32")), _np(reference(x)), atol=2e-2)
+    # A configuration the fast path does not cover (no centring) gives the parent's result.
+    ours, reference = _layer_norm_pair(32, epsilon=1e-3, center=False)
+    np.testing.assert_allclose(_np(ours(x)), _np(reference(x)), atol=1e-6)
+
+
 def test_patch_embedding_shapes_and_layer_norm():
     layer = coat_layers.PatchEmbedding(16, 4)
     y = _np(layer(RNG.rand(2, 32, 64, 3).astype("float32")))
