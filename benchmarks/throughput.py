@@ -6,7 +6,8 @@
 Each (framework, model, batch) runs in its own subprocess, so the peak resident memory reported
 is that of one framework with one model, and neither framework's threads compete with the
 other's. fp32, 224x224, random weights (throughput does not depend on their values): the median
-of `--repeats` timed forward passes after `--warmup` untimed ones. keras_coat runs as a
+of `--repeats` timed forward passes after `--warmup` untimed ones, in `--rounds` alternating
+keras_coat/timm process pairs whose medians are reported. keras_coat runs as a
 TensorFlow graph (`tf.function`, no XLA: on CPUs graph mode is the faster one), or jit-compiled
 on the JAX backend with `--keras-backend jax`; timm runs in `torch.inference_mode()`.
 The table is printed and written between markers into benchmarks/RESULTS.md.
@@ -141,24 +142,35 @@ def _cpu_name():
     return platform.processor() or "unknown CPU"
 
 
+def _median(values):
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
 def _table(rows, args):
     keras_label = "keras_coat (TF graph)" if args.keras_backend == "tensorflow" else \
         "keras_coat (JAX jit)"
     lines = [
         f"Measured {datetime.date.today().isoformat()} on {_cpu_name()}, {os.cpu_count()} cores, "
-        f"fp32, {args.size}x{args.size}, median of {args.repeats} runs after {args.warmup} "
-        "warm-up runs, each framework in its own process.",
+        f"fp32, {args.size}x{args.size}. Each cell: the median over {args.rounds} rounds, a round "
+        f"being one keras_coat process then one timm process, each timing {args.repeats} runs "
+        f"after {args.warmup} warm-up runs (median). The speed-up is the ratio of those medians; "
+        "the range beside it is the lowest and highest ratio of a single round.",
         "",
-        f"| model | batch | {keras_label} img/s | timm img/s | speed-up | "
+        f"| model | batch | {keras_label} img/s | timm img/s | speed-up (round range) | "
         "keras_coat peak RSS MiB | timm peak RSS MiB |",
         "|---|---|---|---|---|---|---|",
     ]
-    for model, batch, keras_row, timm_row in rows:
+    for model, batch, keras_runs, timm_runs in rows:
+        keras_rate = _median([run["images_per_s"] for run in keras_runs])
+        timm_rate = _median([run["images_per_s"] for run in timm_runs])
+        ratios = [k["images_per_s"] / t["images_per_s"] for k, t in zip(keras_runs, timm_runs)]
         lines.append(
-            f"| {model} | {batch} | {keras_row['images_per_s']:.2f} | "
-            f"{timm_row['images_per_s']:.2f} | "
-            f"{keras_row['images_per_s'] / timm_row['images_per_s']:.2f}x | "
-            f"{keras_row['peak_rss_mib']:.0f} | {timm_row['peak_rss_mib']:.0f} |"
+            f"| {model} | {batch} | {keras_rate:.2f} | {timm_rate:.2f} | "
+            f"{keras_rate / timm_rate:.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) | "
+            f"{max(run['peak_rss_mib'] for run in keras_runs):.0f} | "
+            f"{max(run['peak_rss_mib'] for run in timm_runs):.0f} |"
         )
     return "\n".join(lines)
 
@@ -186,6 +198,8 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alternating keras_coat/timm process pairs per cell (median taken)")
     parser.add_argument("--keras-backend", choices=["tensorflow", "jax"], default="tensorflow")
     parser.add_argument("--no-write", action="store_true", help="print only")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -199,12 +213,18 @@ def main(argv=None):
     rows = []
     for model in args.models:
         for batch in args.batch_sizes:
-            keras_row = _run_worker("keras_coat", model, batch, args)
-            timm_row = _run_worker("timm", model, batch, args)
-            rows.append((model, batch, keras_row, timm_row))
-            print(f"{model} batch {batch}: keras_coat {keras_row['images_per_s']:.2f} img/s "
-                  f"({keras_row['peak_rss_mib']:.0f} MiB), timm {timm_row['images_per_s']:.2f} "
-                  f"img/s ({timm_row['peak_rss_mib']:.0f} MiB)", flush=True)
+            # Alternating rounds: on a shared machine the speed drifts by several percent over
+            # minutes, and a single pair of runs can land on either side of a drift.
+            keras_runs, timm_runs = [], []
+            for round_index in range(args.rounds):
+                keras_runs.append(_run_worker("keras_coat", model, batch, args))
+                timm_runs.append(_run_worker("timm", model, batch, args))
+                print(f"{model} batch {batch} round {round_index + 1}: keras_coat "
+                      f"{keras_runs[-1]['images_per_s']:.2f} img/s "
+                      f"({keras_runs[-1]['peak_rss_mib']:.0f} MiB), timm "
+                      f"{timm_runs[-1]['images_per_s']:.2f} img/s "
+                      f"({timm_runs[-1]['peak_rss_mib']:.0f} MiB)", flush=True)
+            rows.append((model, batch, keras_runs, timm_runs))
     table = _table(rows, args)
     print("\n" + table)
     if not args.no_write:
