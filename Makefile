@@ -33,8 +33,10 @@ test-fast: $(STAMP)
 demo: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m training.demo --output-dir demo-output
 
+# Rewrites the inference sections of benchmarks/RESULTS.md (about 12 minutes on 2 cores).
 bench: $(STAMP)
-	$(PY) benchmarks/throughput.py
+	$(PY) benchmarks/throughput.py --models coat_lite_small coat_tiny
+	$(PY) benchmarks/op_profile.py
 
 clean:
 	rm -rf demo-output .pytest_cache
