@@ -24,14 +24,15 @@ import collections
 import datetime
 import os
 import sys
-import time
+
+# The sibling script's timing loop and RESULTS.md writer (benchmarks/ is not a package).
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from throughput import _time, write_results_section  # noqa: E402
 
 BEGIN, END = "<!-- op-profile:begin -->", "<!-- op-profile:end -->"
 
 # Runtime op types (after TensorFlow's oneDNN rewrites) of the dense layers.
 _DENSE_OPS = {"MatMul", "_MklMatMul", "_MklNativeFusedMatMul", "_FusedMatMul"}
-_CONTEXT_OPS = {"BatchMatMulV2", "_MklBatchMatMulV2", "Einsum", "_MklEinsum", "Softmax",
-                "_MklSoftmax"}
 _DENSE_GELU = "dense: MLP first layers (fused bias + exact GELU)"
 _DENSE_PLAIN = "dense: Q/K/V, output projections, MLP second layers, head (fused bias)"
 _LAYOUT_OPS = {"StridedSlice", "ConcatV2", "SplitV", "Split", "Pad", "Transpose", "_MklTranspose",
@@ -81,14 +82,8 @@ def _peak_matmul_gflops(tf, repeats=10):
 
     a = tf.constant(np.random.RandomState(0).rand(2048, 2048).astype("float32"))
     matmul = tf.function(lambda x: tf.matmul(x, x))
-    for _ in range(3):
-        matmul(a).numpy()
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        matmul(a).numpy()
-        seconds.append(time.perf_counter() - start)
-    return 2 * 2048**3 / min(seconds) / 1e9
+    _, best_seconds = _time(lambda: matmul(a).numpy(), warmup=3, repeats=repeats)
+    return 2 * 2048**3 / best_seconds / 1e9
 
 
 def profile(model_name, batch, size):
@@ -122,13 +117,7 @@ def profile(model_name, batch, size):
     # One op at a time, so that the op times add up to the step; each op keeps all cores.
     config = tf.compat.v1.ConfigProto(inter_op_parallelism_threads=1)
     with tf.compat.v1.Session(graph=graph, config=config) as session:
-        for _ in range(3):
-            session.run(fetch, feed)
-        steps = []
-        for _ in range(5):
-            start = time.perf_counter()
-            session.run(fetch, feed)
-            steps.append(time.perf_counter() - start)
+        step_seconds, _ = _time(lambda: session.run(fetch, feed), warmup=3, repeats=5)
         options = tf.compat.v1.RunOptions(trace_level=tf.compat.v1.RunOptions.FULL_TRACE)
         for _ in range(3):
             metadata = tf.compat.v1.RunMetadata()
@@ -149,7 +138,7 @@ def profile(model_name, batch, size):
     return {
         "groups": best,
         "gelu_ms": best[_DENSE_GELU] - mlp_second_ms,
-        "step_ms": 1e3 * float(np.median(steps)),
+        "step_ms": 1e3 * step_seconds,
         "dense_gflop": flops / 1e9,
         "peak_gflops": _peak_matmul_gflops(tf),
     }
@@ -196,9 +185,6 @@ def main(argv=None):
     table = _table(profile(args.model, args.batch, args.size), args)
     print(table)
     if not args.no_write:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        from throughput import write_results_section
-
         write_results_section(BEGIN, END, "Where the CPU time goes (op profile)", table)
     return 0
 
