@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 
@@ -142,12 +143,6 @@ def _cpu_name():
     return platform.processor() or "unknown CPU"
 
 
-def _median(values):
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
-
-
 def _table(rows, args):
     keras_label = "keras_coat (TF graph)" if args.keras_backend == "tensorflow" else \
         "keras_coat (JAX jit)"
@@ -163,8 +158,8 @@ def _table(rows, args):
         "|---|---|---|---|---|---|---|",
     ]
     for model, batch, keras_runs, timm_runs in rows:
-        keras_rate = _median([run["images_per_s"] for run in keras_runs])
-        timm_rate = _median([run["images_per_s"] for run in timm_runs])
+        keras_rate = statistics.median(run["images_per_s"] for run in keras_runs)
+        timm_rate = statistics.median(run["images_per_s"] for run in timm_runs)
         ratios = [k["images_per_s"] / t["images_per_s"] for k, t in zip(keras_runs, timm_runs)]
         lines.append(
             f"| {model} | {batch} | {keras_rate:.2f} | {timm_rate:.2f} | "
