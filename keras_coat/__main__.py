@@ -112,10 +112,10 @@ def _predict(args):
     import numpy as np
 
     from keras_coat import create_model
-    from keras_coat.imagenet import decode_predictions, load_image
+    from keras_coat.imagenet import NUM_CLASSES, decode_predictions, load_image
 
-    if args.top > 1000:
-        print("error: --top must be at most 1000", file=sys.stderr)
+    if args.top > NUM_CLASSES:
+        print(f"error: --top must be at most {NUM_CLASSES}", file=sys.stderr)
         return 2
     images = []
     for path in args.images:

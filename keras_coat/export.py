@@ -38,7 +38,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_coat.imagenet import DEFAULT_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD
+from keras_coat.imagenet import DEFAULT_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES
 
 SIGNATURE_IMAGES = "serving_default"
 SIGNATURE_BYTES = "serving_bytes"
@@ -216,7 +216,7 @@ def _check_model_shapes(model, image_size):
 
 def _resolve_class_names(class_names, classes):
     if class_names is None:
-        if classes == 1000:
+        if classes == NUM_CLASSES:
             from keras_coat.imagenet import class_names as imagenet_class_names
 
             return list(imagenet_class_names())
@@ -459,7 +459,7 @@ def export_command(
     from keras_coat import create_model
 
     class_names = None
-    classes = 1000
+    classes = NUM_CLASSES
     if class_names_file is not None:
         with open(class_names_file, encoding="utf-8") as f:
             class_names = [line.rstrip("\r\n") for line in f if line.strip()]

@@ -9,6 +9,7 @@ import keras
 from keras import layers
 
 from keras_coat.blocks import BLOCK_NORM_EPSILON, ParallelBlock, SerialBlock
+from keras_coat.imagenet import IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES
 from keras_coat.layers import (
     ClassToken,
     ConvPositionEncoding,
@@ -20,9 +21,6 @@ from keras_coat.layers import (
     TokensToFeatureMap,
     _TRUNC_NORMAL,
 )
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Paper Table 1; parameter counts are timm's (1000-class head), GFLOPs and top-1 from Table 2.
 MODEL_CONFIGS = {
@@ -201,10 +199,10 @@ def _validate_arguments(
         )
     if not isinstance(classes, int) or isinstance(classes, bool) or classes < 1:
         raise ValueError(f"`classes` must be a positive integer; received classes={classes!r}.")
-    if weights == "imagenet" and include_top and classes != 1000:
+    if weights == "imagenet" and include_top and classes != NUM_CLASSES:
         raise ValueError(
-            "With weights='imagenet' and include_top=True, `classes` must be 1000 (the ImageNet "
-            f"head); received classes={classes}. Use include_top=False and add your own head."
+            f"With weights='imagenet' and include_top=True, `classes` must be {NUM_CLASSES} (the "
+            f"ImageNet head); received classes={classes}. Use include_top=False and add your own head."
         )
     if weights is not None and channels != 3:
         raise ValueError(
@@ -264,7 +262,7 @@ def CoaT(
     input_tensor=None,
     input_shape=None,
     pooling=None,
-    classes=1000,
+    classes=NUM_CLASSES,
     classifier_activation="softmax",
     include_preprocessing=True,
     drop_path_rate=0.0,
@@ -457,7 +455,7 @@ def _make_factory(variant, title, description):
         input_tensor=None,
         input_shape=None,
         pooling=None,
-        classes=1000,
+        classes=NUM_CLASSES,
         classifier_activation="softmax",
         include_preprocessing=True,
         drop_path_rate=0.0,

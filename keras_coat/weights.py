@@ -41,6 +41,7 @@ import urllib.parse
 import uuid
 
 from keras_coat.checkpoint import SUPPORTED_EXTENSIONS, read_state_dict
+from keras_coat.imagenet import NUM_CLASSES
 
 __all__ = [
     "BASE_URL",
@@ -61,7 +62,6 @@ MANIFEST_ENV = "KERAS_COAT_WEIGHTS_MANIFEST"
 BASE_URL = "https://vcl.ucsd.edu/coat/pretrained/"
 # Bumped whenever the converted cache files would change for the same checkpoint.
 CACHE_FORMAT = 1
-NUM_CLASSES = 1000
 # Seconds a download may wait on the server for any single read.
 DOWNLOAD_TIMEOUT = 60.0
 

@@ -11,7 +11,7 @@ import pytest
 from keras import ops
 
 import keras_coat
-from keras_coat.models import IMAGENET_MEAN, IMAGENET_STD
+from keras_coat.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
 FACTORIES = {
     "coat_lite_tiny": keras_coat.CoaTLiteTiny,

@@ -13,7 +13,7 @@ magnitudes far from timm's), and timm's per-pixel noise fill for random erasing.
 import keras
 import tensorflow as tf
 
-from keras_coat.models import IMAGENET_MEAN, IMAGENET_STD
+from keras_coat.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
 PIXEL_RANGE = (0.0, 255.0)
 FILL_GRAY = 128.0  # timm fills geometric ops with (128, 128, 128)

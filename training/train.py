@@ -157,6 +157,7 @@ def resolve_recipe(args):
 def build_model(recipe, num_classes, model_config=None):
     """The recipe's CoaT classifier (softmax outputs, pixels in [0, 255]) for `num_classes`."""
     import keras_coat
+    from keras_coat.imagenet import NUM_CLASSES
 
     kwargs = dict(
         input_shape=(recipe.image_size, recipe.image_size, 3),
@@ -169,12 +170,12 @@ def build_model(recipe, num_classes, model_config=None):
         return keras_coat.CoaT(**model_config, **kwargs)
     if recipe.init_weights is None:
         return keras_coat.create_model(recipe.model, **kwargs)
-    if recipe.init_weights != "imagenet" or num_classes == 1000:
+    if recipe.init_weights != "imagenet" or num_classes == NUM_CLASSES:
         return keras_coat.create_model(recipe.model, weights=recipe.init_weights, **kwargs)
     # New label set: start from the ImageNet model, keep everything but the classifier.
     model = keras_coat.create_model(recipe.model, **kwargs)
     pretrained = keras_coat.create_model(
-        recipe.model, weights="imagenet", **{**kwargs, "classes": 1000}
+        recipe.model, weights="imagenet", **{**kwargs, "classes": NUM_CLASSES}
     )
     for layer in model.layers:
         if layer.name != "head" and layer.weights:
