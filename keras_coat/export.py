@@ -4,11 +4,15 @@ The SavedModel is self-contained: it loads with plain ``tf.saved_model.load`` (n
 keras_coat) and in TF Serving. It has two signatures, both returning the same outputs:
 
 ``serving_default``
-    input ``images``: float32 ``[batch, height, width, 3]``, RGB pixels in [0, 255].
+    input ``images``: float32 ``[batch, height, width, 3]``, RGB pixels in [0, 255]. Another
+    shape, NaN/inf or values outside [0, 255] are refused (``INVALID_ARGUMENT``).
 ``serving_bytes``
-    input ``image_bytes``: string ``[batch]``, encoded images (JPEG, PNG, and whatever else
-    ``tf.io.decode_image`` reads: GIF first frame, BMP, WebP). Each image is decoded to RGB,
-    resized with bicubic interpolation so that its shorter side is ``int(size / crop_pct)``
+    input ``image_bytes``: string ``[batch]``, encoded JPEG, PNG or BMP images of at most
+    ``keras_coat.imagenet.MAX_IMAGE_PIXELS`` pixels and ``MAX_IMAGE_SIDE`` per side, checked
+    from the header before decoding (other formats and larger images are ``INVALID_ARGUMENT``;
+    GIF and WebP are refused because an animated file decodes every frame). Each image is
+    decoded to RGB, resized with bicubic interpolation so that its shorter side is
+    ``int(size / crop_pct)``
     (a non-square size: so that it just covers ``int(side / crop_pct)`` on both sides, aspect
     ratio kept), rounded to integer pixel values as a PIL uint8 image would be, and
     center-cropped to the model's size: ``keras_coat.imagenet.load_image``, the reference's
@@ -38,7 +42,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_coat.imagenet import DEFAULT_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES
+from keras_coat.imagenet import (
+    DEFAULT_CROP_PCT,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MAX_IMAGE_PIXELS,
+    MAX_IMAGE_SIDE,
+    NUM_CLASSES,
+)
 
 SIGNATURE_IMAGES = "serving_default"
 SIGNATURE_BYTES = "serving_bytes"
@@ -316,11 +327,89 @@ def _classifier_fn(model, class_names, top_k, normalize, softmax):
     return classify
 
 
-def _eval_resize_and_crop(image_bytes, height, width, crop_pct):
-    """Decodes one encoded image and applies the evaluation transform; float32 [H, W, 3]."""
-    image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
-    shape = tf.cast(tf.shape(image), tf.int64)
-    h, w = shape[0], shape[1]
+# Formats serving_bytes decodes: those whose size it reads from the header before decoding.
+# GIF and WebP are refused: an animated file makes the decoder hold every frame, and the frame
+# count is not in any header.
+_SERVED_FORMATS = "JPEG, PNG or BMP"
+# Above this many resized pixels (float32, 12 bytes each) the eval transform computes only the
+# center crop instead of resizing the whole image, so that memory stays bounded for any aspect
+# ratio; both give the same pixels up to float rounding (rarely 1 of 255).
+_FULL_RESIZE_MAX_PIXELS = 4_000_000
+# Images one serving_bytes request decodes at the same time (each costs at most about
+# MAX_IMAGE_PIXELS * 3 bytes plus the resize).
+_DECODE_PARALLELISM = 4
+
+
+def _header_image_size(image_bytes):
+    """``(height, width)`` (int64) read from the header of a JPEG, PNG or BMP, before decoding.
+
+    Raises InvalidArgument (when run) for another format, or a size over `MAX_IMAGE_SIDE` or
+    `MAX_IMAGE_PIXELS`: a tiny file can declare gigapixels.
+    """
+    # 32 header bytes, zero-padded so that short inputs index safely.
+    head = tf.strings.substr(tf.strings.join([tf.strings.substr(image_bytes, 0, 32),
+                                              tf.constant(b"\0" * 32)]), 0, 32)
+    b = tf.cast(tf.io.decode_raw(head, tf.uint8), tf.int64)
+
+    def big_endian(i):
+        return b[i] * 2**24 + b[i + 1] * 2**16 + b[i + 2] * 2**8 + b[i + 3]
+
+    def little_endian_signed(i):
+        value = b[i] + b[i + 1] * 2**8 + b[i + 2] * 2**16 + b[i + 3] * 2**24
+        return tf.where(value >= 2**31, value - 2**32, value)
+
+    not_empty = tf.debugging.Assert(
+        tf.strings.length(image_bytes) > 0, ["serving_bytes received an empty image"]
+    )
+    with tf.control_dependencies([not_empty]):
+        is_jpeg = tf.io.is_jpeg(image_bytes)
+    is_png = tf.strings.substr(head, 0, 8) == b"\x89PNG\r\n\x1a\n"
+    is_bmp = tf.strings.substr(head, 0, 2) == b"BM"
+    known = tf.debugging.Assert(
+        is_jpeg | is_png | is_bmp,
+        [f"serving_bytes accepts {_SERVED_FORMATS} images; this one (bytes:",
+         tf.strings.length(image_bytes), ") is in another format or not an image"],
+    )
+    with tf.control_dependencies([known]):
+        size = tf.cond(
+            is_jpeg,
+            lambda: tf.cast(tf.image.extract_jpeg_shape(image_bytes)[:2], tf.int64),
+            lambda: tf.where(
+                is_png,
+                tf.stack([big_endian(20), big_endian(16)]),
+                # BMP: signed 32-bit width and height (negative height: rows top-down).
+                tf.abs(tf.stack([little_endian_signed(22), little_endian_signed(18)])),
+            ),
+        )
+    height, width = size[0], size[1]
+    in_bounds = tf.debugging.Assert(
+        (tf.minimum(height, width) >= 1)
+        & (tf.maximum(height, width) <= MAX_IMAGE_SIDE)
+        & (height * width <= MAX_IMAGE_PIXELS),
+        [f"the image's header declares a size (height, width) outside the served limits "
+         f"(each side 1 to {MAX_IMAGE_SIDE} pixels, at most {MAX_IMAGE_PIXELS} pixels):",
+         height, width],
+    )
+    with tf.control_dependencies([in_bounds]):
+        return tf.identity(height), tf.identity(width)
+
+
+def _eval_resize_and_crop(
+    image_bytes, height, width, crop_pct, full_resize_max_pixels=_FULL_RESIZE_MAX_PIXELS
+):
+    """Decodes one encoded image and applies the evaluation transform; float32 [H, W, 3].
+
+    Memory is bounded whatever the image declares: the size is checked from the header before
+    decoding, and a resized image over ``full_resize_max_pixels`` is never materialized.
+    """
+    h, w = _header_image_size(image_bytes)
+    with tf.control_dependencies([h, w]):
+        image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+    decoded = tf.shape(image, out_type=tf.int64)
+    agrees = tf.debugging.Assert(
+        tf.reduce_all(decoded[:2] == tf.stack([h, w])),
+        ["the decoded image's size differs from its header's:", decoded[:2], h, w],
+    )
     # As keras_coat.imagenet.load_image: for a square size the shorter side becomes
     # int(size / crop_pct) and the longer one int(target * long / short) (torchvision's Resize).
     # A non-square size keeps the aspect ratio and just covers int(side / crop_pct) on both
@@ -336,17 +425,71 @@ def _eval_resize_and_crop(image_bytes, height, width, crop_pct):
         ratio = tf.minimum(h_float / scale_h, w_float / scale_w)
         new_h = tf.cast(tf.round(h_float / ratio), tf.int64)
         new_w = tf.cast(tf.round(w_float / ratio), tf.int64)
-    resized = tf.image.resize(
-        image, tf.cast(tf.stack([new_h, new_w]), tf.int32), method="bicubic", antialias=True
-    )
-    # PIL returns a uint8 image: rounded and clipped.
-    resized = tf.clip_by_value(tf.round(resized), 0.0, 255.0)
     # Center crop with offsets int(round((dim - size) / 2)); tf.round rounds half to even, like
     # Python's round.
     top = tf.cast(tf.round(tf.cast(new_h - height, tf.float64) / 2.0), tf.int32)
     left = tf.cast(tf.round(tf.cast(new_w - width, tf.float64) / 2.0), tf.int32)
-    cropped = resized[top : top + height, left : left + width, :]
-    return tf.ensure_shape(cropped, (height, width, 3))
+    new_size = tf.cast(tf.stack([new_h, new_w]), tf.int32)
+
+    def resize_then_crop():
+        resized = tf.image.resize(image, new_size, method="bicubic", antialias=True)
+        return resized[top : top + height, left : left + width, :]
+
+    def resize_crop_only():
+        # tf.image.resize's own call, with the output window moved to the crop.
+        scale = tf.cast(new_size, tf.float32) / tf.cast(decoded[:2], tf.float32)
+        return tf.raw_ops.ScaleAndTranslate(
+            images=image[tf.newaxis],
+            size=tf.constant([height, width], tf.int32),
+            scale=scale,
+            translation=-tf.cast(tf.stack([top, left]), tf.float32),
+            kernel_type="keyscubic",
+            antialias=True,
+        )[0]
+
+    with tf.control_dependencies([agrees]):
+        resized = tf.cond(
+            new_h * new_w <= full_resize_max_pixels, resize_then_crop, resize_crop_only
+        )
+    # PIL returns a uint8 image: rounded and clipped.
+    resized = tf.clip_by_value(tf.round(resized), 0.0, 255.0)
+    return tf.ensure_shape(resized, (height, width, 3))
+
+
+def _checked_pixels(images, height, width):
+    """``images`` once it is a [batch, height, width, 3] batch of finite values in [0, 255].
+
+    TF Serving feeds whatever shape a client sends (the signature's shape is not enforced), and
+    the model would reshape a wrong one into a wrong number of predictions: refuse it, and
+    NaN/inf or out-of-range pixels, as InvalidArgument.
+    """
+    shape = tf.shape(images)
+    # Padded, so that a feed of another rank compares unequal instead of failing to broadcast.
+    padded = tf.concat([shape, tf.fill([4], -1)], axis=0)
+    checks = [
+        tf.debugging.Assert(
+            tf.reduce_all(padded[1:5] == tf.constant([height, width, 3, -1])),
+            [f"`images` must be float32 [batch, {height}, {width}, 3] RGB pixels; received "
+             "shape", shape],
+            summarize=8,
+        )
+    ]
+    with tf.control_dependencies(checks):
+        checks.append(
+            tf.debugging.Assert(
+                tf.reduce_all(tf.math.is_finite(images)),
+                ["`images` contains NaN or infinite values"],
+            )
+        )
+        checks.append(
+            tf.debugging.Assert(
+                tf.reduce_all((images >= 0.0) & (images <= 255.0)),
+                ["`images` must hold pixel values in [0, 255]; received values from",
+                 tf.reduce_min(images), "to", tf.reduce_max(images)],
+            )
+        )
+    with tf.control_dependencies(checks):
+        return tf.identity(images)
 
 
 def _build_archive(model, classify, height, width, crop_pct):
@@ -356,13 +499,14 @@ def _build_archive(model, classify, height, width, crop_pct):
     classify_graph = tf.function(classify, input_signature=[images_spec], autograph=False)
 
     def serve_images(images):
-        return classify_graph(images)
+        return classify_graph(_checked_pixels(images, height, width))
 
     def serve_bytes(image_bytes):
         images = tf.map_fn(
             lambda data: _eval_resize_and_crop(data, height, width, crop_pct),
             image_bytes,
             fn_output_signature=tf.TensorSpec((height, width, 3), tf.float32),
+            parallel_iterations=_DECODE_PARALLELISM,
         )
         return classify_graph(images)
 

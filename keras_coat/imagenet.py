@@ -20,6 +20,8 @@ import numpy as np
 __all__ = [
     "DEFAULT_CROP_PCT",
     "IMAGENET_MEAN",
+    "MAX_IMAGE_PIXELS",
+    "MAX_IMAGE_SIDE",
     "IMAGENET_STD",
     "NUM_CLASSES",
     "class_names",
@@ -34,6 +36,12 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # The authors' evaluation resizes to 256 before a 224 crop.
 DEFAULT_CROP_PCT = 224 / 256
+# Largest image `load_image` and the exported serving_bytes signature decode, checked against the
+# image's header before decoding: a few hundred bytes of PNG or JPEG can declare gigapixels.
+# 64 megapixels (e.g. 8000 x 8000, 192 MB as 8-bit RGB) covers camera photos; the side limit
+# bounds the working memory of extreme aspect ratios.
+MAX_IMAGE_PIXELS = 64_000_000
+MAX_IMAGE_SIDE = 16384
 
 
 def preprocess_input(x):
