@@ -78,14 +78,16 @@ def _png(width, height, idat=None):
     """A PNG whose IHDR declares ``width x height``; `idat` replaces the real pixel data."""
 
     def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
 
     if idat is None:
         rows = b"".join(b"\0" + bytes([(7 * y + x) % 256 for x in range(3 * width)])
                         for y in range(height))
         idat = zlib.compress(rows, 9)
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    signature = b"\x89PNG\r\n\x1a\n"
+    return signature + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 def _encode(array, fmt):
