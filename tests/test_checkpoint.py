@@ -183,7 +183,7 @@ def test_zip_without_a_pickle(tmp_path):
 def test_no_tensors(tmp_path):
     path = tmp_path / "empty.pth"
     torch.save({"epoch": 3, "args": argparse.Namespace(lr=1.0)}, path)
-    with pytest.raises(CheckpointError, match="No tensors"):
+    with pytest.raises(CheckpointError, match="no tensors"):
         read_state_dict(path)
 
 

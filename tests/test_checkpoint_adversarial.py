@@ -1,0 +1,440 @@
+"""keras_coat.checkpoint under hostile and broken files.
+
+Every case asserts the exact error type, that the message names the file,
+that nothing ran (marker files a live payload would create), that the reader
+left nothing behind in the file's folder, and that a good checkpoint read
+right after, in the same process, gives exactly the right tensors.
+
+Classes (issue 9): 1 state shared across loads, 2 opcode and global
+coverage, 3 memory amplification (run under an address-space limit),
+4 every malformed file raises the package's own error.
+"""
+
+import argparse
+import copyreg
+import json
+import os
+import pickle
+import pickletools
+import struct
+import zipfile
+
+import numpy as np
+import pytest
+
+from keras_coat import checkpoint
+from keras_coat.checkpoint import CheckpointError, UnsafeCheckpointError, read_state_dict
+from tests._weights_fixtures import REPO_ROOT
+
+torch = pytest.importorskip("torch")
+
+pytestmark = pytest.mark.adversarial
+
+
+# ---------------------------------------------------------------------------
+# writing pickles by hand
+
+
+def op(name):
+    return _OPS[name].code.encode("latin1")
+
+
+_OPS = {o.name: o for o in pickletools.opcodes}
+
+
+def glob(module, name):
+    return op("GLOBAL") + f"{module}\n{name}\n".encode()
+
+
+def text(value):
+    data = value.encode("utf-8", "surrogatepass")
+    return op("BINUNICODE") + struct.pack("<I", len(data)) + data
+
+
+def integer(value):
+    if 0 <= value < 256:
+        return op("BININT1") + bytes([value])
+    if -(2**31) <= value < 2**31:
+        return op("BININT") + struct.pack("<i", value)
+    data = pickle.encode_long(value)
+    return op("LONG1") + bytes([len(data)]) + data
+
+
+def tup(*parts):
+    return op("MARK") + b"".join(parts) + op("TUPLE")
+
+
+def call(function, *args):
+    return function + tup(*args) + op("REDUCE")
+
+
+def storage(key="0", numel=4, storage_type="FloatStorage"):
+    pid = tup(text("storage"), glob("torch", storage_type), text(key), text("cpu"), integer(numel))
+    return pid + op("BINPERSID")
+
+
+def tensor(key="0", numel=4, offset=0, size=(4,), stride=(1,), storage_type="FloatStorage"):
+    return call(
+        glob("torch._utils", "_rebuild_tensor_v2"),
+        storage(key, numel, storage_type),
+        integer(offset),
+        tup(*map(integer, size)),
+        tup(*map(integer, stride)),
+        op("NEWFALSE"),
+        call(glob("collections", "OrderedDict")),
+    )
+
+
+def state_dict(*items):
+    """A pickle of {name: value} from (name, pickled value) pairs."""
+    body = b"".join(text(name) + value for name, value in items)
+    return b"\x80\x02" + op("EMPTY_DICT") + op("MARK") + body + op("SETITEMS") + op("STOP")
+
+
+def write_pth(path, data, storages=None, archive="archive", compression=zipfile.ZIP_STORED):
+    """`data` (a pickle) and `storages` ({key: bytes}) in torch's zip layout."""
+    with zipfile.ZipFile(path, "w", compression) as z:
+        z.writestr(f"{archive}/data.pkl", data)
+        z.writestr(f"{archive}/byteorder", "little")
+        for key, raw in (storages or {"0": np.arange(4, dtype="<f4").tobytes()}).items():
+            z.writestr(f"{archive}/data/{key}", raw)
+    return path
+
+
+# ---------------------------------------------------------------------------
+# fixtures: a real module's state dict saved by torch, and the checks
+
+
+class _Small(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.norm = torch.nn.BatchNorm2d(4)
+        self.fc = torch.nn.Linear(4, 2)
+        self.register_buffer("half_buffer", torch.arange(3).half())
+        self.register_buffer("bf16_buffer", torch.linspace(-1, 1, 5).bfloat16())
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory):
+    """A real torch checkpoint in the authors' layout and its tensors in NumPy."""
+    torch.manual_seed(0)
+    model = _Small()
+    folder = tmp_path_factory.mktemp("good")
+    path = folder / "good.pth"
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "epoch": 3,
+            "args": argparse.Namespace(model="small", lr=5e-4),
+        },
+        path,
+    )
+    expected = {
+        name: (value.float() if value.dtype == torch.bfloat16 else value).numpy()
+        for name, value in model.state_dict().items()
+    }
+    return path, expected
+
+
+def _snapshot(folder):
+    return sorted(
+        (entry.name, entry.stat().st_size, entry.stat().st_mtime_ns) for entry in os.scandir(folder)
+    )
+
+
+def assert_same(arrays, expected):
+    assert sorted(arrays) == sorted(expected)
+    for name, value in expected.items():
+        assert arrays[name].dtype == value.dtype, name
+        np.testing.assert_array_equal(arrays[name], value, err_msg=name)
+
+
+def assert_refused(path, error, match, good, markers=()):
+    """`path` raises exactly `error` naming it; nothing ran, nothing was
+    written, and the good checkpoint still reads exactly right."""
+    folder = os.path.dirname(path)
+    before = _snapshot(folder)
+    with pytest.raises(CheckpointError) as info:
+        read_state_dict(path)
+    assert type(info.value) is error, repr(info.value)
+    assert str(path) in str(info.value)
+    assert info.value.__cause__ is not None  # the chain is kept
+    if match:
+        assert match in str(info.value), str(info.value)
+    for marker in markers:
+        assert not os.path.exists(marker), f"the payload ran: {marker} exists"
+    assert _snapshot(folder) == before
+    good_path, expected = good
+    assert_same(read_state_dict(good_path), expected)
+    return info.value
+
+
+def test_the_good_checkpoint_reads_exactly(good):
+    path, expected = good
+    assert_same(read_state_dict(path), expected)
+
+
+# ---------------------------------------------------------------------------
+# class 1: nothing a pickle touches is shared between loads
+
+
+_FLOAT_STORAGE = glob("torch", "FloatStorage")
+_AS_DOUBLE = op("EMPTY_DICT") + text("dtype") + text("<f8") + op("SETITEM")
+
+MUTATIONS = {
+    # BUILD onto the storage-type stand-in: the next load would read float32
+    # tensors as float64.
+    "build-storage-type": _FLOAT_STORAGE + _AS_DOUBLE + op("BUILD"),
+    # BUILD with slot state: setattr on the stand-in.
+    "build-slots-storage-type": _FLOAT_STORAGE + tup(op("NONE"), _AS_DOUBLE) + op("BUILD"),
+    "build-dtype": glob("torch", "float32") + _AS_DOUBLE + op("BUILD"),
+    # Rebuilder defaults would change every later tensor.
+    "build-function-defaults": glob("torch._utils", "_rebuild_tensor_v2")
+    + tup(op("NONE"), op("EMPTY_DICT") + text("__defaults__") + tup(op("NONE")) + op("SETITEM"))
+    + op("BUILD"),
+    "build-class": glob("collections", "OrderedDict") + _AS_DOUBLE + op("BUILD"),
+    "build-record-twice": glob("argparse", "Namespace")
+    + op("EMPTY_TUPLE")
+    + op("NEWOBJ")
+    + op("EMPTY_DICT")
+    + op("BUILD")
+    + op("EMPTY_DICT")
+    + op("BUILD"),
+    "setitem-on-stand-in": _FLOAT_STORAGE + text("dtype") + text("<f8") + op("SETITEM"),
+    "append-on-global": glob("collections", "OrderedDict") + op("NONE") + op("APPEND"),
+    "reduce-a-stand-in": _FLOAT_STORAGE + op("EMPTY_TUPLE") + op("REDUCE"),
+    "newobj-of-a-function": glob("torch._utils", "_rebuild_tensor_v2")
+    + op("EMPTY_TUPLE")
+    + op("NEWOBJ"),
+}
+
+
+@pytest.mark.parametrize("mutation", sorted(MUTATIONS))
+def test_refused_mutation_of_a_stand_in_leaves_the_next_load_exact(tmp_path, good, mutation):
+    # The mutation comes after a real tensor and before another, in one file.
+    data = state_dict(
+        ("w", tensor()),
+        ("x", MUTATIONS[mutation]),
+        ("v", tensor()),
+    )
+    path = write_pth(tmp_path / "mutate.pth", data)
+    assert_refused(path, UnsafeCheckpointError, "refus" if "build" in mutation else "", good)
+
+
+def test_stand_ins_are_fresh_per_load_and_read_only():
+    first, second = checkpoint._fresh_globals(), checkpoint._fresh_globals()
+    for name, value in first.items():
+        assert value is not second[name], name
+    with pytest.raises(AttributeError):
+        first["torch.FloatStorage"].dtype = "<f8"
+    with pytest.raises(AttributeError):
+        first["torch.float32"].__dict__  # noqa: B018 (no instance dict to write)
+
+
+# ---------------------------------------------------------------------------
+# class 2: only the opcodes and globals torch.save writes
+
+
+class TouchOnNew:
+    """Creating this (by any route) creates the file it is given."""
+
+    def __new__(cls, marker="touched"):
+        with open(marker, "w"):
+            pass
+        return super().__new__(cls)
+
+    def __setstate__(self, state):
+        with open(state, "w"):
+            pass
+
+
+# Extension code -> a shell-running callable (one code per callable).
+_EXTENSION_CODES = {
+    "EXT1": (0xF1, "os", "system"),
+    "EXT2": (0x1F2, "posix", "system"),
+    "EXT4": (0x1F4F4, "subprocess", "getoutput"),
+}
+
+
+@pytest.fixture
+def os_system_extension():
+    """Registers shell-running callables as copyreg extension codes, as other
+    code in the process might; EXT1/2/4 fetch them without any name lookup."""
+    for code, module, name in _EXTENSION_CODES.values():
+        copyreg.add_extension(module, name, code)
+    yield
+    for code, module, name in _EXTENSION_CODES.values():
+        copyreg.remove_extension(module, name, code)
+
+
+def _live_payloads(marker):
+    """Opcode -> a protocol-2 pickle that runs `touch marker` under pickle.loads."""
+    command = text(f"touch {marker}")
+    touch_class = ("tests.test_checkpoint_adversarial", "TouchOnNew")
+    ext = {
+        "EXT1": op("EXT1") + bytes([_EXTENSION_CODES["EXT1"][0]]),
+        "EXT2": op("EXT2") + struct.pack("<H", _EXTENSION_CODES["EXT2"][0]),
+        "EXT4": op("EXT4") + struct.pack("<i", _EXTENSION_CODES["EXT4"][0]),
+    }
+    payloads = {name: code + tup(command) + op("REDUCE") for name, code in ext.items()}
+    payloads["INST"] = op("MARK") + command + op("INST") + b"os\nsystem\n"
+    payloads["OBJ"] = op("MARK") + glob("os", "system") + command + op("OBJ")
+    payloads["STACK_GLOBAL"] = text("os") + text("system") + op("STACK_GLOBAL") + tup(command)
+    payloads["STACK_GLOBAL"] += op("REDUCE")
+    payloads["NEWOBJ_EX"] = (
+        text(touch_class[0])
+        + text(touch_class[1])
+        + op("STACK_GLOBAL")
+        + tup(text(str(marker)))
+        + op("EMPTY_DICT")
+        + op("NEWOBJ_EX")
+    )
+    payloads["GLOBAL+REDUCE"] = glob("posix", "system") + tup(command) + op("REDUCE")
+    payloads["GLOBAL+BUILD"] = (
+        glob(*touch_class) + op("EMPTY_TUPLE") + op("NEWOBJ") + text(str(marker)) + op("BUILD")
+    )
+    return {name: b"\x80\x02" + body + op("STOP") for name, body in payloads.items()}
+
+
+# What each refusal names: the first thing outside the allowlist.
+LIVE_REFUSALS = {
+    "EXT1": "opcode EXT1",
+    "EXT2": "opcode EXT2",
+    "EXT4": "opcode EXT4",
+    "INST": "opcode INST",
+    "OBJ": "'os.system'",
+    "STACK_GLOBAL": "opcode STACK_GLOBAL",
+    "NEWOBJ_EX": "opcode STACK_GLOBAL",
+    "GLOBAL+REDUCE": "'posix.system'",
+    "GLOBAL+BUILD": "TouchOnNew",
+}
+LIVE = sorted(LIVE_REFUSALS)
+
+
+@pytest.mark.parametrize("opcode", LIVE)
+def test_live_payloads_are_refused_before_anything_runs(
+    tmp_path, good, os_system_extension, opcode
+):
+    marker = tmp_path / f"ran-{opcode}"
+    payload = _live_payloads(marker)[opcode]
+    # Wrapped in a state dict after a real tensor, so the refusal must come
+    # before anything is built, not at the end.
+    path = write_pth(tmp_path / "live.pth", _in_state_dict(payload))
+    assert_refused(path, UnsafeCheckpointError, LIVE_REFUSALS[opcode], good, markers=[marker])
+
+
+def _in_state_dict(payload):
+    """`payload` (a whole pickle) as the value of "x" after a real tensor."""
+    return state_dict(("w", tensor()), ("x", payload[2:-1]))
+
+
+def test_live_payloads_do_run_under_pickle(tmp_path, os_system_extension, monkeypatch):
+    # The control: each payload above is live, so a reader that let it
+    # through would create the marker.
+    monkeypatch.syspath_prepend(REPO_ROOT)
+    for opcode in LIVE:
+        marker = tmp_path / f"ran-{opcode}"
+        try:
+            pickle.loads(_live_payloads(marker)[opcode])
+        except Exception:  # noqa: BLE001 (the payload's own result may not unpickle)
+            pass
+        assert marker.exists(), opcode
+
+
+def _minimal_argument(opcode):
+    arg = opcode.arg
+    if arg is None:
+        return b""
+    by_name = {
+        "decimalnl_short": b"0\n",
+        "decimalnl_long": b"0L\n",
+        "stringnl": b"'a'\n",
+        "stringnl_noescape": b"a\n",
+        "stringnl_noescape_pair": b"a\nb\n",
+        "unicodestringnl": b"a\n",
+        "floatnl": b"0.0\n",
+    }
+    if arg.name in by_name:
+        return by_name[arg.name]
+    if arg.n > 0:
+        return b"\x00" * arg.n
+    # Length-prefixed: a zero length of 1, 4 or 8 bytes.
+    return b"\x00" * {-2: 1, -3: 4, -4: 4, -5: 8}[arg.n]
+
+
+REFUSED_OPCODES = sorted(
+    o.name for o in pickletools.opcodes if o.name not in checkpoint._ALLOWED_OPCODES | {"PROTO"}
+)
+
+
+@pytest.mark.parametrize("name", REFUSED_OPCODES)
+def test_every_opcode_torch_does_not_write_is_refused(tmp_path, good, name):
+    opcode = _OPS[name]
+    payload = b"\x80\x02" + opcode.code.encode("latin1") + _minimal_argument(opcode) + b"N."
+    path = write_pth(tmp_path / "opcode.pth", _in_state_dict(payload))
+    assert_refused(path, UnsafeCheckpointError, f"opcode {name}", good)
+
+
+@pytest.mark.parametrize("protocol", [0, 1, 3, 4, 5])
+def test_other_pickle_protocols_are_refused(tmp_path, good, protocol):
+    data = pickle.dumps({"w": 1}, protocol=protocol)
+    path = write_pth(tmp_path / "protocol.pth", data)
+    assert_refused(path, UnsafeCheckpointError, "not protocol 2", good)
+
+
+@pytest.mark.parametrize(
+    "qualname",
+    [
+        ("builtins", "eval"),
+        ("__builtin__", "getattr"),
+        ("os", "system"),
+        ("subprocess", "Popen"),
+        ("torch", "load"),
+        ("torch._utils", "_rebuild_device_tensor_from_numpy"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("copyreg", "_reconstructor"),
+        ("collections", "deque"),
+        ("builtins", "__import__"),
+    ],
+    ids=".".join,
+)
+def test_globals_outside_the_allowlist_are_refused_by_name(tmp_path, good, qualname):
+    payload = b"\x80\x02" + glob(*qualname) + b"."
+    path = write_pth(tmp_path / "global.pth", _in_state_dict(payload))
+    error = assert_refused(path, UnsafeCheckpointError, "", good)
+    assert qualname[1] in str(error)
+
+
+def test_everything_torch_save_writes_is_accepted(tmp_path):
+    # The allowlist's other side: a training checkpoint holding every kind of
+    # harmless object found beside state dicts reads, opcode for opcode.
+    model_state = _Small().state_dict()
+    model_state["u16"] = torch.tensor([1, 65535], dtype=torch.uint16)  # _rebuild_tensor_v3
+    model_state["param"] = torch.nn.Parameter(torch.ones(2))
+    path = tmp_path / "everything.pth"
+    torch.save(
+        {
+            "model": model_state,
+            "optimizer": {"state": {0: {"step": torch.tensor(3.0)}}, "param_groups": [{"lr": 1}]},
+            "args": argparse.Namespace(lr=5e-4, sizes=(1, 2), names=["a"]),
+            "device": torch.device("cpu"),
+            "dtype": torch.float16,
+            "size": torch.Size([2, 3]),
+            "set": {1, 2},
+            "frozenset": frozenset({"a"}),
+            "bytes": b"\x00\xff",
+            "bytearray": bytearray(b"xy"),
+            "complex": 1 + 2j,
+            "slice": slice(1, None, 2),
+            "numpy": np.float32(1.5),
+            "big": 2**70,
+            "float": float("inf"),
+        },
+        path,
+    )
+    expected = {
+        name: (value.float() if value.dtype == torch.bfloat16 else value).detach().numpy()
+        for name, value in model_state.items()
+    }
+    assert_same(read_state_dict(path), expected)
