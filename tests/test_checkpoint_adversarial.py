@@ -239,7 +239,7 @@ def test_stand_ins_are_fresh_per_load_and_read_only():
 class TouchOnNew:
     """Creating this (by any route) creates the file it is given."""
 
-    def __new__(cls, marker="touched"):
+    def __new__(cls, marker):
         with open(marker, "w"):
             pass
         return super().__new__(cls)
@@ -292,7 +292,11 @@ def _live_payloads(marker):
     )
     payloads["GLOBAL+REDUCE"] = glob("posix", "system") + tup(command) + op("REDUCE")
     payloads["GLOBAL+BUILD"] = (
-        glob(*touch_class) + op("EMPTY_TUPLE") + op("NEWOBJ") + text(str(marker)) + op("BUILD")
+        glob(*touch_class)
+        + tup(text(f"{marker}-new"))
+        + op("NEWOBJ")
+        + text(str(marker))
+        + op("BUILD")
     )
     return {name: b"\x80\x02" + body + op("STOP") for name, body in payloads.items()}
 
@@ -321,7 +325,7 @@ def test_live_payloads_are_refused_before_anything_runs(
     # Wrapped in a state dict after a real tensor, so the refusal must come
     # before anything is built, not at the end.
     path = write_pth(tmp_path / "live.pth", _in_state_dict(payload))
-    assert_refused(path, UnsafeCheckpointError, LIVE_REFUSALS[opcode], good, markers=[marker])
+    assert_refused(path, UnsafeCheckpointError, LIVE_REFUSALS[opcode], good, markers=[marker, f"{marker}-new"])
 
 
 def _in_state_dict(payload):
