@@ -442,3 +442,274 @@ def test_everything_torch_save_writes_is_accepted(tmp_path):
         for name, value in model_state.items()
     }
     assert_same(read_state_dict(path), expected)
+
+
+# ---------------------------------------------------------------------------
+# editing zip archives in place
+
+
+def _central_entry(data, member):
+    """Offset of `member`'s central-directory record in the zip bytes `data`."""
+    name = member.encode()
+    start = 0
+    while True:
+        start = data.index(b"PK\x01\x02", start)
+        (name_length,) = struct.unpack_from("<H", data, start + 28)
+        if data[start + 46 : start + 46 + name_length] == name:
+            return start
+        start += 4
+
+
+# Central-directory fields: (offset in the record, struct format).
+_CENTRAL_FIELDS = {
+    "flag_bits": (8, "<H"),
+    "compress_type": (10, "<H"),
+    "crc": (16, "<I"),
+    "compress_size": (20, "<I"),
+    "file_size": (24, "<I"),
+}
+
+
+def patch_zip(path, member, **fields):
+    """Overwrites central-directory fields of `member` in the file at `path`."""
+    data = bytearray(open(path, "rb").read())
+    entry = _central_entry(bytes(data), member)
+    for field, value in fields.items():
+        offset, fmt = _CENTRAL_FIELDS[field]
+        struct.pack_into(fmt, data, entry + offset, value)
+    with open(path, "wb") as f:
+        f.write(data)
+    return path
+
+
+def good_pickle():
+    return state_dict(("w", tensor()))
+
+
+# ---------------------------------------------------------------------------
+# class 3: every allocation is bounded by bytes present in the file
+
+
+def _bomb_bytearray(folder):
+    data = state_dict(("w", tensor()), ("x", call(glob("__builtin__", "bytearray"), integer(2**31))))
+    return write_pth(folder / "bytearray.pth", data), "bytearray called with"
+
+
+def _bomb_deflate(folder):
+    # 512 MiB of zeros deflate to half a MiB; the pickle claims all of them.
+    path = folder / "deflate.pth"
+    numel = 2**27
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("archive/data.pkl", state_dict(("w", tensor(numel=numel, size=(numel,)))))
+        with z.open("archive/data/0", "w", force_zip64=True) as f:
+            zeros = bytes(2**22)
+            for _ in range(4 * numel // len(zeros)):
+                f.write(zeros)
+    return path, "more than 16 times"
+
+
+def _bomb_declared_size(folder):
+    # A small stored entry whose directory record claims 2.5 GiB.
+    path = write_pth(folder / "declared.pth", good_pickle())
+    return patch_zip(path, "archive/data/0", compress_size=0xA0000000, file_size=0xA0000000), (
+        "compressed bytes in a"
+    )
+
+
+def _bomb_declared_deflated_size(folder):
+    path = write_pth(folder / "declared_deflated.pth", good_pickle(), compression=zipfile.ZIP_DEFLATED)
+    return patch_zip(path, "archive/data/0", file_size=0xA0000000), "more than 16 times"
+
+
+def _bomb_zero_stride(folder):
+    data = state_dict(("w", tensor(size=(10**6, 10**6), stride=(0, 0))))
+    return write_pth(folder / "zero_stride.pth", data), "overlap"
+
+
+def _bomb_overlapping_strides(folder):
+    numel = 2**11
+    data = state_dict(("w", tensor(numel=numel, size=(2**10, 2**10), stride=(1, 1))))
+    storages = {"0": bytes(4 * numel)}
+    return write_pth(folder / "overlap.pth", data, storages), "overlap"
+
+
+def _bomb_interleaved_strides(folder):
+    data = state_dict(("w", tensor(size=(2, 2, 10**5), stride=(2, 1, 1))))
+    return write_pth(folder / "interleaved.pth", data), "overlap"
+
+
+def _bomb_negative_stride(folder):
+    data = state_dict(("w", tensor(offset=3, size=(4,), stride=(-1,))))
+    return write_pth(folder / "negative.pth", data), "overlap"
+
+
+def _bomb_shape_product_overflow(folder):
+    data = state_dict(("w", tensor(size=(2**40, 2**40), stride=(1, 2**40))))
+    return write_pth(folder / "product.pth", data), "reaches past its storage"
+
+
+def _bomb_size_beyond_int64(folder):
+    data = state_dict(("w", tensor(size=(2**70,), stride=(1,))))
+    return write_pth(folder / "int64.pth", data), "64-bit integer"
+
+
+def _bomb_empty_tensor_shape(folder):
+    data = state_dict(("w", tensor(size=(0, 2**62, 2**62), stride=(1, 1, 1))))
+    return write_pth(folder / "empty_shape.pth", data), "absurd shape"
+
+
+def _bomb_storage_numel(folder):
+    data = state_dict(("w", tensor(numel=10**12, size=(10**6,))))
+    return write_pth(folder / "numel.pth", data), "its entry holds 16"
+
+
+def _bomb_many_views(folder):
+    # 500 names for the whole of one 1 MiB storage: 500 MiB of copies.
+    numel = 2**18
+    items = [(f"w{i}", tensor(numel=numel, size=(numel,))) for i in range(500)]
+    return write_pth(folder / "views.pth", state_dict(*items), {"0": bytes(4 * numel)}), (
+        "more memory than the storages"
+    )
+
+
+def _bomb_big_pickle(folder):
+    data = state_dict(("w", tensor()))
+    data = data[:-1] + op("EMPTY_LIST") + op("MARK") + op("NONE") * (17 * 2**20) + op("APPENDS")
+    return write_pth(folder / "big_pickle.pth", data + op("STOP")), "at most 16777216"
+
+
+def _bomb_many_opcodes(folder):
+    data = state_dict(("w", tensor()))[:-2] + text("x") + op("EMPTY_LIST")
+    data += op("MARK") + op("NONE") * (checkpoint.MAX_PICKLE_OPCODES + 1) + op("APPENDS")
+    return write_pth(folder / "opcodes.pth", data + op("SETITEMS") + op("STOP")), "opcodes"
+
+
+def _bomb_string_length(folder):
+    # A string claiming 4 GiB in a small pickle.
+    data = state_dict(("w", tensor()))[:-1] + op("BINUNICODE") + b"\xff\xff\xff\xff" + b"x" * 64
+    return write_pth(folder / "string.pth", data), "damaged"
+
+
+def _safetensors_bytes(header, data=b""):
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + data
+
+
+def _bomb_safetensors_header_size(folder):
+    path = folder / "header_size.safetensors"
+    path.write_bytes(struct.pack("<Q", 2**40) + b"{}")
+    return path, "header claims"
+
+
+def _bomb_safetensors_big_header(folder):
+    path = folder / "big_header.safetensors"
+    header = b"{" + b" " * (17 * 2**20) + b"}"
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+    return path, "header claims"
+
+
+def _bomb_safetensors_shape(folder):
+    path = folder / "shape.safetensors"
+    header = {"w": {"dtype": "F32", "shape": [2**31, 2**31, 2**31], "data_offsets": [0, 4]}}
+    path.write_bytes(_safetensors_bytes(header, bytes(4)))
+    return path, "overflow"
+
+
+def _bomb_safetensors_offsets(folder):
+    path = folder / "offsets.safetensors"
+    header = {"w": {"dtype": "F32", "shape": [2**28], "data_offsets": [0, 2**30]}}
+    path.write_bytes(_safetensors_bytes(header, bytes(4)))
+    return path, "safetensors"
+
+
+BOMBS = {
+    name[len("_bomb_") :]: builder for name, builder in globals().items() if name.startswith("_bomb_")
+}
+# Address space the reader may add, in MiB, beyond what the interpreter and
+# its imports already hold; each bomb asks for 1 GiB or more.
+_MEMORY_HEADROOM_MIB = 384
+
+_LIMITED_READER = """
+import importlib.util, json, os, resource, sys
+import numpy as np
+import safetensors  # loaded before the limit, as any import
+
+spec = importlib.util.spec_from_file_location("checkpoint", sys.argv[1])
+checkpoint = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(checkpoint)
+cases, good, expected = json.loads(sys.argv[2]), sys.argv[3], np.load(sys.argv[4])
+with open("/proc/self/status") as f:
+    size = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize"))
+resource.setrlimit(resource.RLIMIT_AS, (size + int(sys.argv[5]) * 2**20, resource.RLIM_INFINITY))
+results = {}
+for name, path in cases.items():
+    try:
+        checkpoint.read_state_dict(path)
+        outcome = ["returned", ""]
+    except BaseException as e:
+        outcome = [type(e).__name__, str(e)]
+    arrays = checkpoint.read_state_dict(good)
+    outcome.append(
+        sorted(arrays) == sorted(expected.files)
+        and all(np.array_equal(arrays[k], expected[k]) for k in expected.files)
+    )
+    results[name] = outcome
+try:  # the control: a 1 GiB allocation fails under the same limit
+    np.ones(2**30, np.uint8)
+    results["control"] = "allocated"
+except MemoryError:
+    results["control"] = "MemoryError"
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def bomb_results(tmp_path_factory, good):
+    """Reads every bomb in one subprocess under an address-space limit."""
+    import subprocess
+    import sys
+
+    folder = tmp_path_factory.mktemp("bombs")
+    cases, matches = {}, {}
+    for name, builder in BOMBS.items():
+        path, match = builder(folder)
+        cases[name], matches[name] = str(path), match
+    good_path, expected = good
+    expected_npz = tmp_path_factory.mktemp("expected") / "expected.npz"
+    np.savez(expected_npz, **expected)
+    before = _snapshot(folder)
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _LIMITED_READER,
+            checkpoint.__file__,
+            json.dumps(cases),
+            str(good_path),
+            str(expected_npz),
+            str(_MEMORY_HEADROOM_MIB),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert _snapshot(folder) == before
+    return cases, matches, json.loads(result.stdout)
+
+
+@pytest.mark.parametrize("bomb", sorted(BOMBS))
+def test_memory_bombs_are_refused_under_an_address_space_limit(bomb_results, bomb):
+    cases, matches, results = bomb_results
+    error, message, good_ok = results[bomb]
+    assert error == "CheckpointError", (error, message)
+    assert cases[bomb] in message
+    assert matches[bomb] in message, message
+    assert good_ok
+
+
+def test_the_memory_limit_stops_what_a_bomb_asks_for(bomb_results):
+    # So a reader that allocated what any bomb above claims would fail.
+    assert bomb_results[2]["control"] == "MemoryError"
