@@ -18,6 +18,7 @@ import pickle
 import pickletools
 import struct
 import zipfile
+import zlib
 
 import numpy as np
 import pytest
@@ -713,3 +714,324 @@ def test_memory_bombs_are_refused_under_an_address_space_limit(bomb_results, bom
 def test_the_memory_limit_stops_what_a_bomb_asks_for(bomb_results):
     # So a reader that allocated what any bomb above claims would fail.
     assert bomb_results[2]["control"] == "MemoryError"
+
+
+# ---------------------------------------------------------------------------
+# class 4: every malformed file raises the package's own error, naming it
+
+
+def _chain(error):
+    while error is not None:
+        yield error
+        error = error.__cause__
+
+
+def _pth(name, data, storages=None, **kwargs):
+    return lambda folder: write_pth(folder / f"{name}.pth", data, storages, **kwargs)
+
+
+def _safetensors(name, header, data=b"", raw_header=None):
+    def build(folder):
+        path = folder / f"{name}.safetensors"
+        if raw_header is None:
+            path.write_bytes(_safetensors_bytes(header, data))
+        else:
+            path.write_bytes(struct.pack("<Q", len(raw_header)) + raw_header + data)
+        return path
+
+    return build
+
+
+def _patched(name, member, compression=zipfile.ZIP_STORED, **fields):
+    def build(folder):
+        path = write_pth(folder / f"{name}.pth", good_pickle(), compression=compression)
+        return patch_zip(path, member, **fields)
+
+    return build
+
+
+def _corrupt_deflate(folder):
+    path = folder / "corrupt_deflate.pth"
+    storages = {"0": np.linspace(0, 1, 4096, dtype="<f4").tobytes()}
+    write_pth(path, state_dict(("w", tensor(numel=4096, size=(4096,)))), storages,
+              compression=zipfile.ZIP_DEFLATED)  # fmt: skip
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo("archive/data/0")
+    data = bytearray(path.read_bytes())
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra)
+    data[start + 10 : start + 200] = bytes(range(190))
+    path.write_bytes(data)
+    return path
+
+
+def _bad_utf8_member_name(folder):
+    path = write_pth(folder / "utf8_name.pth", good_pickle())
+    data = bytearray(path.read_bytes())
+    entry = _central_entry(bytes(data), "archive/byteorder")
+    struct.pack_into("<H", data, entry + 8, 0x800)  # names are UTF-8
+    data[entry + 46 : entry + 48] = b"\xff\xfe"
+    path.write_bytes(data)
+    return path
+
+
+def _legacy(folder):
+    path = folder / "legacy.pth"
+    torch.save({"w": torch.ones(2)}, path, _use_new_zipfile_serialization=False)
+    return path
+
+
+def _truncated(folder):
+    path = folder / "truncated.pth"
+    torch.save({"w": torch.ones(1000)}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 100])
+    return path
+
+
+def _duplicate_entry(folder):
+    path = write_pth(folder / "duplicate.pth", good_pickle())
+    with pytest.warns(UserWarning, match="Duplicate name"), zipfile.ZipFile(path, "a") as z:
+        z.writestr("archive/data/0", bytes(16))
+    return path
+
+
+def _two_pickles(folder):
+    path = write_pth(folder / "two_pickles.pth", good_pickle())
+    with zipfile.ZipFile(path, "a") as z:
+        z.writestr("other/data.pkl", good_pickle())
+    return path
+
+
+def _huge_int_key(folder):
+    # No tensors, and a key whose str() Python refuses (> 4300 digits).
+    key = pickle.encode_long(10**5000)
+    data = b"\x80\x02" + op("EMPTY_DICT") + op("LONG4") + struct.pack("<i", len(key)) + key
+    return write_pth(folder / "huge_key.pth", data + op("NONE") + op("SETITEM") + op("STOP"))
+
+
+_TENSOR_V2 = glob("torch._utils", "_rebuild_tensor_v2")
+_EMPTY_HOOKS = call(glob("collections", "OrderedDict"))
+
+
+def _tensor_with(*args, rebuild=_TENSOR_V2):
+    return call(rebuild, *args)
+
+
+MALFORMED = {
+    # TypeError inside the pickle.
+    "rebuild-arity": (_pth("arity", state_dict(("w", _tensor_with(storage())))), "bad arguments"),
+    "unhashable-key": (
+        _pth("unhashable", state_dict(("w", tensor()))[:-1] + op("EMPTY_LIST") + op("NONE")
+             + op("SETITEM") + op("STOP")),  # fmt: skip
+        "unhashable list",
+    ),
+    "set-of-lists": (
+        _pth("set_of_lists", state_dict(("w", tensor()), ("s", call(glob("__builtin__", "set"),
+             op("EMPTY_LIST") + op("EMPTY_LIST") + op("APPEND"))))),  # fmt: skip
+        "unhashable list",
+    ),
+    "size-as-list": (
+        _pth("size_list", state_dict(("w", _tensor_with(storage(), integer(0),
+             op("EMPTY_LIST"), tup(), op("NEWFALSE"), _EMPTY_HOOKS)))),  # fmt: skip
+        "not two tuples",
+    ),
+    "bool-size": (
+        _pth("bool_size", state_dict(("w", _tensor_with(storage(), integer(0),
+             tup(op("NEWTRUE")), tup(integer(1)), op("NEWFALSE"), _EMPTY_HOOKS)))),  # fmt: skip
+        "64-bit integer",
+    ),
+    "metadata-not-dict": (
+        _pth("metadata", state_dict(("w", _tensor_with(storage(), integer(0), tup(integer(4)),
+             tup(integer(1)), op("NEWFALSE"), _EMPTY_HOOKS, op("EMPTY_LIST"))))),  # fmt: skip
+        "bad tensor metadata",
+    ),
+    "v3-dtype-not-a-dtype": (
+        _pth("v3_dtype", state_dict(("w", _tensor_with(storage(), integer(0), tup(integer(4)),
+             tup(integer(1)), op("NEWFALSE"), _EMPTY_HOOKS, glob("torch", "FloatStorage"),
+             rebuild=glob("torch._utils", "_rebuild_tensor_v3"))))),  # fmt: skip
+        "unknown tensor dtype",
+    ),
+    "from-type-not-a-tensor": (
+        _pth("from_type", state_dict(("w", call(glob("torch._tensor", "_rebuild_from_type_v2"),
+             _TENSOR_V2, glob("argparse", "Namespace"), tup(), op("NONE"))))),  # fmt: skip
+        "refusing to rebuild",
+        UnsafeCheckpointError,
+    ),
+    # RecursionError: hashing a deeply nested tuple.
+    "deep-tuple-key": (
+        _pth("deep_tuple", state_dict(("w", tensor()))[:-1] + op("EMPTY_TUPLE")
+             + op("TUPLE1") * 100_000 + op("NONE") + op("SETITEM") + op("STOP")),  # fmt: skip
+        "nests tuples",
+    ),
+    # zipfile: zlib.error / bad CRC, encryption (RuntimeError), unknown
+    # methods (NotImplementedError), bad UTF-8 names (UnicodeDecodeError).
+    "corrupt-deflate": (_corrupt_deflate, "damaged"),
+    "encrypted-entry": (_patched("encrypted", "archive/data/0", flag_bits=1), "encrypted"),
+    "strong-encryption": (_patched("strong", "archive/data.pkl", flag_bits=0x41), "encrypted"),
+    "compression-99": (_patched("method99", "archive/data/0", compress_type=99), "method 99"),
+    "compression-lzma": (_patched("lzma", "archive/data/0", compress_type=14), "method 14"),
+    "stored-sizes-differ": (
+        _patched("stored_sizes", "archive/data/0", compress_size=8),
+        "two sizes differ",
+    ),
+    "bad-crc": (_patched("crc", "archive/data.pkl", crc=0), "damaged"),
+    "bad-utf8-member-name": (_bad_utf8_member_name, "damaged zip archive"),
+    # UnicodeDecodeError / EOFError / IndexError / KeyError inside the pickle.
+    "bad-utf8-string": (
+        _pth("utf8", state_dict(("w", tensor()))[:-1] + op("BINUNICODE")
+             + struct.pack("<I", 2) + b"\xff\xfe" + op("NONE") + op("SETITEM") + op("STOP")),  # fmt: skip
+        "damaged",
+    ),
+    "no-stop": (_pth("no_stop", good_pickle()[:-1]), "damaged"),
+    "after-stop": (_pth("after_stop", good_pickle() + b"N."), "after its end"),
+    "empty-stack": (_pth("empty_stack", b"\x80\x02" + op("REDUCE") + op("STOP")), "empty stack"),
+    "tuple2-short": (_pth("tuple2", b"\x80\x02" + op("NONE") + op("TUPLE2") + op("STOP")),
+                     "empty stack"),  # fmt: skip
+    "appends-no-mark": (
+        _pth("no_mark", b"\x80\x02" + op("EMPTY_LIST") + op("APPENDS") + op("STOP")),
+        "MARK",
+    ),
+    "left-on-stack": (_pth("left", b"\x80\x02" + op("NONE") + good_pickle()[2:]), "left on"),
+    "memo-miss": (_pth("memo", b"\x80\x02" + op("BINGET") + b"\x05" + op("STOP")), "memo entry 5"),
+    "missing-storage": (_pth("missing", state_dict(("w", tensor(key="7")))), "missing"),
+    "bad-storage-key": (_pth("bad_key", state_dict(("w", tensor(key="../0")))), "bad storage key"),
+    "bad-persistent-id": (
+        _pth("pid", state_dict(("w", tensor()))[:-1] + text("s") + text("0")
+             + op("BINPERSID") + op("SETITEM") + op("STOP")),  # fmt: skip
+        "unknown persistent id",
+    ),
+    "storage-size-mismatch": (
+        _pth("size_mismatch", good_pickle(), {"0": bytes(15)}),
+        "its entry holds 15",
+    ),
+    "past-the-storage": (_pth("past", state_dict(("w", tensor(offset=3)))), "past its storage"),
+    "offset-overflow": (_pth("offset", state_dict(("w", tensor(offset=2**64)))), "64-bit"),
+    "bad-byteorder": (
+        lambda folder: _with_entry(folder / "byteorder.pth", "archive/byteorder", b"\xff\xfe"),
+        "unknown byte order",
+    ),
+    # Not a checkpoint at all, or not a state dict.
+    "legacy-format": (_legacy, "legacy format"),
+    "junk": (lambda folder: _write(folder / "junk.pth", os.urandom(300)), "not a zip-format"),
+    "empty-file": (lambda folder: _write(folder / "empty.pth", b""), "not a zip-format"),
+    "truncated": (_truncated, ""),
+    "duplicate-entry": (_duplicate_entry, "twice"),
+    "two-pickles": (_two_pickles, "found 2"),
+    "no-pickle": (lambda folder: _zip(folder / "nopickle.pth", {"a/b": b"x"}), "found 0"),
+    "top-level-list": (_pth("list", b"\x80\x02" + op("EMPTY_LIST") + op("STOP")), "hold a dict"),
+    "no-tensors": (_pth("no_tensors", state_dict(("epoch", integer(3)))), "no tensors"),
+    "huge-int-key": (_huge_int_key, "no tensors"),
+    # safetensors: AttributeError for dtypes NumPy lacks, struct.error for
+    # short files, JSON errors, and the library's own layout checks.
+    "st-f8": (
+        _safetensors("f8", {"w": {"dtype": "F8_E4M3", "shape": [2], "data_offsets": [0, 2]}},
+                     b"\x01\x02"),  # fmt: skip
+        "F8_E4M3, which NumPy cannot represent",
+    ),
+    "st-f4": (
+        _safetensors("f4", {"w": {"dtype": "F4", "shape": [2], "data_offsets": [0, 1]}}, b"\x01"),
+        "F4, which NumPy cannot represent",
+    ),
+    "st-e8m0": (
+        _safetensors("e8m0", {"w": {"dtype": "F8_E8M0", "shape": [1], "data_offsets": [0, 1]}},
+                     b"\x01"),  # fmt: skip
+        "F8_E8M0",
+    ),
+    "st-short": (lambda folder: _write(folder / "short.safetensors", b"\x05\x00"), "no header"),
+    "st-header-past-file": (
+        lambda folder: _write(folder / "past.safetensors", struct.pack("<Q", 64) + b"{}"),
+        "header claims",
+    ),
+    "st-not-json": (_safetensors("not_json", None, raw_header=b"{not json}"), "bad header"),
+    "st-bad-utf8": (_safetensors("utf8", None, raw_header=b'{"\xff": 1}'), "bad header"),
+    "st-deep-json": (
+        _safetensors("deep", None, raw_header=b"[" * 100_000 + b"]" * 100_000),
+        "bad header",
+    ),
+    "st-duplicate-names": (
+        _safetensors("dup", None, b"\x01",
+                     raw_header=b'{"w": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},'
+                     b' "w": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}'),  # fmt: skip
+        "duplicate names",
+    ),
+    "st-gap": (
+        _safetensors("gap", {"w": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}, b"12"),
+        "not fully covered",
+    ),
+    "st-overlap": (
+        _safetensors("overlap", {
+            "a": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]},
+            "b": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]}}, b"12"),  # fmt: skip
+        "invalid offset",
+    ),
+    "st-size-mismatch": (
+        _safetensors("size", {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}},
+                     b"1234"),  # fmt: skip
+        "not a valid safetensors file",
+    ),
+    "st-negative-shape": (
+        _safetensors("negative", {"w": {"dtype": "U8", "shape": [-1], "data_offsets": [0, 1]}},
+                     b"1"),  # fmt: skip
+        "not a valid safetensors file",
+    ),
+    "st-entry-not-object": (_safetensors("entry", {"w": 5}), "not a valid safetensors file"),
+    "st-metadata-not-text": (
+        _safetensors("metadata", {"__metadata__": {"a": 1}}),
+        "not a valid safetensors file",
+    ),
+    "st-no-tensors": (_safetensors("none", {}), "no tensors"),
+}
+
+
+def _write(path, data):
+    path.write_bytes(data)
+    return path
+
+
+def _zip(path, members):
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    return path
+
+
+def _with_entry(path, member, data):
+    write_pth(path, good_pickle())
+    with zipfile.ZipFile(path) as src:
+        members = {n: (data if n == member else src.read(n)) for n in src.namelist()}
+    return _zip(path, members)
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_files_raise_the_packages_error(tmp_path, good, case):
+    build, match, *error = MALFORMED[case]
+    path = build(tmp_path)
+    assert_refused(path, error[0] if error else CheckpointError, match, good)
+
+
+def test_zip_and_json_errors_keep_their_cause(tmp_path):
+    for build, cause in [
+        (_corrupt_deflate, (zipfile.BadZipFile, zlib.error)),
+        (_bad_utf8_member_name, UnicodeDecodeError),
+        (MALFORMED["st-deep-json"][0], RecursionError),
+        (MALFORMED["st-not-json"][0], json.JSONDecodeError),
+    ]:
+        with pytest.raises(CheckpointError) as info:
+            read_state_dict(build(tmp_path))
+        assert any(isinstance(e, cause) for e in _chain(info.value)), repr(info.value)
+
+
+def test_nesting_that_needs_no_hashing_still_reads(tmp_path):
+    # 100k nested lists beside the state dict: no recursion anywhere.
+    deep = op("EMPTY_LIST") * 100_000 + op("APPEND") * 99_999
+    path = write_pth(tmp_path / "deep_lists.pth", state_dict(("w", tensor()), ("x", deep)))
+    assert_same(read_state_dict(path), {"w": np.arange(4, dtype=np.float32)})
+
+
+def test_big_endian_archives_read_right(tmp_path):
+    values = np.linspace(-2, 2, 4, dtype=">f4")
+    path = tmp_path / "big.pth"
+    _zip(path, {"a/data.pkl": good_pickle(), "a/byteorder": b"big", "a/data/0": values.tobytes()})
+    arrays = read_state_dict(path)
+    assert arrays["w"].dtype == np.float32 and arrays["w"].dtype.isnative
+    np.testing.assert_array_equal(arrays["w"], values.astype(np.float32))
