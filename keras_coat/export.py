@@ -11,13 +11,11 @@ keras_coat) and in TF Serving. It has two signatures, both returning the same ou
     ``keras_coat.imagenet.MAX_IMAGE_PIXELS`` pixels and ``MAX_IMAGE_SIDE`` per side, checked
     from the header before decoding (other formats and larger images are ``INVALID_ARGUMENT``;
     GIF and WebP are refused because an animated file decodes every frame). Each image is
-    decoded to RGB, resized with bicubic interpolation so that its shorter side is
-    ``int(size / crop_pct)``
-    (a non-square size: so that it just covers ``int(side / crop_pct)`` on both sides, aspect
-    ratio kept), rounded to integer pixel values as a PIL uint8 image would be, and
-    center-cropped to the model's size: ``keras_coat.imagenet.load_image``, the reference's
-    evaluation transform, done with TensorFlow ops (same geometry; TF's antialiased bicubic is
-    close to, not bit-identical with, PIL's).
+    decoded to RGB and goes through ``keras_coat.imagenet.eval_transform``, the evaluation
+    transform that ``load_image`` and training's validation also use: bicubic resize so that
+    the shorter side is ``int(size / crop_pct)`` (a non-square size: so that it just covers
+    ``int(side / crop_pct)`` on both sides, aspect ratio kept), rounding to integer pixel
+    values, center crop to the model's size.
 
 Outputs: ``probabilities`` float32 ``[batch, classes]``; the ``top_k`` best ``classes`` (int32
 indices), their ``scores`` (float32) and ``class_names`` (string), each ``[batch, top_k]``.
@@ -49,6 +47,7 @@ from keras_coat.imagenet import (
     MAX_IMAGE_PIXELS,
     MAX_IMAGE_SIDE,
     NUM_CLASSES,
+    eval_transform,
 )
 
 SIGNATURE_IMAGES = "serving_default"
@@ -331,10 +330,6 @@ def _classifier_fn(model, class_names, top_k, normalize, softmax):
 # GIF and WebP are refused: an animated file makes the decoder hold every frame, and the frame
 # count is not in any header.
 _SERVED_FORMATS = "JPEG, PNG or BMP"
-# Above this many resized pixels (float32, 12 bytes each) the eval transform computes only the
-# center crop instead of resizing the whole image, so that memory stays bounded for any aspect
-# ratio; both give the same pixels up to float rounding (rarely 1 of 255).
-_FULL_RESIZE_MAX_PIXELS = 4_000_000
 # Images one serving_bytes request decodes at the same time (each costs at most about
 # MAX_IMAGE_PIXELS * 3 bytes plus the resize).
 _DECODE_PARALLELISM = 4
@@ -394,13 +389,11 @@ def _header_image_size(image_bytes):
         return tf.identity(height), tf.identity(width)
 
 
-def _eval_resize_and_crop(
-    image_bytes, height, width, crop_pct, full_resize_max_pixels=_FULL_RESIZE_MAX_PIXELS
-):
+def _eval_resize_and_crop(image_bytes, height, width, crop_pct):
     """Decodes one encoded image and applies the evaluation transform; float32 [H, W, 3].
 
     Memory is bounded whatever the image declares: the size is checked from the header before
-    decoding, and a resized image over ``full_resize_max_pixels`` is never materialized.
+    decoding, and `eval_transform` resamples only the crop window, never the whole resized image.
     """
     h, w = _header_image_size(image_bytes)
     with tf.control_dependencies([h, w]):
@@ -410,50 +403,8 @@ def _eval_resize_and_crop(
         tf.reduce_all(decoded[:2] == tf.stack([h, w])),
         ["the decoded image's size differs from its header's:", decoded[:2], h, w],
     )
-    # As keras_coat.imagenet.load_image: for a square size the shorter side becomes
-    # int(size / crop_pct) and the longer one int(target * long / short) (torchvision's Resize).
-    # A non-square size keeps the aspect ratio and just covers int(side / crop_pct) on both
-    # sides (timm's ResizeKeepRatio), with Python's float64 arithmetic and round-half-even.
-    scale_h, scale_w = int(height / crop_pct), int(width / crop_pct)
-    if scale_h == scale_w:
-        scale = tf.constant(scale_h, tf.int64)
-        height_is_shorter = h <= w
-        new_h = tf.where(height_is_shorter, scale, (scale * h) // w)
-        new_w = tf.where(height_is_shorter, (scale * w) // h, scale)
-    else:
-        h_float, w_float = tf.cast(h, tf.float64), tf.cast(w, tf.float64)
-        ratio = tf.minimum(h_float / scale_h, w_float / scale_w)
-        new_h = tf.cast(tf.round(h_float / ratio), tf.int64)
-        new_w = tf.cast(tf.round(w_float / ratio), tf.int64)
-    # Center crop with offsets int(round((dim - size) / 2)); tf.round rounds half to even, like
-    # Python's round.
-    top = tf.cast(tf.round(tf.cast(new_h - height, tf.float64) / 2.0), tf.int32)
-    left = tf.cast(tf.round(tf.cast(new_w - width, tf.float64) / 2.0), tf.int32)
-    new_size = tf.cast(tf.stack([new_h, new_w]), tf.int32)
-
-    def resize_then_crop():
-        resized = tf.image.resize(image, new_size, method="bicubic", antialias=True)
-        return resized[top : top + height, left : left + width, :]
-
-    def resize_crop_only():
-        # tf.image.resize's own call, with the output window moved to the crop.
-        scale = tf.cast(new_size, tf.float32) / tf.cast(decoded[:2], tf.float32)
-        return tf.raw_ops.ScaleAndTranslate(
-            images=image[tf.newaxis],
-            size=tf.constant([height, width], tf.int32),
-            scale=scale,
-            translation=-tf.cast(tf.stack([top, left]), tf.float32),
-            kernel_type="keyscubic",
-            antialias=True,
-        )[0]
-
     with tf.control_dependencies([agrees]):
-        resized = tf.cond(
-            new_h * new_w <= full_resize_max_pixels, resize_then_crop, resize_crop_only
-        )
-    # PIL returns a uint8 image: rounded and clipped.
-    resized = tf.clip_by_value(tf.round(resized), 0.0, 255.0)
-    return tf.ensure_shape(resized, (height, width, 3))
+        return eval_transform(image, (height, width), crop_pct)
 
 
 def _checked_pixels(images, height, width):

@@ -1,9 +1,10 @@
 """ImageNet-1k input and output conventions of the CoaT checkpoints.
 
-- `load_image`: the reference evaluation transform (bicubic resize of the
-  shorter side to ``size / crop_pct``, center crop to ``size``), giving float32
-  RGB in [0, 255], the input a model built with ``include_preprocessing=True``
-  expects.
+- `load_image`, `eval_transform`, `eval_geometry`: the evaluation transform
+  (bicubic resize of the shorter side to ``size / crop_pct``, center crop to
+  ``size``), giving float32 RGB in [0, 255], the input a model built with
+  ``include_preprocessing=True`` expects. The SavedModel export and training's
+  validation use the same functions.
 - `preprocess_input`: ImageNet mean/std normalization, for models built with
   ``include_preprocessing=False``.
 - `decode_predictions`, `class_names`, `class_wnids`: the 1000 classes in the
@@ -27,6 +28,8 @@ __all__ = [
     "class_names",
     "class_wnids",
     "decode_predictions",
+    "eval_geometry",
+    "eval_transform",
     "load_image",
     "preprocess_input",
 ]
@@ -72,10 +75,10 @@ def preprocess_input(x):
     return (x / 255.0 - mean) / std
 
 
-def _check_channels(shape):
+def _check_channels(shape, caller="preprocess_input"):
     if not shape or shape[-1] not in (3, None):
         raise ValueError(
-            "preprocess_input expects RGB images with 3 channels last; " f"received shape {shape}."
+            f"{caller} expects RGB images with 3 channels last; received shape {shape}."
         )
 
 
@@ -143,14 +146,11 @@ def _to_numpy(x):
 
 
 def load_image(path, image_size=224, crop_pct=DEFAULT_CROP_PCT):
-    """Loads an image with the reference evaluation transform.
+    """Loads an image file with the evaluation transform (`eval_transform`).
 
-    The image is converted to RGB, resized with bicubic interpolation so its
-    shorter side is ``floor(image_size / crop_pct)`` (256 for 224), then
-    center-cropped to `image_size`, as the authors' and timm's evaluation do.
-    For a non-square ``(height, width)`` size the image keeps its aspect
-    ratio and is resized to just cover ``floor(side / crop_pct)`` on both
-    sides before the crop (timm's rule).
+    Pillow decodes the file and converts it to RGB; `eval_transform` then resizes and
+    center-crops it, exactly as the SavedModel's ``serving_bytes`` signature and training's
+    validation pipeline do.
 
     Args:
         path: image file path (or a file object) readable by Pillow.
@@ -158,23 +158,151 @@ def load_image(path, image_size=224, crop_pct=DEFAULT_CROP_PCT):
         crop_pct: the crop's share of the resized image, in (0, 1].
 
     Returns:
-        A float32 array of shape ``(height, width, 3)`` with values in
-        [0, 255].
+        A float32 NumPy array of shape ``(height, width, 3)`` with integer values in [0, 255].
     """
+    from keras import ops
     from PIL import Image
 
-    height, width = _image_size(image_size)
-    if not 0 < crop_pct <= 1:
-        raise ValueError(f"crop_pct must be in (0, 1]; received {crop_pct}.")
-    scale_h, scale_w = math.floor(height / crop_pct), math.floor(width / crop_pct)
+    _image_size(image_size)
+    _check_crop_pct(crop_pct)
     with Image.open(path) as image:
-        image = image.convert("RGB")
-        if scale_h == scale_w:
-            image = _resize_shorter_side(image, scale_h)
-        else:
-            image = _resize_to_cover(image, scale_h, scale_w)
-    array = np.asarray(image, dtype=np.float32)
-    return _center_crop(array, height, width)
+        pixels = np.asarray(image.convert("RGB"))
+    return np.asarray(ops.convert_to_numpy(eval_transform(pixels, image_size, crop_pct)))
+
+
+def eval_transform(image, image_size=224, crop_pct=DEFAULT_CROP_PCT):
+    """The evaluation transform: bicubic resize (`eval_geometry`), center crop.
+
+    The one implementation behind `load_image`, the SavedModel's ``serving_bytes`` signature and
+    training's validation pipeline.
+
+    The resampling is Keras' antialiased bicubic (`keras.ops.image.resize`; on the TensorFlow
+    backend `tf.image.resize`'s kernel, computing only the crop window, so memory is bounded for
+    any aspect ratio and sizes known only when a graph runs work), applied as PIL applies its
+    own: width, then height, each rounded to 8 bits. The pixels are timm's (PIL's) but for
+    under 1% of them one, rarely two, levels off.
+
+    Args:
+        image: one RGB image ``(rows, cols, 3)``, uint8 or float in [0, 255]: a NumPy array or a
+            backend tensor (on the TensorFlow backend also a symbolic one of unknown size).
+        image_size: an int, or a ``(height, width)`` pair.
+        crop_pct: the crop's share of the resized image, in (0, 1].
+
+    Returns:
+        A float32 tensor ``(height, width, 3)`` with integer values in [0, 255].
+    """
+    from keras import ops
+
+    height, width = _image_size(image_size)
+    _check_crop_pct(crop_pct)
+    _check_channels(tuple(image.shape), "eval_transform")
+    if len(image.shape) != 3:
+        raise ValueError(
+            f"eval_transform expects one image of shape (rows, cols, 3); received shape "
+            f"{tuple(image.shape)}."
+        )
+    rows, cols = ops.shape(image)[0], ops.shape(image)[1]
+    new_rows, new_cols, top, left = eval_geometry(rows, cols, (height, width), crop_pct)
+    # PIL's order: the width first, into 8 bits, then the height; rounding in between as PIL does
+    # keeps within a level of it where one float pass is up to 20 levels off on sharp edges (the
+    # bicubic overshoot clipped twice). Each pass computes only the crop's columns (rows).
+    columns = _resize_window(ops.cast(image, "float32"), 1, new_cols, left, width)
+    cropped = _resize_window(columns, 0, new_rows, top, height)
+    # The reshape states the static shape, which a graph does not know.
+    return ops.reshape(cropped, (height, width, 3))
+
+
+def eval_geometry(rows, cols, image_size=224, crop_pct=DEFAULT_CROP_PCT):
+    """Where the evaluation transform resizes a ``rows`` x ``cols`` image to and crops from.
+
+    timm's evaluation transform (``transforms_imagenet_eval``, centre crop mode): with
+    ``scale = floor(side / crop_pct)`` for each side of `image_size`,
+
+    - one scale (square sizes): torchvision's ``Resize(scale)``, the shorter side becomes
+      `scale` and the longer ``floor(scale * longer / shorter)``;
+    - two scales: timm's ``ResizeKeepRatio``, the aspect ratio is kept and the image just covers
+      ``scale_h x scale_w``, the other side rounded half to even;
+
+    then torchvision's ``CenterCrop``, offsets ``round((resized - crop) / 2)`` half to even.
+    Everything is computed exactly in integers, so every backend gives the same sizes. timm's
+    float64 arithmetic agrees except on exact ``.5`` ties of the two-scale case, which its
+    rounding errors send either way.
+
+    Args:
+        rows, cols: the image's size: Python ints or integer tensors (e.g. from ``tf.shape``
+            inside a graph); arrays of sizes work elementwise.
+        image_size, crop_pct: as for `eval_transform`.
+
+    Returns:
+        ``(resized_rows, resized_cols, top, left)``, backend integer tensors.
+    """
+    from keras import ops
+
+    height, width = _image_size(image_size)
+    _check_crop_pct(crop_pct)
+    scale_h, scale_w = math.floor(height / crop_pct), math.floor(width / crop_pct)
+    if scale_h == scale_w:
+        shorter = ops.minimum(rows, cols)
+        new_rows, new_cols = scale_h * rows // shorter, scale_w * cols // shorter
+    else:
+        # rows / scale_h <= cols / scale_w: the rows set the ratio.
+        rows_limit = rows * scale_w <= cols * scale_h
+        new_rows = ops.where(rows_limit, scale_h, _round_half_even(rows * scale_w, cols))
+        new_cols = ops.where(rows_limit, _round_half_even(cols * scale_h, rows), scale_w)
+    top, left = _round_half_even(new_rows - height, 2), _round_half_even(new_cols - width, 2)
+    return new_rows, new_cols, top, left
+
+
+def _round_half_even(numerator, denominator):
+    """``numerator / denominator`` rounded half to even, for non-negative integers or tensors."""
+    from keras import ops
+
+    quotient = numerator // denominator
+    twice_remainder = 2 * (numerator - quotient * denominator)
+    tie = ops.logical_and(twice_remainder == denominator, quotient % 2 == 1)
+    # ops.add promotes (an int64 quotient plus the int32 step is int64; `+` would refuse it).
+    return ops.add(quotient, ops.cast(ops.logical_or(twice_remainder > denominator, tie), "int32"))
+
+
+def _resize_window(image, axis, new_size, start, length):
+    """`image` resized along `axis` (0: rows, 1: columns) to `new_size`, keeping only pixels
+    ``[start, start + length)`` along it; antialiased bicubic, rounded and clipped to 8 bits."""
+    import keras
+    from keras import ops
+
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        # tf.image.resize's own kernel (what keras.ops.image.resize runs on this backend) with
+        # its output window moved to the crop: memory stays that of the crop for any aspect
+        # ratio, and sizes known only when a graph runs work (keras.ops.image.resize checks
+        # them with Python comparisons).
+        shape = tf.shape(image)[:2]
+        along = tf.one_hot(axis, 2)
+        scale = 1.0 + along * (tf.cast(new_size, tf.float32) / tf.cast(shape[axis], tf.float32) - 1)
+        window = tf.tensor_scatter_nd_update(shape, [[axis]], tf.constant([length], tf.int32))
+        resized = tf.raw_ops.ScaleAndTranslate(
+            images=image[tf.newaxis],
+            size=window,
+            scale=scale,
+            translation=-along * tf.cast(start, tf.float32),
+            kernel_type="keyscubic",
+            antialias=True,
+        )[0]
+    else:
+        size = [int(s) for s in ops.shape(image)[:2]]
+        size[axis] = int(new_size)
+        resized = ops.image.resize(image, size, interpolation="bicubic", antialias=True)
+        window = slice(int(start), int(start) + length)
+        resized = resized[window] if axis == 0 else resized[:, window]
+    return ops.clip(ops.round(resized), 0.0, 255.0)
+
+
+def _check_crop_pct(crop_pct):
+    if isinstance(crop_pct, bool) or not isinstance(crop_pct, (int, float)) or not (
+        0 < crop_pct <= 1
+    ):
+        raise ValueError(f"crop_pct must be a number in (0, 1]; received {crop_pct!r}.")
 
 
 def _image_size(image_size):
@@ -192,41 +320,3 @@ def _image_size(image_size):
             f"positive ints; received {image_size!r}."
         )
     return size
-
-
-def _resize_shorter_side(image, size):
-    from PIL import Image
-
-    width, height = image.size
-    # torchvision.transforms.Resize(int): the long side is truncated.
-    if width <= height:
-        new_size = (size, int(size * height / width))
-    else:
-        new_size = (int(size * width / height), size)
-    if new_size == (width, height):
-        return image
-    return image.resize(new_size, Image.BICUBIC)
-
-
-def _resize_to_cover(image, height, width):
-    from PIL import Image
-
-    # timm's ResizeKeepRatio: keep the aspect ratio, just cover height x width.
-    ratio = min(image.height / height, image.width / width)
-    new_size = (round(image.width / ratio), round(image.height / ratio))
-    return image.resize(new_size, Image.BICUBIC)
-
-
-def _center_crop(array, height, width):
-    rows, cols = array.shape[:2]
-    if rows < height or cols < width:
-        pad_h, pad_w = max(height - rows, 0), max(width - cols, 0)
-        # torchvision pads with zeros, the extra pixel going bottom/right.
-        array = np.pad(
-            array,
-            ((pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0)),
-        )
-        rows, cols = array.shape[:2]
-    top = int(round((rows - height) / 2.0))
-    left = int(round((cols - width) / 2.0))
-    return np.ascontiguousarray(array[top : top + height, left : left + width])

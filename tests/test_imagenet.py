@@ -130,7 +130,26 @@ def test_load_image_matches_the_reference_eval_transform(tmp_path, width, height
     expected_hw = size if isinstance(size, tuple) else (size, size)
     assert ours.shape == (*expected_hw, 3) and ours.dtype == np.float32
     assert 0.0 <= ours.min() and ours.max() <= 255.0
-    np.testing.assert_allclose(ours, _timm_eval(path, size), atol=2e-3)
+    np.testing.assert_array_equal(ours, np.round(ours))
+    _assert_close_to_pil(ours, _timm_eval(path, size))
+
+
+def _assert_close_to_pil(ours, timm_pixels):
+    # Same geometry; Keras' bicubic kernel in PIL's two 8-bit passes is PIL's kernel but for
+    # the rounding of PIL's fixed-point weights: under 1% of pixels one (rarely two) levels off.
+    difference = np.abs(ours - timm_pixels)
+    assert difference.max() <= 2.0 + 1e-3 and (difference > 0.5).mean() < 0.01
+
+
+def test_load_image_is_close_to_timm_on_noise(tmp_path):
+    # Sharp edges everywhere: the bicubic overshoot that PIL clips to 8 bits after each pass.
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for width, height, size in [(150, 97, 64), (40, 52, 64), (130, 81, (64, 96))]:
+        path = tmp_path / f"noise_{width}x{height}.png"
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path)
+        _assert_close_to_pil(imagenet.load_image(path, size), _timm_eval(path, size))
 
 
 def test_load_image_converts_grayscale_and_rgba(tmp_path):

@@ -76,24 +76,6 @@ def resize(image, size):
     return tf.clip_by_value(image, *PIXEL_RANGE)
 
 
-def center_crop(image, size, crop_pct):
-    """Evaluation transform: resize the shorter side to `size / crop_pct`, crop the center."""
-    shape = tf.shape(image)
-    height, width = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
-    shorter = tf.floor(size / crop_pct)
-    scale = shorter / tf.minimum(height, width)
-    resized = resize(
-        image,
-        (
-            tf.cast(tf.maximum(tf.round(height * scale), size), tf.int32),
-            tf.cast(tf.maximum(tf.round(width * scale), size), tf.int32),
-        ),
-    )
-    top = (tf.shape(resized)[0] - size) // 2
-    left = (tf.shape(resized)[1] - size) // 2
-    return tf.ensure_shape(resized[top : top + size, left : left + size], (size, size, 3))
-
-
 def horizontal_flip(image, seed):
     return tf.image.stateless_random_flip_left_right(image, seed)
 

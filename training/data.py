@@ -25,6 +25,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from keras_coat.imagenet import eval_transform
 from training import augment
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -333,7 +334,7 @@ def eval_dataset(recipe, source, batch_size=None):
 
     def transform(record):
         example = split.decode(record)
-        image = augment.center_crop(example["image"], size, recipe.eval_crop_pct)
+        image = eval_transform(example["image"], size, recipe.eval_crop_pct)
         return image, tf.one_hot(example["label"], source.num_classes), tf.constant(weight)
 
     examples = split.records.map(transform, num_parallel_calls=AUTOTUNE, deterministic=True)
