@@ -11,6 +11,7 @@ prints the largest absolute logit difference on random inputs; it fails above `-
 """
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -18,15 +19,15 @@ import tempfile
 # TensorFlow's C++ start-up chatter would bury the converter's own report.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-VARIANTS = (
-    "coat_lite_tiny",
-    "coat_lite_mini",
-    "coat_lite_small",
-    "coat_lite_medium",
-    "coat_tiny",
-    "coat_mini",
-    "coat_small",
-)
+# timm (through torchvision) must be imported before TensorFlow, which keras_coat loads: in the
+# other order both register the same LLVM options and the process aborts. The variant list comes
+# from keras_coat, so the reference stack --verify needs is loaded first whenever it is installed.
+with contextlib.suppress(ImportError):
+    import timm  # noqa: F401
+
+from keras_coat.models import MODEL_CONFIGS  # noqa: E402
+
+VARIANTS = tuple(MODEL_CONFIGS)
 
 
 def _input_size(text):
@@ -117,13 +118,8 @@ def main(argv=None):
         sys.exit(f"error: {args.output!r} exists; pass --overwrite to replace it")
     if not os.path.isfile(args.source):
         sys.exit(f"error: the checkpoint {args.source!r} does not exist")
-    if args.verify:
-        try:
-            # timm (through torchvision) must be imported before TensorFlow: in the other
-            # order both register the same LLVM options and the process aborts.
-            import timm  # noqa: F401
-        except ImportError:
-            sys.exit("error: --verify needs timm and torch: pip install 'keras-coat[conversion]'")
+    if args.verify and "timm" not in sys.modules:
+        sys.exit("error: --verify needs timm and torch: pip install 'keras-coat[conversion]'")
 
     from keras_coat import create_model
     from keras_coat.checkpoint import CheckpointError, read_state_dict

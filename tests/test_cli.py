@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from keras_coat import MODEL_CONFIGS
 from keras_coat.__main__ import build_parser, main
 from tests._weights_fixtures import (
     REPO_ROOT,
@@ -145,15 +146,7 @@ def test_info_lists_variants_and_checkpoints(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
     assert main(["info"]) == 0
     out = capsys.readouterr().out
-    for variant in (
-        "coat_lite_tiny",
-        "coat_lite_mini",
-        "coat_lite_small",
-        "coat_lite_medium",
-        "coat_tiny",
-        "coat_mini",
-        "coat_small",
-    ):
+    for variant in MODEL_CONFIGS:
         assert f"\n{variant} " in out
     assert "coat_lite_medium_384 (not downloaded)" in out
     assert "5,721,960" in out and "built-in table" in out

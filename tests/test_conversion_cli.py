@@ -88,15 +88,25 @@ def test_input_size_must_be_a_multiple_of_32(checkpoints, capsys):
     assert "multiples of 32" in capsys.readouterr().err
 
 
+def test_variant_choices_are_the_model_table(capsys):
+    assert cli.VARIANTS == tuple(keras_coat.MODEL_CONFIGS)
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["x.pth", "--model", "coat_huge", "--output", "a.weights.h5"])
+    assert "invalid choice: 'coat_huge'" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_command_line_entry_point(checkpoints, tmp_path):
+    # A fresh process, so that --verify meets TensorFlow and timm in the converter's own import
+    # order (the test session imported timm first in conftest.py).
     _, _, timm_file = checkpoints
     output = tmp_path / "cli.weights.h5"
     result = subprocess.run(
         [sys.executable, "-m", "conversion.convert", str(timm_file), "--model", "coat_lite_tiny",
-         "--output", str(output), "--input-size", "64x96"],
+         "--output", str(output), "--input-size", "64x96", "--verify"],
         capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)),
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "wrote" in result.stdout and output.is_file()
+    assert "largest absolute logit difference vs timm" in result.stdout

@@ -521,16 +521,7 @@ def test_publish_restores_the_old_version_when_the_swap_fails(tmp_path, monkeypa
 # Every variant, and the command line
 
 
-VARIANTS = [
-    ("coat_lite_tiny", 224),
-    ("coat_lite_mini", 224),
-    ("coat_lite_small", 224),
-    ("coat_lite_medium", 224),
-    ("coat_lite_medium", 384),
-    ("coat_tiny", 224),
-    ("coat_mini", 224),
-    ("coat_small", 224),
-]
+VARIANTS = [(variant, 224) for variant in keras_coat.MODEL_CONFIGS] + [("coat_lite_medium", 384)]
 
 
 @pytest.mark.slow
