@@ -18,6 +18,7 @@ def _load(name):
 
 throughput = _load("throughput")
 op_profile = _load("op_profile")
+gpu = _load("gpu")
 
 
 def _run(rate, rss=1000.0):
@@ -82,3 +83,43 @@ def test_op_profile_counts_the_dense_flops_of_the_model():
     # Both dense groups were found: the MLP first layers (with GELU) and the other dense layers.
     assert groups[op_profile._DENSE_GELU] > 0 and groups[op_profile._DENSE_PLAIN] > 0
     assert result["peak_gflops"] > 0
+
+
+def test_gpu_configurations_come_largest_batch_and_bf16_first_per_model():
+    configs = gpu.configurations(["a", "b"], inference_batches=[64, 256], training_batches=[128])
+    keys = [(c["model"], c["task"], c["precision"], c["batch"]) for c in configs]
+    assert keys[:6] == [
+        ("a", "inference", "bf16", 256), ("a", "training", "bf16", 128),
+        ("a", "inference", "fp32", 256), ("a", "training", "fp32", 128),
+        ("a", "inference", "bf16", 64), ("a", "inference", "fp32", 64),
+    ]
+    assert keys[6:] == [("b",) + key[1:] for key in keys[:6]]
+
+
+def _gpu_row(framework, rate=None, error=None, task="inference"):
+    row = {"framework": framework, "model": "m", "task": task, "precision": "bf16", "batch": 8}
+    if rate is not None:
+        row.update(images_per_s=rate, first_call_s=30.0)
+    if error is not None:
+        row["error"] = error
+    return row
+
+
+def test_gpu_runs_merge_measured_over_unmeasured_and_table_shows_ratios_and_failures():
+    skipped = "not measured: time budget spent"
+    first = {"meta": {"date": "2026-11-28", "torch_device": "GPU X"}, "results": [
+        _gpu_row("keras_jax", error=skipped), _gpu_row("timm_eager", 100.0),
+        _gpu_row("timm_compile", error="BackendCompilerFailed: boom"),
+        _gpu_row("keras_jax", error=skipped, task="training"),
+    ]}
+    second = {"meta": {"jax_device": "gpu: GPU X"}, "results": [
+        _gpu_row("keras_jax", 250.0), _gpu_row("timm_eager", error=skipped),
+    ]}
+    merged = gpu.merge_runs([first, second])
+    assert merged["meta"]["runs"] == 2 and merged["meta"]["torch_device"] == "GPU X"
+    table = gpu.render(merged)
+    # The second run's JAX figure fills the gap; its skipped eager row does not erase the first's.
+    assert "| m | inference | bf16 | 8 | 250 | 100 | n/a | 2.50x | n/a | 30 / n/a |" in table
+    assert "- Failed: timm_compile m inference bf16 batch 8: BackendCompilerFailed: boom" in table
+    assert "| m | training |" not in table  # nothing measured there: no row of n/a
+    assert "2 runs on the same machine" in " ".join(table.split())  # wrapped paragraph
