@@ -994,7 +994,9 @@ class _Unpickler:
 def _unwrap_state_dict(obj):
     """The state dict inside a training checkpoint, or `obj` itself."""
     if not isinstance(obj, Mapping):
-        raise CheckpointError(f"expected the checkpoint to hold a dict, found {type(obj).__name__}.")
+        raise CheckpointError(
+            f"expected the checkpoint to hold a dict, found {type(obj).__name__}."
+        )
     for key in _STATE_DICT_KEYS:
         nested = obj.get(key)
         if isinstance(nested, Mapping) and any(type(v) is _LazyTensor for v in nested.values()):

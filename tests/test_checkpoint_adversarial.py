@@ -326,7 +326,8 @@ def test_live_payloads_are_refused_before_anything_runs(
     # Wrapped in a state dict after a real tensor, so the refusal must come
     # before anything is built, not at the end.
     path = write_pth(tmp_path / "live.pth", _in_state_dict(payload))
-    assert_refused(path, UnsafeCheckpointError, LIVE_REFUSALS[opcode], good, markers=[marker, f"{marker}-new"])
+    markers = [marker, f"{marker}-new"]
+    assert_refused(path, UnsafeCheckpointError, LIVE_REFUSALS[opcode], good, markers=markers)
 
 
 def _in_state_dict(payload):
@@ -492,7 +493,8 @@ def good_pickle():
 
 
 def _bomb_bytearray(folder):
-    data = state_dict(("w", tensor()), ("x", call(glob("__builtin__", "bytearray"), integer(2**31))))
+    bomb = call(glob("__builtin__", "bytearray"), integer(2**31))
+    data = state_dict(("w", tensor()), ("x", bomb))
     return write_pth(folder / "bytearray.pth", data), "bytearray called with"
 
 
@@ -518,7 +520,8 @@ def _bomb_declared_size(folder):
 
 
 def _bomb_declared_deflated_size(folder):
-    path = write_pth(folder / "declared_deflated.pth", good_pickle(), compression=zipfile.ZIP_DEFLATED)
+    path = folder / "declared_deflated.pth"
+    write_pth(path, good_pickle(), compression=zipfile.ZIP_DEFLATED)
     return patch_zip(path, "archive/data/0", file_size=0xA0000000), "more than 16 times"
 
 
@@ -624,7 +627,9 @@ def _bomb_safetensors_offsets(folder):
 
 
 BOMBS = {
-    name[len("_bomb_") :]: builder for name, builder in globals().items() if name.startswith("_bomb_")
+    name[len("_bomb_") :]: builder
+    for name, builder in globals().items()
+    if name.startswith("_bomb_")
 }
 # Address space the reader may add, in MiB, beyond what the interpreter and
 # its imports already hold; each bomb asks for 1 GiB or more.
@@ -740,6 +745,11 @@ def _safetensors(name, header, data=b"", raw_header=None):
         return path
 
     return build
+
+
+def _one_tensor(name, dtype, shape, end, data):
+    header = {"w": {"dtype": dtype, "shape": shape, "data_offsets": [0, end]}}
+    return _safetensors(name, header, data)
 
 
 def _patched(name, member, compression=zipfile.ZIP_STORED, **fields):
@@ -879,7 +889,8 @@ MALFORMED = {
     # UnicodeDecodeError / EOFError / IndexError / KeyError inside the pickle.
     "bad-utf8-string": (
         _pth("utf8", state_dict(("w", tensor()))[:-1] + op("BINUNICODE")
-             + struct.pack("<I", 2) + b"\xff\xfe" + op("NONE") + op("SETITEM") + op("STOP")),  # fmt: skip
+             + struct.pack("<I", 2) + b"\xff\xfe" + op("NONE") + op("SETITEM")
+             + op("STOP")),  # fmt: skip
         "damaged",
     ),
     "no-stop": (_pth("no_stop", good_pickle()[:-1]), "damaged"),
@@ -921,22 +932,8 @@ MALFORMED = {
     "top-level-list": (_pth("list", b"\x80\x02" + op("EMPTY_LIST") + op("STOP")), "hold a dict"),
     "no-tensors": (_pth("no_tensors", state_dict(("epoch", integer(3)))), "no tensors"),
     "huge-int-key": (_huge_int_key, "no tensors"),
-    # safetensors: AttributeError for dtypes NumPy lacks, struct.error for
-    # short files, JSON errors, and the library's own layout checks.
-    "st-f8": (
-        _safetensors("f8", {"w": {"dtype": "F8_E4M3", "shape": [2], "data_offsets": [0, 2]}},
-                     b"\x01\x02"),  # fmt: skip
-        "F8_E4M3, which NumPy cannot represent",
-    ),
-    "st-f4": (
-        _safetensors("f4", {"w": {"dtype": "F4", "shape": [2], "data_offsets": [0, 1]}}, b"\x01"),
-        "F4, which NumPy cannot represent",
-    ),
-    "st-e8m0": (
-        _safetensors("e8m0", {"w": {"dtype": "F8_E8M0", "shape": [1], "data_offsets": [0, 1]}},
-                     b"\x01"),  # fmt: skip
-        "F8_E8M0",
-    ),
+    # safetensors: struct.error for short files, JSON errors, and the
+    # library's own layout checks (dtypes NumPy lacks: below).
     "st-short": (lambda folder: _write(folder / "short.safetensors", b"\x05\x00"), "no header"),
     "st-header-past-file": (
         lambda folder: _write(folder / "past.safetensors", struct.pack("<Q", 64) + b"{}"),
@@ -954,26 +951,15 @@ MALFORMED = {
                      b' "w": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}'),  # fmt: skip
         "duplicate names",
     ),
-    "st-gap": (
-        _safetensors("gap", {"w": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}, b"12"),
-        "not fully covered",
-    ),
+    "st-gap": (_one_tensor("gap", "U8", [1], 1, b"12"), "not fully covered"),
     "st-overlap": (
         _safetensors("overlap", {
             "a": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]},
             "b": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]}}, b"12"),  # fmt: skip
         "invalid offset",
     ),
-    "st-size-mismatch": (
-        _safetensors("size", {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}},
-                     b"1234"),  # fmt: skip
-        "not a valid safetensors file",
-    ),
-    "st-negative-shape": (
-        _safetensors("negative", {"w": {"dtype": "U8", "shape": [-1], "data_offsets": [0, 1]}},
-                     b"1"),  # fmt: skip
-        "not a valid safetensors file",
-    ),
+    "st-size-mismatch": (_one_tensor("size", "F32", [2], 4, b"1234"), "not a valid safetensors"),
+    "st-negative-shape": (_one_tensor("negative", "U8", [-1], 1, b"1"), "not a valid safetensors"),
     "st-entry-not-object": (_safetensors("entry", {"w": 5}), "not a valid safetensors file"),
     "st-metadata-not-text": (
         _safetensors("metadata", {"__metadata__": {"a": 1}}),
@@ -981,6 +967,18 @@ MALFORMED = {
     ),
     "st-no-tensors": (_safetensors("none", {}), "no tensors"),
 }
+
+
+# AttributeError before: dtypes NumPy lacks.
+MALFORMED.update(
+    {
+        f"st-{dtype}": (
+            _one_tensor(dtype, dtype, [2], 2, b"\x01\x02"),
+            f"dtype {dtype}, which NumPy",
+        )
+        for dtype in ("F8_E4M3", "F8_E5M2", "F8_E8M0", "F8_E4M3FNUZ")
+    }
+)
 
 
 def _write(path, data):
