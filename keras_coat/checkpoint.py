@@ -241,7 +241,11 @@ _STORAGE_KEY = re.compile(r"[0-9A-Za-z_]{1,64}")
 
 
 def _read_torch_zip(path):
-    if not zipfile.is_zipfile(path):
+    try:
+        is_zip = zipfile.is_zipfile(path)
+    except _ZIP_ERRORS as e:  # a damaged end record can raise here too
+        raise CheckpointError(f"damaged zip archive: {e}") from e
+    if not is_zip:
         with open(path, "rb") as f:
             head = f.read(len(_LEGACY_MAGIC))
         if head == _LEGACY_MAGIC:
