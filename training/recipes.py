@@ -12,7 +12,10 @@ schedule with 5 warm-up epochs from 1e-6 down to 1e-5, label smoothing 0.1, Mixu
 8 GPUs x 256 images.
 """
 
+import argparse
 import dataclasses
+import math
+import typing
 
 RECIPE_NAMES = ("imagenet", "finetune", "demo")
 MIXED_PRECISION_POLICIES = {
@@ -22,56 +25,83 @@ MIXED_PRECISION_POLICIES = {
 }
 
 
+def _field(default=dataclasses.MISSING, help="", **cli):
+    """A recipe field with its command-line help. `cli` may name the `flag` when it is not the
+    field's name, the value that switches an optional feature `off`, `choices`, a `metavar`,
+    or `set_by`: the option that sets a field which is no plain override."""
+    return dataclasses.field(default=default, metadata={"help": help, **cli})
+
+
 @dataclasses.dataclass(frozen=True)
 class Recipe:
     """Every hyper-parameter of a training run.
 
     Learning rates are given for `lr_reference_batch` images and scaled linearly with the global
-    batch size (`peak_lr`), as DeiT does. `None` switches an optional feature off.
+    batch size (`peak_lr`), as DeiT does. `None` switches an optional feature off. Each field is
+    also a command-line option of `training.train` (`add_override_arguments`), with the help
+    given here.
     """
 
-    name: str
-    dataset: str
-    model: str = "coat_lite_tiny"
-    image_size: int = 224
-    epochs: int = 300
-    batch_size: int = 2048  # global, over every replica
+    name: str = _field(help="the recipe", set_by="--recipe")
+    dataset: str = _field(help="digits, folder:PATH or a TFDS name")
+    model: str = _field("coat_lite_tiny", "a keras_coat variant", set_by="--model")
+    image_size: int = _field(224, "training and evaluation image size, a multiple of 32")
+    epochs: int = _field(300, "training epochs")
+    batch_size: int = _field(2048, "global batch size, over all replicas")
     # Optimizer: AdamW with decoupled weight decay, not applied to class tokens, norms, biases.
-    lr: float = 5e-4
-    lr_reference_batch: int = 512
-    warmup_epochs: float = 5.0
-    warmup_lr: float = 1e-6
-    min_lr: float = 1e-5
-    weight_decay: float = 0.05
-    adam_epsilon: float = 1e-8
-    clip_norm: float | None = None  # global gradient-norm clipping
-    ema_momentum: float | None = 0.99996  # EMA of the weights, swapped in at the end
+    lr: float = _field(5e-4, "learning rate per --lr-reference-batch images")
+    lr_reference_batch: int = _field(512, "batch size that --lr is given for")
+    warmup_epochs: float = _field(5.0, "linear warm-up from --warmup-lr, in epochs")
+    warmup_lr: float = _field(1e-6, "learning rate at the start of the warm-up")
+    min_lr: float = _field(1e-5, "learning rate at the end of the cosine schedule")
+    weight_decay: float = _field(0.05, "AdamW decoupled weight decay")
+    adam_epsilon: float = _field(1e-8, "AdamW epsilon")
+    clip_norm: float | None = _field(None, "global gradient-norm clip, 0 disables", off=0)
+    ema_momentum: float | None = _field(
+        0.99996, "EMA momentum of the weights (swapped in at the end), 0 disables", flag="ema",
+        off=0,
+    )
     # Model.
-    drop_path: float = 0.1
-    init_weights: str | None = None  # "imagenet" or a weights file to start from
+    drop_path: float = _field(0.1, "stochastic depth rate")
+    init_weights: str | None = _field(None, '"imagenet" or a weights file to start from')
     # Loss and batch mixing.
-    label_smoothing: float = 0.1
-    mixup: float = 0.8  # Beta(alpha, alpha); 0 disables
-    cutmix: float = 1.0  # Beta(alpha, alpha); 0 disables
-    mixup_switch_prob: float = 0.5  # with both on: probability of CutMix for a batch
+    label_smoothing: float = _field(0.1, "label smoothing")
+    mixup: float = _field(0.8, "Mixup Beta(alpha, alpha), 0 disables")
+    cutmix: float = _field(1.0, "CutMix Beta(alpha, alpha), 0 disables")
+    mixup_switch_prob: float = _field(0.5, "with both on: probability of CutMix for a batch")
     # Per-image augmentation.
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    horizontal_flip: bool = True
-    rand_augment_ops: int = 2
-    rand_augment_magnitude: float | None = 9.0  # out of 10; None disables RandAugment
-    color_jitter: float | None = 0.4  # as in timm, only used when RandAugment is off
-    random_erasing: float = 0.25
-    repeated_augmentations: int = 3
-    # Evaluation: bicubic resize to size / crop_pct, center crop.
-    eval_crop_pct: float = 0.875
+    crop_scale: tuple[float, float] = _field(
+        (0.08, 1.0), "random-resized-crop area range", metavar=("MIN", "MAX")
+    )
+    crop_ratio: tuple[float, float] = _field(
+        (3 / 4, 4 / 3), "random-resized-crop aspect-ratio range", metavar=("MIN", "MAX")
+    )
+    horizontal_flip: bool = _field(True, "random horizontal flips")
+    rand_augment_ops: int = _field(2, "RandAugment ops per image")
+    rand_augment_magnitude: float | None = _field(
+        9.0, "RandAugment magnitude (0-10), -1 disables", flag="rand_augment", off=-1
+    )
+    color_jitter: float | None = _field(
+        0.4, "colour jitter strength (only used when RandAugment is off), 0 disables", off=0
+    )
+    random_erasing: float = _field(0.25, "random erasing probability, 0 disables")
+    repeated_augmentations: int = _field(3, "copies of each image per epoch (DeiT's RASampler)")
+    eval_crop_pct: float = _field(0.875, "evaluation: resize to size / crop_pct, center crop")
     # Numerics.
-    mixed_precision: str = "bfloat16"
-    # Checkpointing: "epoch" or a number of steps between backups.
-    backup_every: str | int = "epoch"
+    mixed_precision: str = _field(
+        "bfloat16", "mixed precision policy", choices=sorted(MIXED_PRECISION_POLICIES)
+    )
+    backup_every: str | int = _field(
+        "epoch", '"epoch" or a number of steps between backups', metavar="epoch|STEPS"
+    )
 
     def __post_init__(self):
         problems = []
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            values = value if isinstance(value, tuple) else (value,)
+            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+                problems.append(f"{field.name} must be finite, got {value}")
         for field in ("image_size", "epochs", "batch_size", "lr_reference_batch"):
             if getattr(self, field) <= 0:
                 problems.append(f"{field} must be positive, got {getattr(self, field)}")
@@ -225,3 +255,97 @@ def override(recipe, changes):
     if unknown:
         raise ValueError(f"Unknown recipe fields: {', '.join(sorted(unknown))}.")
     return dataclasses.replace(recipe, **changes)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command-line overrides, one per field
+
+
+def flag(field):
+    """The command-line option of a recipe field: ``--lr``, ``--ema`` (ema_momentum), ..."""
+    if "set_by" in field.metadata:
+        return field.metadata["set_by"]
+    return "--" + field.metadata.get("flag", field.name).replace("_", "-")
+
+
+def add_override_arguments(group):
+    """Adds an option for every recipe field not set by another option (see `flag`).
+
+    Options are typed from the field's annotation (a finite number, an int, a MIN MAX pair,
+    --x/--no-x for booleans); ``none`` switches an optional field off, as does its `off` value.
+    Only options given on the command line appear in the parsed namespace.
+    """
+    for field in dataclasses.fields(Recipe):
+        if "set_by" in field.metadata:
+            continue
+        meta = field.metadata
+        kwargs = dict(dest=field.name, default=argparse.SUPPRESS, help=meta.get("help", ""))
+        if field.type is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(field.type) is tuple:
+            pair = typing.get_args(field.type)
+            kwargs.update(type=_finite_float, nargs=len(pair), metavar=meta["metavar"])
+        elif "choices" in meta:
+            kwargs.update(choices=meta["choices"])
+        else:
+            kinds = typing.get_args(field.type) or (field.type,)
+            if not set(kinds) <= set(_TYPES):
+                raise TypeError(
+                    f"Recipe field {field.name!r} has type {field.type}, which no command-line "
+                    f"option parses ({', '.join(k.__name__ for k in _TYPES)}, tuples, bool); "
+                    "give it `set_by` or a supported type."
+                )
+            names = [_TYPES[k][0] for k in kinds]
+            kwargs.update(
+                type=_value_parser(kinds, meta.get("off")),
+                metavar=meta.get("metavar", "|".join(names)),
+            )
+        group.add_argument(flag(field), **kwargs)
+
+
+def command_line_overrides(args):
+    """The recipe fields given on the command line (`add_override_arguments`), as a dict."""
+    changes = {}
+    for field in dataclasses.fields(Recipe):
+        if "set_by" not in field.metadata and hasattr(args, field.name):
+            value = getattr(args, field.name)
+            changes[field.name] = tuple(value) if isinstance(value, list) else value
+    return changes
+
+
+def _finite_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+# Per type: its metavar, its name in error messages, its parser.
+_TYPES = {
+    int: ("INT", "an integer", int),
+    float: ("FLOAT", "a finite number", _finite_float),
+    str: ("TEXT", "a string", str),
+    type(None): ("none", "none", None),
+}
+
+
+def _value_parser(kinds, off):
+    """argparse `type` for a field of one of the types `kinds` (str tried last)."""
+    order = sorted((k for k in kinds if k is not type(None)), key=lambda k: k is str)
+
+    def parse(text):
+        if type(None) in kinds and text.lower() == "none":
+            return None
+        for kind in order:
+            try:
+                value = _TYPES[kind][2](text)
+            except (ValueError, argparse.ArgumentTypeError):
+                continue
+            return None if off is not None and value == off else value
+        expected = " or ".join(_TYPES[k][1] for k in (*order, type(None)) if k in kinds)
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+
+    return parse

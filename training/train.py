@@ -32,6 +32,8 @@ BACKUP_METADATA = "training_metadata.json"
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m training.train",
+        # Not argparse's list of every option: an error then stays two short lines.
+        usage="%(prog)s --output-dir DIR [--recipe NAME] [options] (see --help)",
         description=__doc__.split("\n\n")[2],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -47,7 +49,6 @@ def parse_args(argv=None):
         '(e.g. \'{"embed_dims": [16, 16, 16, 16], "serial_depths": [1, 1, 1, 1], '
         '"mlp_ratios": [2, 2, 2, 2]}\'); replaces --model',
     )
-    run.add_argument("--dataset", help="digits, folder:PATH or a TFDS name (default: the recipe's)")
     run.add_argument("--data-dir", help="TFDS data_dir")
     run.add_argument("--manual-dir", help="TFDS manual_dir (imagenet2012's archives)")
     run.add_argument("--output-dir", required=True)
@@ -73,82 +74,26 @@ def parse_args(argv=None):
         help="split the CPU into N logical devices (MirroredStrategy without accelerators)",
     )
     devices.add_argument(
-        "--mixed-precision", choices=sorted(recipes_lib.MIXED_PRECISION_POLICIES)
-    )
-    devices.add_argument(
         "--jit-compile",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="XLA-compile the train step (default: Keras' choice, on for GPUs, off for CPUs)",
     )
 
-    hp = parser.add_argument_group("recipe overrides")
-    hp.add_argument("--epochs", type=int)
-    hp.add_argument("--batch-size", type=int, help="global batch size, over all replicas")
-    hp.add_argument("--image-size", type=int)
-    hp.add_argument("--lr", type=float, help="learning rate per --lr-reference-batch images")
-    hp.add_argument("--lr-reference-batch", type=int)
-    hp.add_argument("--min-lr", type=float)
-    hp.add_argument("--warmup-lr", type=float)
-    hp.add_argument("--warmup-epochs", type=float)
-    hp.add_argument("--weight-decay", type=float)
-    hp.add_argument("--drop-path", type=float)
-    hp.add_argument("--label-smoothing", type=float)
-    hp.add_argument("--mixup", type=float, help="Mixup alpha, 0 disables")
-    hp.add_argument("--cutmix", type=float, help="CutMix alpha, 0 disables")
-    hp.add_argument("--mixup-switch-prob", type=float)
-    hp.add_argument("--rand-augment", type=float, help="RandAugment magnitude (0-10), -1 disables")
-    hp.add_argument("--color-jitter", type=float, help="0 disables")
-    hp.add_argument("--random-erasing", type=float, help="probability, 0 disables")
-    hp.add_argument("--repeated-augmentations", type=int)
-    hp.add_argument("--ema", type=float, help="EMA momentum of the weights, 0 disables")
-    hp.add_argument("--clip-norm", type=float, help="global gradient-norm clip, 0 disables")
-    hp.add_argument("--init-weights", help='"imagenet" or a weights file to start from')
-    hp.add_argument("--backup-every", help='"epoch" or a number of steps between backups')
+    recipes_lib.add_override_arguments(
+        parser.add_argument_group(
+            "recipe overrides",
+            "each replaces the recipe's value (training/recipes.py); an optional feature "
+            '(FLOAT|none) is switched off by "none" or the value its help names',
+        )
+    )
     return parser.parse_args(argv)
 
 
 def resolve_recipe(args):
     """The recipe named by --recipe for --model, with the command line's overrides."""
     recipe = recipes_lib.get_recipe(args.recipe, args.model)
-    changes = {
-        field: getattr(args, field)
-        for field in (
-            "dataset",
-            "epochs",
-            "batch_size",
-            "image_size",
-            "lr",
-            "lr_reference_batch",
-            "min_lr",
-            "warmup_lr",
-            "warmup_epochs",
-            "weight_decay",
-            "drop_path",
-            "label_smoothing",
-            "mixup",
-            "cutmix",
-            "mixup_switch_prob",
-            "random_erasing",
-            "repeated_augmentations",
-            "mixed_precision",
-            "init_weights",
-        )
-        if getattr(args, field) is not None
-    }
-    # Options where a sentinel value switches the feature off.
-    if args.rand_augment is not None:
-        changes["rand_augment_magnitude"] = None if args.rand_augment < 0 else args.rand_augment
-    if args.color_jitter is not None:
-        changes["color_jitter"] = args.color_jitter or None
-    if args.ema is not None:
-        changes["ema_momentum"] = args.ema or None
-    if args.clip_norm is not None:
-        changes["clip_norm"] = args.clip_norm or None
-    if args.backup_every is not None:
-        changes["backup_every"] = (
-            args.backup_every if args.backup_every == "epoch" else int(args.backup_every)
-        )
+    changes = recipes_lib.command_line_overrides(args)
     if args.model_config is not None:
         changes["model"] = "custom"
     return recipes_lib.override(recipe, changes)
