@@ -120,6 +120,30 @@ class HostileCall:
         return (self.func, self.args)
 
 
+def as_numpy(tensor):
+    """A torch tensor (or NumPy array) as the array read_state_dict returns
+    for it: bfloat16 becomes float32."""
+    if not hasattr(tensor, "detach"):
+        return tensor
+    tensor = tensor.detach()
+    if str(tensor.dtype) == "torch.bfloat16":
+        tensor = tensor.float()
+    return tensor.numpy()
+
+
+def assert_same_tensors(arrays, tensors):
+    """`arrays` (from read_state_dict) hold exactly `tensors`: names, shapes,
+    dtypes and values."""
+    import numpy as np
+
+    assert sorted(arrays) == sorted(tensors)
+    for name, tensor in tensors.items():
+        expected = as_numpy(tensor)
+        assert arrays[name].shape == expected.shape, name
+        assert arrays[name].dtype == expected.dtype, name
+        np.testing.assert_array_equal(arrays[name], expected, err_msg=name)
+
+
 def write_torch_like_zip(path, obj, storages=None, archive_name="archive"):
     """Writes `obj` pickled (protocol 2) in torch's zip layout, without torch.
 

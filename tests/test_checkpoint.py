@@ -14,6 +14,8 @@ from keras_coat.checkpoint import CheckpointError, UnsafeCheckpointError, read_s
 from tests._weights_fixtures import (
     Hostile,
     HostileCall,
+    as_numpy,
+    assert_same_tensors,
     run_without_torch,
     write_torch_like_zip,
 )
@@ -43,27 +45,11 @@ def _mixed_state_dict():
     )
 
 
-def _as_numpy(tensor):
-    tensor = tensor.detach()
-    if tensor.dtype == torch.bfloat16:
-        tensor = tensor.float()
-    return tensor.numpy()
-
-
-def _assert_same(arrays, tensors):
-    assert sorted(arrays) == sorted(tensors)
-    for name, tensor in tensors.items():
-        expected = _as_numpy(tensor)
-        assert arrays[name].shape == expected.shape, name
-        assert arrays[name].dtype == expected.dtype, name
-        np.testing.assert_array_equal(arrays[name], expected, err_msg=name)
-
-
 def test_reads_every_dtype_and_layout_exactly(tmp_path):
     state_dict = _mixed_state_dict()
     path = tmp_path / "mixed.pth"
     torch.save(state_dict, path)
-    _assert_same(read_state_dict(path), state_dict)
+    assert_same_tensors(read_state_dict(path), state_dict)
 
 
 def test_unwraps_the_authors_training_checkpoint(tmp_path):
@@ -85,7 +71,7 @@ def test_unwraps_the_authors_training_checkpoint(tmp_path):
         },
         path,
     )
-    _assert_same(read_state_dict(path), state_dict)
+    assert_same_tensors(read_state_dict(path), state_dict)
 
 
 @pytest.mark.parametrize("wrapper", ["state_dict", "module."])
@@ -96,7 +82,7 @@ def test_unwraps_state_dict_key_and_ddp_prefix(tmp_path, wrapper):
         torch.save({"state_dict": state_dict, "epoch": 1}, path)
     else:
         torch.save({"module." + k: v for k, v in state_dict.items()}, path)
-    _assert_same(read_state_dict(path), state_dict)
+    assert_same_tensors(read_state_dict(path), state_dict)
 
 
 def test_reads_safetensors_including_bfloat16(tmp_path):
@@ -110,7 +96,7 @@ def test_reads_safetensors_including_bfloat16(tmp_path):
     }
     path = tmp_path / "model.safetensors"
     save_file(tensors, str(path))
-    _assert_same(read_state_dict(path), tensors)
+    assert_same_tensors(read_state_dict(path), tensors)
 
 
 def test_os_system_pickle_is_refused_and_nothing_runs(tmp_path):
@@ -218,7 +204,7 @@ def test_reader_works_where_torch_cannot_be_imported(tmp_path):
     path = tmp_path / "mixed.pth"
     torch.save({"model": state_dict, "args": argparse.Namespace(a=1)}, path)
     expected = tmp_path / "expected.npz"
-    np.savez(expected, **{k: _as_numpy(v) for k, v in state_dict.items()})
+    np.savez(expected, **{k: as_numpy(v) for k, v in state_dict.items()})
     run_without_torch(f"""
         import numpy as np
         from keras_coat.checkpoint import read_state_dict

@@ -25,7 +25,7 @@ import pytest
 
 from keras_coat import checkpoint
 from keras_coat.checkpoint import CheckpointError, UnsafeCheckpointError, read_state_dict
-from tests._weights_fixtures import REPO_ROOT
+from tests._weights_fixtures import REPO_ROOT, as_numpy, assert_same_tensors
 
 torch = pytest.importorskip("torch")
 
@@ -131,10 +131,7 @@ def good(tmp_path_factory):
         },
         path,
     )
-    expected = {
-        name: (value.float() if value.dtype == torch.bfloat16 else value).numpy()
-        for name, value in model.state_dict().items()
-    }
+    expected = {name: as_numpy(value) for name, value in model.state_dict().items()}
     return path, expected
 
 
@@ -142,13 +139,6 @@ def _snapshot(folder):
     return sorted(
         (entry.name, entry.stat().st_size, entry.stat().st_mtime_ns) for entry in os.scandir(folder)
     )
-
-
-def assert_same(arrays, expected):
-    assert sorted(arrays) == sorted(expected)
-    for name, value in expected.items():
-        assert arrays[name].dtype == value.dtype, name
-        np.testing.assert_array_equal(arrays[name], value, err_msg=name)
 
 
 def assert_refused(path, error, match, good, markers=()):
@@ -167,13 +157,13 @@ def assert_refused(path, error, match, good, markers=()):
         assert not os.path.exists(marker), f"the payload ran: {marker} exists"
     assert _snapshot(folder) == before
     good_path, expected = good
-    assert_same(read_state_dict(good_path), expected)
+    assert_same_tensors(read_state_dict(good_path), expected)
     return info.value
 
 
 def test_the_good_checkpoint_reads_exactly(good):
     path, expected = good
-    assert_same(read_state_dict(path), expected)
+    assert_same_tensors(read_state_dict(path), expected)
 
 
 # ---------------------------------------------------------------------------
@@ -439,11 +429,7 @@ def test_everything_torch_save_writes_is_accepted(tmp_path):
         },
         path,
     )
-    expected = {
-        name: (value.float() if value.dtype == torch.bfloat16 else value).detach().numpy()
-        for name, value in model_state.items()
-    }
-    assert_same(read_state_dict(path), expected)
+    assert_same_tensors(read_state_dict(path), model_state)
 
 
 # ---------------------------------------------------------------------------
@@ -1036,7 +1022,7 @@ def test_nesting_that_needs_no_hashing_still_reads(tmp_path):
     # 20k nested lists (20 times the recursion limit) beside the state dict.
     deep = op("EMPTY_LIST") * 20_000 + op("APPEND") * 19_999
     path = write_pth(tmp_path / "deep_lists.pth", state_dict(("w", tensor()), ("x", deep)))
-    assert_same(read_state_dict(path), {"w": np.arange(4, dtype=np.float32)})
+    assert_same_tensors(read_state_dict(path), {"w": np.arange(4, dtype=np.float32)})
 
 
 def test_big_endian_archives_read_right(tmp_path):

@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from keras_coat.checkpoint import CheckpointError, read_state_dict
+from tests._weights_fixtures import assert_same_tensors
 
 torch = pytest.importorskip("torch")
 
@@ -44,20 +45,6 @@ def _state_dict():
     state["flag"] = torch.tensor([True, False])
     state["t"] = torch.arange(6.0).reshape(2, 3).t()
     return state
-
-
-def _numpy(value):
-    value = value.detach()
-    return (value.float() if value.dtype == torch.bfloat16 else value).numpy()
-
-
-def _assert_same(arrays, tensors):
-    assert sorted(arrays) == sorted(tensors)
-    for name, tensor in tensors.items():
-        expected = _numpy(tensor)
-        assert arrays[name].dtype == expected.dtype, name
-        assert arrays[name].shape == expected.shape, name
-        np.testing.assert_array_equal(arrays[name], expected, err_msg=name)
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +123,7 @@ def test_byte_edits_of_pth_files(seeds, kind, edits):
     arrays = _read(path)
     if arrays is not None:  # every zip entry is CRC-checked: only the original reads
         assert kind == "zip"
-        _assert_same(arrays, seeds["state"])
+        assert_same_tensors(arrays, seeds["state"])
 
 
 def _pickle_op_starts(data):
@@ -212,7 +199,7 @@ def test_member_edits_of_zip_pth_files_agree_with_torch(seeds, edit):
         # The file may now legitimately hold other values: torch's own
         # restricted loader must read it too, and read the same.
         reference = torch.load(path, weights_only=True)
-        _assert_same(arrays, reference)
+        assert_same_tensors(arrays, reference)
 
 
 @FUZZ
@@ -225,4 +212,4 @@ def test_byte_edits_of_safetensors_files_agree_with_the_library(seeds, edits):
     path.write_bytes(data)
     arrays = _read(path)
     if arrays is not None:
-        _assert_same(arrays, load(data))
+        assert_same_tensors(arrays, load(data))
