@@ -264,11 +264,30 @@ def _needs_normalization(model, model_input):
 
 
 def _output_layer(model):
-    """The layer that produces the model's output, looking inside nested models."""
-    operation, _, tensor_index = model.outputs[0]._keras_history
-    while isinstance(operation, keras.Model) and len(operation.outputs) == 1:
-        operation, _, tensor_index = operation.outputs[tensor_index]._keras_history
-    return operation
+    """``(owner, layer)``: the layer computing the model's output (looking inside nested models)
+    and the model it belongs to; ``(None, None)`` for a model that is no layer graph.
+
+    Public API only: a functional model lists its layers in topological order, and each of them
+    feeds its one output, so the last one computes it.
+    """
+    owner, layer = None, model
+    while isinstance(layer, keras.Model):
+        if len(getattr(layer, "outputs", None) or ()) != 1 or not layer.layers:
+            return None, None
+        owner, layer = layer, layer.layers[-1]
+    return owner, layer
+
+
+def _layer_feeding(owner, layer):
+    """The layer of `owner` whose output `layer` takes as input (first calls); None if none."""
+    for candidate in owner.layers:
+        try:
+            outputs = keras.tree.flatten(candidate.output)
+        except AttributeError:  # a layer never called
+            continue
+        if any(output is layer.input for output in outputs):
+            return candidate
+    return None
 
 
 def _activation_name(layer):
@@ -282,11 +301,16 @@ def _needs_softmax(model, model_output):
         )
     if model_output != "auto":
         return model_output == "logits"
-    layer = _output_layer(model)
+    owner, layer = _output_layer(model)
     # A linear Activation layer (e.g. a float32 cast) says nothing; look at what feeds it.
     while isinstance(layer, keras.layers.Activation) and _activation_name(layer) == "linear":
-        inbound = layer._inbound_nodes[0].input_tensors[0]._keras_history.operation
-        layer = inbound
+        layer = _layer_feeding(owner, layer)
+    if layer is None:
+        raise ValueError(
+            "Cannot tell whether the model outputs probabilities or logits: its output layer "
+            "could not be found in its layer graph. The signatures return softmax "
+            "probabilities; pass model_output='probabilities' or 'logits'."
+        )
     if isinstance(layer, keras.layers.Softmax) or _activation_name(layer) == "softmax":
         return False
     if isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense)) and (

@@ -13,27 +13,11 @@ magnitudes far from timm's), and timm's per-pixel noise fill for random erasing.
 import keras
 import tensorflow as tf
 
+from keras_coat._keras_internals import SeedStream
 from keras_coat.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
 PIXEL_RANGE = (0.0, 255.0)
 FILL_GRAY = 128.0  # timm fills geometric ops with (128, 128, 128)
-
-
-class SeedStream(keras.random.SeedGenerator):
-    """A `SeedGenerator` whose draws are fold-ins of one seed tensor, without any state.
-
-    Keras random ops accept a `SeedGenerator` as `seed` and call `next()` once per draw; this one
-    returns `fold_in(seed, 1)`, `fold_in(seed, 2)`, ... (the counter advances while the graph is
-    traced, so each draw site in the graph gets its own constant).
-    """
-
-    def __init__(self, seed):  # no state variable: deliberately not calling super().__init__
-        self._seed = tf.convert_to_tensor(seed)
-        self._draws = 0
-
-    def next(self, ordered=True):
-        self._draws += 1
-        return tf.random.experimental.stateless_fold_in(self._seed, self._draws)
 
 
 def fold_in(seed, *data):

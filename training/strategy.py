@@ -131,35 +131,3 @@ def worker_name(strategy):
     if resolver is None or resolver.task_type is None:
         return "chief"
     return f"{resolver.task_type}-{resolver.task_id}"
-
-
-def prepare_multi_worker_fit(model, element_spec):
-    """Works around Keras 3's `fit` under MultiWorkerMirroredStrategy (keras-team/keras#20585).
-
-    Two steps of Keras' TensorFlow trainer fail there: building state from a first batch averaged
-    with `strategy.reduce` over a nest of per-replica values, and averaging the scalar step logs
-    with `reduce(..., axis=0)`. So the metrics' and optimizer's variables are created here from a
-    local zero batch (leaving that build step nothing to do, and it is skipped), and scalar logs
-    are averaged over replicas with `axis=None`. Call inside `strategy.scope()` after `compile`.
-    """
-    from keras.src.backend.tensorflow import trainer as tf_trainer
-
-    batch = tuple(tf.zeros([1, *spec.shape[1:]], spec.dtype) for spec in element_spec)
-    model._symbolic_build(data_batch=batch)
-    model.optimizer.build(model.trainable_variables)
-    model._maybe_symbolic_build = lambda *args, **kwargs: None
-
-    reduce_per_replica = tf_trainer.reduce_per_replica
-    if getattr(reduce_per_replica, "_multi_worker_scalars", False):
-        return
-
-    def reduce_scalars_across_workers(values, strategy, reduction):
-        if reduction in ("auto", "mean") and is_multi_worker(strategy):
-            return keras.tree.map_structure(
-                lambda v: strategy.reduce("MEAN", v, axis=None if v.shape.rank == 0 else 0),
-                values,
-            )
-        return reduce_per_replica(values, strategy, reduction)
-
-    reduce_scalars_across_workers._multi_worker_scalars = True
-    tf_trainer.reduce_per_replica = reduce_scalars_across_workers

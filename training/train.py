@@ -260,7 +260,9 @@ def main(argv=None):
         model = build_model(recipe, source.num_classes, args.model_config)
         compile_model(model, recipe, steps, args.jit_compile)
         if strategy_lib.is_multi_worker(strategy):
-            strategy_lib.prepare_multi_worker_fit(model, val_ds.element_spec)
+            from keras_coat import _keras_internals
+
+            _keras_internals.patch_multi_worker_fit(model, val_ds.element_spec)
 
     callbacks, metrics_writer = make_callbacks(
         recipe, work_dir, recipe.batch_size, steps, metrics_path, args.seed

@@ -1,0 +1,143 @@
+"""keras_coat._keras_internals: each use of Keras internals works here and fails clearly on a
+Keras that lacks what it relies on; the export reads a model's output kind through public API."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_coat import _keras_internals as internals
+from keras_coat import export as export_lib
+
+
+def _uniform(seed):
+    return keras.ops.convert_to_numpy(keras.random.uniform((3,), seed=internals.SeedStream(seed)))
+
+
+def test_seed_stream_draws_are_a_function_of_the_seed():
+    first = _uniform(tf.constant([1, 2], tf.int64))
+    assert np.array_equal(first, _uniform(tf.constant([1, 2], tf.int64)))
+    assert not np.array_equal(first, _uniform(tf.constant([1, 3], tf.int64)))
+    stream = internals.SeedStream(tf.constant([1, 2], tf.int64))
+    one, two = (keras.random.uniform((3,), seed=stream) for _ in range(2))
+    assert not np.array_equal(one, two)  # each draw folds in its own counter
+
+
+@pytest.fixture
+def fresh_seed_check():
+    internals._check_seed_generators_are_drawn_with_next.cache_clear()
+    yield
+    internals._check_seed_generators_are_drawn_with_next.cache_clear()
+
+
+def test_seed_stream_refuses_a_keras_that_does_not_draw_with_next(monkeypatch, fresh_seed_check):
+    monkeypatch.setattr(keras.random, "uniform", lambda shape, seed=None: keras.ops.zeros(shape))
+    monkeypatch.setattr(keras, "version", lambda: "3.16.0")
+    with pytest.raises(RuntimeError, match=r"SeedStream relies on Keras internals tested on "
+                       r"Keras 3\.8-3\.15; found Keras 3\.16\.0, whose random ops called "
+                       r"SeedGenerator\.next\(\) 0 times"):
+        internals.SeedStream(tf.constant([1, 2], tf.int64))
+
+
+def _compiled_model():
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(inputs))
+    model.compile(optimizer="adam", loss="categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
+def _dataset():
+    x = np.random.default_rng(0).normal(size=(8, 4)).astype("float32")
+    y = np.eye(3, dtype="float32")[np.arange(8) % 3]
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(4)
+
+
+def test_multi_worker_fit_patch_builds_state_and_keeps_fit_working(monkeypatch):
+    from keras.src.backend.tensorflow import trainer
+
+    monkeypatch.setattr(trainer, "reduce_per_replica", trainer.reduce_per_replica)  # restored
+    model, dataset = _compiled_model(), _dataset()
+    internals.patch_multi_worker_fit(model, dataset.element_spec)
+    patched = trainer.reduce_per_replica
+    assert patched._multi_worker_scalars and model.optimizer.built
+    internals.patch_multi_worker_fit(_compiled_model(), dataset.element_spec)
+    assert trainer.reduce_per_replica is patched  # not wrapped twice
+    # Under other strategies the patched reduction is Keras' own.
+    history = model.fit(dataset, epochs=1, verbose=0, shuffle=False)
+    assert np.isfinite(history.history["loss"][0])
+
+
+def test_multi_worker_fit_patch_refuses_an_untested_keras(monkeypatch):
+    monkeypatch.setattr(keras, "version", lambda: "3.16.0")
+    with pytest.raises(RuntimeError, match=r"multi-worker fit patch relies on Keras internals "
+                       r"tested on Keras 3\.8-3\.15; found Keras 3\.16\.0, outside that range"):
+        internals.patch_multi_worker_fit(_compiled_model(), _dataset().element_spec)
+
+
+def test_multi_worker_fit_patch_refuses_a_keras_without_its_internals(monkeypatch):
+    from keras.src.backend.tensorflow import trainer
+
+    monkeypatch.delattr(trainer, "reduce_per_replica")
+    with pytest.raises(RuntimeError, match="which lacks reduce_per_replica"):
+        internals.patch_multi_worker_fit(_compiled_model(), _dataset().element_spec)
+
+
+# ---------------------------------------------------------------------------------------------
+# The export's output detection, with public API only
+
+
+def _functional(*stack):
+    inputs = keras.Input((4,))
+    x = inputs
+    for layer in stack:
+        x = layer(x)
+    return keras.Model(inputs, x)
+
+
+class _SubclassedClassifier(keras.Model):
+    """The KerasHub pattern: a Model subclass built functionally in __init__."""
+
+    def __init__(self, activation, **kwargs):
+        inputs = keras.Input((4,))
+        super().__init__(inputs, keras.layers.Dense(3, activation=activation)(inputs), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "build, needs_softmax",
+    [
+        (lambda: _functional(keras.layers.Dense(3, activation="softmax")), False),
+        (lambda: _functional(keras.layers.Dense(3)), True),
+        (lambda: _functional(keras.layers.Dense(3), keras.layers.Softmax()), False),
+        # A float32 cast after the head (mixed precision) says nothing by itself.
+        (lambda: _functional(keras.layers.Dense(3), keras.layers.Activation("linear")), True),
+        (lambda: _functional(
+            keras.layers.Dense(3, activation="softmax"), keras.layers.Activation("linear")
+        ), False),
+        (lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)]), True),
+        # Nested models, called on the outer model's input.
+        (lambda: _functional(_functional(keras.layers.Dense(3), keras.layers.Softmax())), False),
+        (lambda: _functional(keras.Sequential([keras.layers.Dense(3)])), True),
+        (lambda: _SubclassedClassifier("softmax"), False),
+        (lambda: _SubclassedClassifier(None), True),
+    ],
+)
+def test_output_kind_is_read_through_public_api(build, needs_softmax):
+    assert export_lib._needs_softmax(build(), "auto") is needs_softmax
+
+
+class _CallOnly(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.dense = keras.layers.Dense(3)
+
+    def call(self, x):
+        return self.dense(x)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [lambda: _functional(keras.layers.Dense(3, activation="sigmoid")), lambda: _CallOnly()],
+)
+def test_unknown_output_kinds_ask_for_model_output(build):
+    with pytest.raises(ValueError, match="model_output='probabilities' or 'logits'"):
+        export_lib._needs_softmax(build(), "auto")
