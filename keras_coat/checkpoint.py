@@ -50,10 +50,13 @@ _STATE_DICT_KEYS = ("model", "state_dict")
 # well under 1 MiB and a few ten thousand opcodes, its header a few KiB.
 MAX_PICKLE_BYTES = 16 * 2**20
 MAX_PICKLE_OPCODES = 1_000_000
-MAX_SAFETENSORS_HEADER_BYTES = 16 * 2**20
-# Tuples nest deeper than this nowhere in a checkpoint; hashing a deeper one
-# (a dict key) would recurse in C.
-_MAX_TUPLE_DEPTH = 64
+MAX_SAFETENSORS_HEADER_BYTES = 4 * 2**20
+# Dict keys and set items must be of these types (ints below 2**61 - 1, whose
+# hashes are all distinct): hashing or comparing nested keys recurses in C,
+# and ints, tuples or frozensets crafted to share one hash would make every
+# insertion scan all the others (quadratic time).
+_KEY_TYPES = (str, bytes, int, float, bool, type(None))
+_MAX_KEY_INT = 2**61 - 1
 _MAX_NDIM = 32
 # An empty tensor's other dimensions cost nothing, but NumPy refuses shapes
 # whose product overflows.
@@ -99,7 +102,7 @@ def read_state_dict(path):
             damaged, truncated or oversized file, or no tensors in it. Every
             error names `path`.
     """
-    path = os.fspath(path)
+    path = os.fsdecode(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No checkpoint file at {path!r}.")
     lowered = path.lower()
@@ -688,13 +691,13 @@ def _ordered_dict(args):
     return collections.OrderedDict()
 
 
-def _hashable_items(args, qualname):
+def _set_items(args, qualname):
     if args == ():
         return []
     if len(args) != 1 or type(args[0]) is not list:
         raise CheckpointError(f"{qualname} called with {_short(args)}, not one list.")
     for item in args[0]:
-        _check_hashable(item)
+        _check_key(item)
     return args[0]
 
 
@@ -762,8 +765,8 @@ def _fresh_globals():
     for qualname, call in (
         ("torch._tensor._rebuild_from_type_v2", _rebuild_from_type_v2),
         ("collections.OrderedDict", _ordered_dict),
-        ("builtins.set", lambda args: set(_hashable_items(args, "set"))),
-        ("builtins.frozenset", lambda args: frozenset(_hashable_items(args, "frozenset"))),
+        ("builtins.set", lambda args: set(_set_items(args, "set"))),
+        ("builtins.frozenset", lambda args: frozenset(_set_items(args, "frozenset"))),
         ("builtins.complex", _complex),
         ("builtins.slice", _slice),
         ("builtins.bytearray", _bytearray),
@@ -793,12 +796,15 @@ def _qualname(arg):
     return f"{module}.{name}"
 
 
-def _check_hashable(key):
-    """Refuses what cannot be a dict key or set item (tuple depth is capped)."""
-    try:
-        hash(key)
-    except TypeError as e:
-        raise CheckpointError(f"unhashable {type(key).__name__} used as a key: {e}") from e
+def _check_key(key):
+    """Refuses dict keys and set items other than plain scalars and strings."""
+    if type(key) not in _KEY_TYPES:
+        raise CheckpointError(
+            f"a dict key or set item of type {type(key).__name__}; only str, bytes, int, "
+            "float, bool and None are read."
+        )
+    if type(key) is int and not -_MAX_KEY_INT < key < _MAX_KEY_INT:
+        raise CheckpointError(f"an integer dict key or set item {_short(key)} out of range.")
 
 
 class _Unpickler:
@@ -809,8 +815,8 @@ class _Unpickler:
     opcodes before anything is built. The run then keeps pickle's semantics
     for what remains, narrowed: REDUCE only calls allowlisted stand-ins,
     NEWOBJ and BUILD only make and fill fresh records (BUILD on an OrderedDict
-    drops its attributes), APPEND(S) only extend
-    lists and SETITEM(S) only fill dicts built by this same pickle.
+    drops its attributes), APPEND(S) only extend lists and SETITEM(S) only
+    fill dicts built by this same pickle, with scalar or string keys.
     """
 
     def __init__(self, data, loader):
@@ -862,7 +868,6 @@ class _Unpickler:
         self.stack = []
         self.metastack = []
         self.memo = {}
-        self.tuple_depth = {}  # id(tuple) -> (tuple, nesting depth)
         handlers = {
             "PROTO": lambda arg: None,
             "MARK": self._mark,
@@ -929,15 +934,7 @@ class _Unpickler:
         return items
 
     def _push_tuple(self, items):
-        value = tuple(items)
-        depth = 1 + max(
-            (self.tuple_depth.get(id(item), (None, 1))[1] for item in value if type(item) is tuple),
-            default=0,
-        )
-        if depth > _MAX_TUPLE_DEPTH:
-            raise CheckpointError(f"the pickle nests tuples more than {_MAX_TUPLE_DEPTH} deep.")
-        self.tuple_depth[id(value)] = (value, depth)
-        self.stack.append(value)
+        self.stack.append(tuple(items))
 
     def _extend(self, items):
         target = self._top()
@@ -952,7 +949,7 @@ class _Unpickler:
         if len(items) % 2:
             raise CheckpointError("the pickle sets a key without a value.")
         for i in range(0, len(items), 2):
-            _check_hashable(items[i])
+            _check_key(items[i])
             target[items[i]] = items[i + 1]
 
     def _put(self, index):

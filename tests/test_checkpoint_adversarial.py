@@ -58,7 +58,9 @@ def integer(value):
     if -(2**31) <= value < 2**31:
         return op("BININT") + struct.pack("<i", value)
     data = pickle.encode_long(value)
-    return op("LONG1") + bytes([len(data)]) + data
+    if len(data) < 256:
+        return op("LONG1") + bytes([len(data)]) + data
+    return op("LONG4") + struct.pack("<i", len(data)) + data
 
 
 def tup(*parts):
@@ -593,7 +595,7 @@ def _bomb_safetensors_header_size(folder):
 
 def _bomb_safetensors_big_header(folder):
     path = folder / "big_header.safetensors"
-    header = b"{" + b" " * (17 * 2**20) + b"}"
+    header = b"{" + b" " * checkpoint.MAX_SAFETENSORS_HEADER_BYTES + b"}"
     path.write_bytes(struct.pack("<Q", len(header)) + header)
     return path, "header claims"
 
@@ -811,7 +813,7 @@ def _two_pickles(folder):
 
 
 def _huge_int_key(folder):
-    # No tensors, and a key whose str() Python refuses (> 4300 digits).
+    # A key whose str() Python refuses (> 4300 digits).
     key = pickle.encode_long(10**5000)
     data = b"\x80\x02" + op("EMPTY_DICT") + op("LONG4") + struct.pack("<i", len(key)) + key
     return write_pth(folder / "huge_key.pth", data + op("NONE") + op("SETITEM") + op("STOP"))
@@ -825,18 +827,25 @@ def _tensor_with(*args, rebuild=_TENSOR_V2):
     return call(rebuild, *args)
 
 
+def _colliding_keys(key):
+    """A state dict beside {key(k): None for k in 1..20000}."""
+    items = b"".join(key(k) + op("NONE") for k in range(1, 20_001))
+    nested = op("EMPTY_DICT") + op("MARK") + items + op("SETITEMS")
+    return state_dict(("w", tensor()), ("x", nested))
+
+
 MALFORMED = {
     # TypeError inside the pickle.
     "rebuild-arity": (_pth("arity", state_dict(("w", _tensor_with(storage())))), "bad arguments"),
     "unhashable-key": (
         _pth("unhashable", state_dict(("w", tensor()))[:-1] + op("EMPTY_LIST") + op("NONE")
              + op("SETITEM") + op("STOP")),  # fmt: skip
-        "unhashable list",
+        "of type list",
     ),
     "set-of-lists": (
         _pth("set_of_lists", state_dict(("w", tensor()), ("s", call(glob("__builtin__", "set"),
              op("EMPTY_LIST") + op("EMPTY_LIST") + op("APPEND"))))),  # fmt: skip
-        "unhashable list",
+        "of type list",
     ),
     "size-as-list": (
         _pth("size_list", state_dict(("w", _tensor_with(storage(), integer(0),
@@ -869,7 +878,18 @@ MALFORMED = {
     "deep-tuple-key": (
         _pth("deep_tuple", state_dict(("w", tensor()))[:-1] + op("EMPTY_TUPLE")
              + op("TUPLE1") * 100_000 + op("NONE") + op("SETITEM") + op("STOP")),  # fmt: skip
-        "nests tuples",
+        "of type tuple",
+    ),
+    # Hash flooding: keys crafted to share one hash make each insertion scan
+    # all earlier ones (hours for the 1M opcodes a pickle may hold).
+    "colliding-int-keys": (_pth("colliding_ints", _colliding_keys(
+        lambda k: integer(k * (2**61 - 1)))), "out of range"),  # fmt: skip
+    "tuple-keys": (_pth("tuple_keys", _colliding_keys(
+        lambda k: tup(integer(k), integer(0)))), "of type tuple"),  # fmt: skip
+    "frozenset-of-tuples": (
+        _pth("frozenset", state_dict(("w", tensor()), ("s", call(glob("__builtin__", "frozenset"),
+             op("EMPTY_LIST") + tup(integer(1)) + op("APPEND"))))),  # fmt: skip
+        "of type tuple",
     ),
     # zipfile: zlib.error / bad CRC, encryption (RuntimeError), unknown
     # methods (NotImplementedError), bad UTF-8 names (UnicodeDecodeError).
@@ -930,7 +950,9 @@ MALFORMED = {
     "no-pickle": (lambda folder: _zip(folder / "nopickle.pth", {"a/b": b"x"}), "found 0"),
     "top-level-list": (_pth("list", b"\x80\x02" + op("EMPTY_LIST") + op("STOP")), "hold a dict"),
     "no-tensors": (_pth("no_tensors", state_dict(("epoch", integer(3)))), "no tensors"),
-    "huge-int-key": (_huge_int_key, "no tensors"),
+    "huge-int-key": (_huge_int_key, "out of range"),
+    # An integer str() refuses (> 4300 digits) must not break the message.
+    "huge-int-size": (_pth("huge_size", state_dict(("w", tensor(size=(10**5000,))))), "<int>"),
     # safetensors: struct.error for short files, JSON errors, and the
     # library's own layout checks (dtypes NumPy lacks: below).
     "st-short": (lambda folder: _write(folder / "short.safetensors", b"\x05\x00"), "no header"),
@@ -1019,9 +1041,11 @@ def test_zip_and_json_errors_keep_their_cause(tmp_path):
 
 
 def test_nesting_that_needs_no_hashing_still_reads(tmp_path):
-    # 20k nested lists (20 times the recursion limit) beside the state dict.
-    deep = op("EMPTY_LIST") * 20_000 + op("APPEND") * 19_999
-    path = write_pth(tmp_path / "deep_lists.pth", state_dict(("w", tensor()), ("x", deep)))
+    # 20k nested lists and tuples (20 times the recursion limit) as values.
+    lists = op("EMPTY_LIST") * 20_000 + op("APPEND") * 19_999
+    tuples = op("EMPTY_TUPLE") + op("TUPLE1") * 20_000
+    data = state_dict(("w", tensor()), ("x", lists), ("y", tuples))
+    path = write_pth(tmp_path / "deep.pth", data)
     assert_same_tensors(read_state_dict(path), {"w": np.arange(4, dtype=np.float32)})
 
 
