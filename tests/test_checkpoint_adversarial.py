@@ -877,7 +877,7 @@ MALFORMED = {
     # RecursionError: hashing a deeply nested tuple.
     "deep-tuple-key": (
         _pth("deep_tuple", state_dict(("w", tensor()))[:-1] + op("EMPTY_TUPLE")
-             + op("TUPLE1") * 100_000 + op("NONE") + op("SETITEM") + op("STOP")),  # fmt: skip
+             + op("TUPLE1") * 20_000 + op("NONE") + op("SETITEM") + op("STOP")),  # fmt: skip
         "of type tuple",
     ),
     # Hash flooding: keys crafted to share one hash make each insertion scan
