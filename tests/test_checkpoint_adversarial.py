@@ -17,6 +17,7 @@ import os
 import pickle
 import pickletools
 import struct
+import sys
 import zipfile
 import zlib
 
@@ -661,7 +662,6 @@ print(json.dumps(results))
 def bomb_results(tmp_path_factory, good):
     """Reads every bomb in one subprocess under an address-space limit."""
     import subprocess
-    import sys
 
     folder = tmp_path_factory.mktemp("bombs")
     cases, matches = {}, {}
@@ -694,6 +694,12 @@ def bomb_results(tmp_path_factory, good):
     return cases, matches, json.loads(result.stdout)
 
 
+_LINUX_ONLY = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc/self/status"
+)
+
+
+@_LINUX_ONLY
 @pytest.mark.parametrize("bomb", sorted(BOMBS))
 def test_memory_bombs_are_refused_under_an_address_space_limit(bomb_results, bomb):
     cases, matches, results = bomb_results
@@ -704,6 +710,7 @@ def test_memory_bombs_are_refused_under_an_address_space_limit(bomb_results, bom
     assert good_ok
 
 
+@_LINUX_ONLY
 def test_the_memory_limit_stops_what_a_bomb_asks_for(bomb_results):
     # So a reader that allocated what any bomb above claims would fail.
     assert bomb_results[2]["control"] == "MemoryError"
