@@ -1,8 +1,6 @@
 """keras-coat: CoaT (Co-scale conv-attentional image Transformers) for Keras 3."""
 
-from keras_coat.imagenet import decode_predictions, preprocess_input
-from keras_coat.models import (
-    MODEL_CONFIGS,
+from keras_coat.applications import (
     CoaT,
     CoaTLiteMedium,
     CoaTLiteMini,
@@ -13,10 +11,14 @@ from keras_coat.models import (
     CoaTTiny,
     create_model,
 )
+from keras_coat.imagenet import decode_predictions, preprocess_input
+from keras_coat.models import MODEL_CONFIGS, CoaTBackbone, CoaTImageClassifier
 
 __version__ = "0.1.0"
 __all__ = [
     "CoaT",
+    "CoaTBackbone",
+    "CoaTImageClassifier",
     "CoaTLiteMedium",
     "CoaTLiteMini",
     "CoaTLiteSmall",

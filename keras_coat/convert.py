@@ -1,7 +1,8 @@
 """PyTorch (authors' and timm's) names and layouts -> Keras weights of a CoaT model.
 
-Needs numpy only (no torch): `keras_coat.weights` uses it at run time and `conversion/` on the
-command line.
+Needs numpy only (no torch): `keras_coat.loading` uses it at run time and `conversion/` on the
+command line. It maps names and layouts onto the layers of a model it is given (it knows the layer
+classes, not the models).
 
 The accounting is strict. Every Keras weight is assigned exactly once; every source tensor is
 used, or is one the reference keeps but never uses; anything else is an error that names the key.
@@ -200,86 +201,3 @@ def assign_state_dict(model, state_dict):
         values.append(value)
     for (variable, _, _), value in zip(plan, values):
         variable.assign(value.astype(variable.dtype))
-
-
-def transfer_weights(source, target):
-    """Copies weights from `source` to `target` layer by layer name, strictly.
-
-    Every layer of `target` that has weights must exist in `source` with the same weight shapes;
-    `source` may have more layers (a classifier's head when `target` is a backbone).
-    """
-    source_layers = {layer.name: layer for layer in source.layers}
-    assignments = []
-    for layer in target.layers:
-        if not layer.weights:
-            continue
-        if layer.name not in source_layers:
-            raise ConversionError(
-                f"The source model has no layer {layer.name!r}; is it another variant?"
-            )
-        for variable, value in zip(layer.weights, source_layers[layer.name].weights):
-            if tuple(value.shape) != tuple(variable.shape):
-                raise ConversionError(
-                    f"Shape mismatch for {variable.path!r}: the source has {tuple(value.shape)}, "
-                    f"the target needs {tuple(variable.shape)}."
-                )
-            assignments.append((variable, value))
-    for variable, value in assignments:
-        variable.assign(value)
-
-
-def load_weights_h5(model, path):
-    """Loads a `.weights.h5` saved from a CoaT model (`model.save_weights`) into `model`.
-
-    Models of the same architecture load directly. A model without the classifier
-    (`include_top=False`) also loads the file of the full model: a full twin is built from the
-    model's build arguments, loaded, and its weights are transferred by layer name (the head is
-    dropped).
-    """
-    layer_names = {layer.name for layer in model.layers}
-    build_kwargs = getattr(model, "_coat_build_kwargs", None)
-    if "head" in layer_names or build_kwargs is None:
-        _keras_load_weights(model, path)
-        return
-    from keras_coat.models import CoaT
-
-    full = CoaT(
-        **{
-            **build_kwargs,
-            "include_top": True,
-            "pooling": None,
-            "weights": None,
-            "input_tensor": None,
-            "classes": _head_classes(path),
-            "classifier_activation": None,
-        }
-    )
-    _keras_load_weights(full, path)
-    transfer_weights(full, model)
-
-
-def _keras_load_weights(model, path):
-    try:
-        model.load_weights(path)
-    except (ValueError, KeyError) as error:
-        raise ConversionError(
-            f"Could not load {path!r} into {model.name!r}: {error}. Was the file saved from a "
-            "model of another variant or with another number of classes?"
-        ) from error
-
-
-def _head_classes(path):
-    """Number of classes of the head stored in a CoaT `.weights.h5` (1000 if not found).
-
-    Keras names the groups of a functional model's layers after their classes, in build order;
-    the head is the last Dense layer CoaT builds.
-    """
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        groups = f.get("layers", {})
-        dense = [k for k in groups if re.fullmatch(r"dense(_\d+)?", k)]
-        if not dense:
-            return 1000
-        last = max(dense, key=lambda k: int(k.rsplit("_", 1)[1]) if "_" in k else 0)
-        return int(groups[last]["vars"]["1"].shape[0])

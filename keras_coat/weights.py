@@ -1,7 +1,7 @@
 """The published CoaT ImageNet checkpoints: where they are, how to fetch them safely.
 
-`load_imagenet_weights(model, checkpoint_name)` (called by the factories for
-``weights="imagenet"``):
+`ensure_converted_weights(checkpoint_name, converter)` (called through
+`keras_coat.loading` by the factories for ``weights="imagenet"``):
 
 1. finds the checkpoint's URL and SHA-256 in `CHECKPOINTS`, or in the JSON
    manifest named by the ``KERAS_COAT_WEIGHTS_MANIFEST`` environment variable,
@@ -15,12 +15,15 @@
    or a prefix of at least 8 hex digits;
 2. if the converted weights are already cached
    (``$KERAS_HOME/models/keras_coat/<name>-<sha8>-v1.weights.h5``, ``KERAS_HOME``
-   defaulting to ``~/.keras``), loads them: no network access at all;
+   defaulting to ``~/.keras``), returns them: no network access at all;
 3. otherwise downloads the checkpoint with `keras.utils.get_file` to a
    temporary file beside the cache, checks its SHA-256, reads it without
-   running anything from it (`keras_coat.checkpoint`), converts it into a
-   full 1000-class model (`keras_coat.convert`), saves that model's weights
-   to the cache and loads them into `model` (with or without its head).
+   running anything from it (`keras_coat.checkpoint`) and hands it to the
+   caller's `converter`, which writes the converted ``.weights.h5`` that is
+   then moved into the cache.
+
+This module knows nothing of models or conversion: `keras_coat.loading`
+passes the converter and loads the cached file into a model.
 
 Every file appears in the cache under its final name only when complete and
 verified (temporary file in the same folder, then `os.replace`), and a lock
@@ -41,7 +44,6 @@ import urllib.parse
 import uuid
 
 from keras_coat.checkpoint import SUPPORTED_EXTENSIONS, read_state_dict
-from keras_coat.imagenet import NUM_CLASSES
 
 __all__ = [
     "BASE_URL",
@@ -53,8 +55,8 @@ __all__ = [
     "cache_dir",
     "cached_weights_path",
     "checkpoint_table",
+    "discard_cached_weights",
     "ensure_converted_weights",
-    "load_imagenet_weights",
     "variant_of",
 ]
 
@@ -227,77 +229,9 @@ def cached_weights_path(checkpoint_name):
     return os.path.join(cache_dir(), f"{_stem(entry)}-v{CACHE_FORMAT}.weights.h5")
 
 
-def load_imagenet_weights(model, checkpoint_name):
-    """Loads the ImageNet weights `checkpoint_name` into a CoaT `model`.
-
-    `model` is a model of the checkpoint's variant, with or without its
-    1000-class head, at any input size. See the module docstring for the
-    download, verification and caching steps.
-
-    Raises:
-        ValueError: unknown checkpoint, a model without 3 input channels, or
-            a head with other than 1000 classes.
-        ManifestError: the manifest in ``KERAS_COAT_WEIGHTS_MANIFEST`` is
-            unusable or lacks the checkpoint.
-        WeightsDownloadError: the download failed or its SHA-256 differs.
-        keras_coat.checkpoint.UnsafeCheckpointError: the file asks to run
-            code; nothing from it was run.
-        keras_coat.convert.ConversionError: the checkpoint does not fit the
-            variant.
-    """
-    from keras_coat import convert
-
-    _check_model(model, checkpoint_name)
-    path = ensure_converted_weights(checkpoint_name, _convert_to_weights_file)
-    try:
-        convert.load_weights_h5(model, path)
-    except OSError:
-        # Cache files are written whole, so this one was damaged afterwards
-        # (disk, a user's edit): replace it once.
-        _remove(path)
-        path = ensure_converted_weights(checkpoint_name, _convert_to_weights_file)
-        convert.load_weights_h5(model, path)
-
-
-def _check_model(model, checkpoint_name):
-    _check_name(checkpoint_name)
-    channels = model.inputs[0].shape[-1] if model.inputs else None
-    if channels != 3:
-        raise ValueError(
-            f"The ImageNet weights {checkpoint_name!r} expect RGB input with 3 channels; the "
-            f"model's input has {channels}."
-        )
-    head = _find_layer(model, "head")
-    units = getattr(head, "units", None)
-    if head is not None and units != NUM_CLASSES:
-        raise ValueError(
-            f"The ImageNet weights {checkpoint_name!r} have a {NUM_CLASSES}-class head; the "
-            f"model's head has {units} classes. Build it with include_top=False (and add your "
-            "own head), or with classes=1000."
-        )
-
-
-def _find_layer(model, name):
-    try:
-        return model.get_layer(name)
-    except ValueError:
-        return None
-
-
-def _convert_to_weights_file(checkpoint_name, state_dict, path):
-    """Converts `state_dict` into a full 1000-class model and saves its weights to `path`."""
-    from keras_coat import convert, create_model
-
-    variant = variant_of(checkpoint_name)
-    reference = create_model(variant, weights=None, classes=NUM_CLASSES)
-    try:
-        convert.assign_state_dict(reference, state_dict)
-    except convert.ConversionError as e:
-        raise convert.ConversionError(
-            f"The checkpoint {resolve(checkpoint_name).url} given for {checkpoint_name!r} does "
-            f"not fit the {variant} model (if {MANIFEST_ENV} is set, check its entry): {e}"
-        ) from e
-    reference.save_weights(path)
+def discard_cached_weights(checkpoint_name):
+    """Deletes the cached converted weights of `checkpoint_name` (found damaged by a reader)."""
+    _remove(cached_weights_path(checkpoint_name))
 
 
 def ensure_converted_weights(checkpoint_name, converter):

@@ -119,6 +119,21 @@ def test_input_tensor_is_used_as_the_input():
     assert model.inputs[0] is inputs
 
 
+def test_factories_return_the_model_classes():
+    backbone = keras_coat.CoaT(**TINY_LITE, input_shape=(64, 64, 3), include_top=False)
+    assert type(backbone) is keras_coat.CoaTBackbone and backbone.pooling is None
+    classifier = keras_coat.CoaT(**TINY_LITE, input_shape=(64, 64, 3), classes=3)
+    assert type(classifier) is keras_coat.CoaTImageClassifier
+    assert classifier.backbone.pooling == "token"
+    # An input computed by other layers: the CoaT model is called on it.
+    inputs = keras.Input((64, 64, 3))
+    model = keras_coat.CoaT(**TINY_LITE, input_tensor=keras.layers.Rescaling(1.0)(inputs),
+                            classes=3)
+    assert model.inputs[0] is inputs
+    assert isinstance(model.layers[-1], keras_coat.CoaTImageClassifier)
+    assert model.output_shape == (None, 3)
+
+
 def test_include_preprocessing_is_imagenet_normalization_inside_the_model():
     with_pre = keras_coat.CoaT(**TINY_COAT, input_shape=(64, 64, 3), classes=5)
     without = keras_coat.CoaT(
@@ -196,17 +211,30 @@ def test_drop_path_is_stochastic_in_training_only():
 
 
 @pytest.mark.parametrize("config", [TINY_LITE, TINY_COAT], ids=["lite", "coat"])
-def test_keras_file_roundtrip_keeps_outputs_and_weight_sharing(config, tmp_path):
+def test_keras_file_roundtrip_keeps_class_outputs_pyramid_and_weight_sharing(config, tmp_path):
     model = keras_coat.CoaT(**config, input_shape=(64, 96, 3), classes=6)
     x = _images(2, 64, 96)
     expected = _np(model(x))
+    expected_pyramid = keras.Model(model.inputs, model.pyramid_outputs)(x)
     path = tmp_path / "model.keras"
     model.save(path)
     restored = keras.models.load_model(path)
+    assert type(restored) is keras_coat.CoaTImageClassifier
+    assert type(restored.backbone) is keras_coat.CoaTBackbone
     np.testing.assert_array_equal(_np(restored(x)), expected)
+    pyramid = keras.Model(restored.inputs, restored.pyramid_outputs)(x)
+    for level in ("P2", "P3", "P4", "P5"):
+        np.testing.assert_array_equal(_np(pyramid[level]), _np(expected_pyramid[level]))
     assert restored.count_params() == model.count_params()
     # Shared layers stay shared: one CPE per scale, called by every block.
     assert sum(layer.name == "cpe2" for layer in restored.layers) == 1
+
+    backbone_path = tmp_path / "backbone.keras"
+    model.backbone.save(backbone_path)
+    backbone = keras.models.load_model(backbone_path)
+    assert type(backbone) is keras_coat.CoaTBackbone
+    assert list(backbone.pyramid_outputs) == ["P2", "P3", "P4", "P5"]
+    np.testing.assert_array_equal(_np(backbone(x)), _np(model.backbone(x)))
 
 
 def test_weights_h5_roundtrip_and_loading_into_a_headless_model(tmp_path):
@@ -233,12 +261,14 @@ def test_real_variant_roundtrip_through_keras_file(tmp_path):
     x = _images(1, 64, 64)
     path = tmp_path / "coat_tiny.keras"
     model.save(path)
-    np.testing.assert_array_equal(_np(keras.models.load_model(path)(x)), _np(model(x)))
+    restored = keras.models.load_model(path)
+    assert type(restored) is keras_coat.CoaTImageClassifier
+    np.testing.assert_array_equal(_np(restored(x)), _np(model(x)))
 
 
 def test_public_api():
     names = {
-        "CoaT", "CoaTLiteTiny", "CoaTLiteMini", "CoaTLiteSmall", "CoaTLiteMedium", "CoaTTiny",
+        "CoaT", "CoaTBackbone", "CoaTImageClassifier", "CoaTLiteTiny", "CoaTLiteMini", "CoaTLiteSmall", "CoaTLiteMedium", "CoaTTiny",
         "CoaTMini", "CoaTSmall", "create_model", "MODEL_CONFIGS", "preprocess_input",
         "decode_predictions", "export_saved_model",
     }

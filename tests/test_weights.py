@@ -521,6 +521,7 @@ def test_checkpoint_of_another_variant(
 @pytest.mark.slow
 def test_model_checks_before_any_download(monkeypatch, tmp_path):
     import keras_coat
+    from keras_coat.loading import load_imagenet_weights
 
     use_manifest(
         monkeypatch, tmp_path, {"coat_lite_tiny": {"url": closed_port_url(), "sha256": "e88e96b0"}}
@@ -529,12 +530,12 @@ def test_model_checks_before_any_download(monkeypatch, tmp_path):
         keras_coat.CoaTLiteTiny(weights="imagenet", classes=10)
     ten_classes = keras_coat.CoaTLiteTiny(weights=None, classes=10)
     with pytest.raises(ValueError, match="1000-class head.*10 classes"):
-        weights.load_imagenet_weights(ten_classes, "coat_lite_tiny")
+        load_imagenet_weights(ten_classes, "coat_lite_tiny")
     gray = keras_coat.CoaTLiteTiny(
         weights=None, input_shape=(64, 64, 1), include_preprocessing=False
     )
     with pytest.raises(ValueError, match="3 channels"):
-        weights.load_imagenet_weights(gray, "coat_lite_tiny")
+        load_imagenet_weights(gray, "coat_lite_tiny")
     with pytest.raises(ValueError, match="Unknown CoaT checkpoint"):
-        weights.load_imagenet_weights(ten_classes, "coat_lite_huge")
+        load_imagenet_weights(ten_classes, "coat_lite_huge")
     assert _cache_is_clean(tmp_path)
