@@ -179,19 +179,25 @@ def save_authors_checkpoint(model, path, epoch=3):
     return str(path)
 
 
+def import_blocker(package):
+    """Python source that makes ``import <package>`` (and its submodules) fail."""
+    return textwrap.dedent(f"""
+        import sys
+
+        class _Block:
+            def find_spec(self, name, path=None, target=None):
+                if name == {package!r} or name.startswith({package + "."!r}):
+                    raise ModuleNotFoundError(f"No module named {{name!r}} (blocked)", name=name)
+                return None
+
+        sys.meta_path.insert(0, _Block())
+        """)
+
+
 # Prepended to code run by `run_without_torch`: any import of torch fails as
 # if it were not installed (while `sys.modules` stays free of it, as libraries
 # probing for torch expect).
-_BLOCK_TORCH = textwrap.dedent("""
-    import sys
-
-    class _NoTorch:
-        def find_spec(self, name, path=None, target=None):
-            if name == "torch" or name.startswith("torch."):
-                raise ModuleNotFoundError(f"No module named {name!r} (blocked)", name=name)
-            return None
-
-    sys.meta_path.insert(0, _NoTorch())
+_BLOCK_TORCH = import_blocker("torch") + textwrap.dedent("""
     try:
         import torch
     except ImportError:

@@ -19,6 +19,7 @@ from keras import ops
 
 import keras_coat
 from keras_coat.convert import ConversionError
+from tests._weights_fixtures import import_blocker
 
 PACKAGE_DIR = os.path.dirname(keras_coat.__file__)
 REPO_ROOT = os.path.dirname(PACKAGE_DIR)
@@ -246,22 +247,15 @@ def test_the_package_imports_in_one_direction():
 
 def test_imports_in_functions_count_for_the_import_graph(tmp_path):
     source = tmp_path / "module.py"
-    source.write_text("def f():\n    from keras_coat import weights\n    import keras_coat.models\n")
+    source.write_text(
+        "def f():\n    from keras_coat import weights\n    import keras_coat.models\n"
+    )
     assert _imports(str(source), "keras_coat") == {"weights", "models"}
 
 
 @pytest.mark.slow
 def test_the_package_works_without_keras_hub(tmp_path):
-    program = textwrap.dedent(f"""
-        import sys
-
-        class NoKerasHub:
-            def find_spec(self, name, path=None, target=None):
-                if name == "keras_hub" or name.startswith("keras_hub."):
-                    raise ModuleNotFoundError(f"No module named {{name!r}} (blocked)", name=name)
-                return None
-
-        sys.meta_path.insert(0, NoKerasHub())
+    program = import_blocker("keras_hub") + textwrap.dedent(f"""
         import keras
         import numpy as np
         import keras_coat
