@@ -71,17 +71,34 @@ def build_parser():
 
 
 def save_weights_atomically(model, path):
-    """Writes `model`'s weights to `path` through a temporary file in the same directory."""
+    """Writes `model`'s weights to `path` through a temporary file in the same directory.
+
+    On failure nothing is left: no temporary file, and no folder this call created.
+    """
     folder = os.path.dirname(os.path.abspath(path))
+    created = []
+    parent = folder
+    while not os.path.isdir(parent):
+        created.append(parent)
+        parent = os.path.dirname(parent)
     os.makedirs(folder, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=".converting-", suffix=".weights.h5", dir=folder)
-    os.close(handle)
+    temporary = None
     try:
+        handle, temporary = tempfile.mkstemp(
+            prefix=".converting-", suffix=".weights.h5", dir=folder
+        )
+        os.close(handle)
         model.save_weights(temporary, overwrite=True)
         os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
+    except BaseException:
+        if temporary and os.path.exists(temporary):
             os.remove(temporary)
+        for directory in created:  # deepest first
+            try:
+                os.rmdir(directory)
+            except OSError:
+                break
+        raise
 
 
 def verify_against_reference(model, state_dict, variant, input_size, batch, seed=0):
@@ -111,13 +128,24 @@ def verify_against_reference(model, state_dict, variant, input_size, batch, seed
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.batch < 1:
+        parser.error(f"--batch must be a positive integer, got {args.batch}")
+    if not 0.0 <= args.tolerance < float("inf"):  # also refuses nan
+        parser.error(f"--tolerance must be a finite number >= 0, got {args.tolerance}")
     if not args.output.endswith(".weights.h5"):
         sys.exit(f"error: --output must end with .weights.h5 (got {args.output!r})")
     if os.path.exists(args.output) and not args.overwrite:
         sys.exit(f"error: {args.output!r} exists; pass --overwrite to replace it")
     if not os.path.isfile(args.source):
-        sys.exit(f"error: the checkpoint {args.source!r} does not exist")
+        sys.exit(f"error: the checkpoint {args.source!r} does not exist or is not a file")
+    from keras_coat._files import check_can_create_folder
+
+    try:
+        check_can_create_folder(os.path.dirname(os.path.abspath(args.output)), repr(args.output))
+    except OSError as error:
+        sys.exit(f"error: {error}")
     if args.verify and "timm" not in sys.modules:
         sys.exit("error: --verify needs timm and torch: pip install 'keras-coat[conversion]'")
 
@@ -135,7 +163,9 @@ def main(argv=None):
         )
         assign_state_dict(model, state_dict)
     except (CheckpointError, ConversionError) as error:
-        sys.exit(f"error: {args.source}: {error}")
+        sys.exit(_one_line(f"error: {args.source}: {error}"))
+    except OSError as error:  # unreadable source
+        sys.exit(_one_line(f"error: {args.source}: {error}"))
     print(f"converted {len(state_dict)} tensors into {args.model} "
           f"({model.count_params():,} parameters)")
 
@@ -148,9 +178,16 @@ def main(argv=None):
         if not difference <= args.tolerance:
             sys.exit("error: the converted model does not match the reference; nothing written")
 
-    save_weights_atomically(model, args.output)
+    try:
+        save_weights_atomically(model, args.output)
+    except OSError as error:  # disk full, folder removed meanwhile, ...
+        sys.exit(_one_line(f"error: cannot write {args.output!r}: {error}"))
     print(f"wrote {args.output}")
     return 0
+
+
+def _one_line(message):
+    return " ".join(message.split())
 
 
 if __name__ == "__main__":

@@ -22,7 +22,21 @@ DEFAULT_IMAGE_SIZE = 224
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except (ValueError, OSError) as e:
+        # The package's errors (bad weights files, checkpoints, manifests, downloads, images)
+        # are ValueError or OSError subclasses whose message names the file and the problem.
+        _error(e)
+        return 1
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+
+
+def _error(message):
+    """Prints ``error: <message>`` as one line on stderr."""
+    print("error: " + " ".join(str(message).split()), file=sys.stderr)
 
 
 def build_parser():
@@ -50,6 +64,17 @@ def _positive_int(text):
         value = 0
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+# Largest --image-size: the model input (and every decoded image) is image_size^2 pixels.
+MAX_INPUT_SIZE = 2048
+
+
+def _input_size(text):
+    value = _positive_int(text)
+    if value > MAX_INPUT_SIZE:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_INPUT_SIZE}, got {text!r}")
     return value
 
 
@@ -90,7 +115,7 @@ def _add_predict_command(subparsers):
     )
     parser.add_argument(
         "--image-size",
-        type=_positive_int,
+        type=_input_size,
         default=DEFAULT_IMAGE_SIZE,
         help="input resolution (default 224; 384 selects the 384 checkpoint of coat_lite_medium)",
     )
@@ -115,14 +140,15 @@ def _predict(args):
     from keras_coat.imagenet import NUM_CLASSES, decode_predictions, load_image
 
     if args.top > NUM_CLASSES:
-        print(f"error: --top must be at most {NUM_CLASSES}", file=sys.stderr)
+        _error(f"--top must be at most {NUM_CLASSES}")
         return 2
     images = []
     for path in args.images:
         try:
             images.append(load_image(path, image_size=args.image_size, crop_pct=args.crop_pct))
-        except (OSError, ValueError) as e:  # missing file, not an image
-            print(f"error: cannot read image {path!r}: {e}", file=sys.stderr)
+        except (OSError, ValueError) as e:  # missing file, not an image, too large
+            named = path in str(e)  # Pillow's and load_image's messages usually name it
+            _error(f"cannot read image: {e}" if named else f"cannot read image {path!r}: {e}")
             return 1
     model = create_model(
         args.model,
@@ -172,7 +198,7 @@ def _info(args):
     try:
         table = weights.checkpoint_table()
     except weights.ManifestError as e:
-        print(f"error: {e}", file=sys.stderr)
+        _error(e)
         return 1
     print(f"{'variant':<18} {'params':>11} {'GFLOPs':>7} {'top-1':>6}  checkpoints")
     for variant, config in MODEL_CONFIGS.items():
@@ -229,7 +255,7 @@ def _add_export_command(subparsers):
     parser.add_argument("--version", type=_positive_int, default=1, help="version (default 1)")
     parser.add_argument(
         "--image-size",
-        type=_positive_int,
+        type=_input_size,
         default=None,
         help="input resolution, a multiple of 32 (default 224; 384 with coat_lite_medium "
         "selects its 384 checkpoint)",
@@ -251,7 +277,7 @@ def _add_export_command(subparsers):
 
 def _export(args):
     if not args.output:
-        print("error: the export needs --output DIR", file=sys.stderr)
+        _error("the export needs --output DIR")
         return 2
     from keras_coat.export import export_command
 
@@ -267,7 +293,7 @@ def _export(args):
             overwrite=args.overwrite,
         )
     except (ValueError, OSError) as e:  # bad arguments, existing version, unreadable files
-        print(f"error: {e}", file=sys.stderr)
+        _error(e)
         return 1
     return 0
 

@@ -14,6 +14,7 @@
 import functools
 import json
 import math
+import warnings
 from importlib import resources
 
 import numpy as np
@@ -23,6 +24,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "MAX_IMAGE_PIXELS",
     "MAX_IMAGE_SIDE",
+    "MAX_RESIZED_PIXELS",
     "IMAGENET_STD",
     "NUM_CLASSES",
     "class_names",
@@ -45,6 +47,10 @@ DEFAULT_CROP_PCT = 224 / 256
 # bounds the working memory of extreme aspect ratios.
 MAX_IMAGE_PIXELS = 64_000_000
 MAX_IMAGE_SIDE = 16384
+# Largest resized image `load_image` accepts before its center crop (an extreme aspect ratio
+# resized so that its shorter side covers the crop would be enormous; on backends other than
+# TensorFlow the resize is not limited to the crop window).
+MAX_RESIZED_PIXELS = 16_000_000
 
 
 def preprocess_input(x):
@@ -159,15 +165,55 @@ def load_image(path, image_size=224, crop_pct=DEFAULT_CROP_PCT):
 
     Returns:
         A float32 NumPy array of shape ``(height, width, 3)`` with integer values in [0, 255].
+
+    Raises:
+        ValueError: the image's header declares more than `MAX_IMAGE_PIXELS` pixels or
+            `MAX_IMAGE_SIDE` per side (checked before decoding), or its aspect ratio is so
+            extreme that the resized image would exceed `MAX_RESIZED_PIXELS`.
+        OSError: the file is missing or not an image Pillow reads.
     """
     from keras import ops
     from PIL import Image
 
-    _image_size(image_size)
+    height, width = _image_size(image_size)
     _check_crop_pct(crop_pct)
-    with Image.open(path) as image:
+    if max(height, width) > MAX_IMAGE_SIDE:
+        raise ValueError(
+            f"image_size must be at most {MAX_IMAGE_SIDE} per side; received {image_size!r}."
+        )
+    name = getattr(path, "name", path)
+    try:
+        with warnings.catch_warnings():
+            # Pillow's own bomb check: a warning over ~89 Mpx, an error over ~179 Mpx.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise ValueError(f"{name}: {e}") from None
+    with image:
+        # Image.open reads only the header: check the size before decoding anything.
+        _check_decoded_size(name, image.width, image.height)
+        new_rows, new_cols, _, _ = (
+            int(n) for n in eval_geometry(image.height, image.width, image_size, crop_pct)
+        )
+        if new_rows * new_cols > MAX_RESIZED_PIXELS:
+            raise ValueError(
+                f"{name}: resizing this {image.width}x{image.height} image for a "
+                f"{height}x{width} center crop would make it {new_cols}x{new_rows} pixels (at "
+                f"most {MAX_RESIZED_PIXELS} are allowed); crop it to a less extreme aspect "
+                "ratio first."
+            )
         pixels = np.asarray(image.convert("RGB"))
     return np.asarray(ops.convert_to_numpy(eval_transform(pixels, image_size, crop_pct)))
+
+
+def _check_decoded_size(name, width, height):
+    if min(width, height) < 1 or max(width, height) > MAX_IMAGE_SIDE or (
+        width * height > MAX_IMAGE_PIXELS
+    ):
+        raise ValueError(
+            f"{name}: the image declares {width}x{height} pixels; images must be 1 to "
+            f"{MAX_IMAGE_SIDE} pixels per side and at most {MAX_IMAGE_PIXELS} pixels in all."
+        )
 
 
 def eval_transform(image, image_size=224, crop_pct=DEFAULT_CROP_PCT):

@@ -17,11 +17,13 @@ last backup (model, optimizer, schedule step, epoch). Outputs in DIR:
 """
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
 
+from keras_coat._files import check_can_create_folder
 from training import recipes as recipes_lib
 from training import strategy as strategy_lib
 from training.callbacks import read_json, write_json
@@ -112,7 +114,7 @@ def build_model(recipe, num_classes, model_config=None):
         drop_path_rate=recipe.drop_path,
     )
     if model_config is not None:
-        return keras_coat.CoaT(**model_config, **kwargs)
+        return keras_coat.CoaT(**model_config, weights=recipe.init_weights, **kwargs)
     if recipe.init_weights is None:
         return keras_coat.create_model(recipe.model, **kwargs)
     if recipe.init_weights != "imagenet" or num_classes == NUM_CLASSES:
@@ -145,28 +147,54 @@ def compile_model(model, recipe, steps_per_epoch, jit_compile=None):
     return model
 
 
+class SetupError(ValueError):
+    """The run cannot start: a bad argument, dataset, model or output directory."""
+
+
+def read_run_file(path):
+    """A JSON file of the run (None if absent); SetupError if it is damaged."""
+    try:
+        return read_json(path)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise SetupError(
+            f"{path} is damaged ({error}); delete it to start the run over, or use a new "
+            "--output-dir."
+        ) from None
+
+
 def backed_up_epoch(backup_dir):
     """The epoch a BackupAndRestore backup in `backup_dir` resumes at (0 without backup)."""
     path = os.path.join(backup_dir, BACKUP_METADATA)
-    if not os.path.exists(path):
+    metadata = read_run_file(path)
+    if metadata is None:
         return 0
-    with open(path) as f:
-        return int(json.load(f)["epoch"])
+    try:
+        return int(metadata["epoch"])
+    except (TypeError, KeyError, ValueError):
+        raise SetupError(
+            f"{path} holds no epoch number; delete {backup_dir} to start the run over."
+        ) from None
 
 
-def check_same_recipe(path, recipe):
-    """A resumed run must use the recipe it started with; a new run records its recipe."""
-    previous = read_json(path)
+def check_same_recipe(path, recipe, resuming):
+    """A resumed run must use the recipe it started with.
+
+    A recipe.json without training state to resume (a start that failed before its first
+    backup) binds nothing: the corrected command replaces it.
+    """
     current = json.loads(json.dumps(recipe.to_dict()))  # tuples -> lists, as stored
+    if not resuming:
+        return current
+    previous = read_run_file(path)
     if previous is not None and previous != current:
         keys = set(previous) | set(current)
         changed = sorted(k for k in keys if previous.get(k) != current.get(k))
         details = ", ".join(f"{k}: {previous.get(k)!r} -> {current.get(k)!r}" for k in changed)
-        raise SystemExit(
+        raise SetupError(
             f"{path} records a different recipe ({details}). Resume with the same settings or "
             "use a new --output-dir."
         )
-    write_json(path, current)
+    return current
 
 
 def make_callbacks(recipe, work_dir, global_batch, steps, metrics_path, seed):
@@ -200,69 +228,90 @@ def make_callbacks(recipe, work_dir, global_batch, steps, metrics_path, seed):
     return callbacks, metrics_writer
 
 
+@contextlib.contextmanager
+def refuse_setup_errors():
+    """Ordinary mistakes before training starts (arguments, dataset, model, output directory,
+    damaged run files) end the process with one line on stderr, exit status 1, no traceback."""
+    try:
+        yield
+    except (ValueError, OSError, TypeError) as error:
+        raise SystemExit("error: " + " ".join(str(error).split())) from None
+
+
 def main(argv=None):
     args = parse_args(argv)
-    try:
+    with refuse_setup_errors():
         recipe = resolve_recipe(args)
-    except ValueError as error:
-        raise SystemExit(str(error))
-    if args.cpu_replicas < 0:
-        raise SystemExit(f"--cpu-replicas must be >= 0, got {args.cpu_replicas}.")
+        if args.cpu_replicas < 0:
+            raise SetupError(f"--cpu-replicas must be >= 0, got {args.cpu_replicas}.")
+        check_can_create_folder(args.output_dir, f"--output-dir {args.output_dir!r}")
 
-    # Devices first: nothing may touch TensorFlow's runtime before this.
-    strategy_lib.configure_devices(args.cpu_replicas, args.seed, args.deterministic)
-    strategy = strategy_lib.make_strategy(args.strategy, args.tpu)
-    strategy_lib.set_precision(recipe.mixed_precision)
-    chief = strategy_lib.is_chief(strategy)
-    # Non-chief workers write the same files, to a private directory.
-    work_dir = (
-        args.output_dir
-        if chief
-        else os.path.join(args.output_dir, "workers", strategy_lib.worker_name(strategy))
-    )
-    os.makedirs(work_dir, exist_ok=True)
-    metrics_path = os.path.join(work_dir, "metrics.json")
-    say = print if chief else (lambda *a, **k: None)
-
-    previous = read_json(metrics_path)
-    if previous and previous.get("status") == "complete":
-        say(
-            f"{args.output_dir} holds a completed run ({previous['epochs_completed']} epochs, "
-            f"val_accuracy {previous['val_accuracy']:.4f}); nothing to do. Use a new --output-dir "
-            "to train again."
+        # Devices first: nothing may touch TensorFlow's runtime before this.
+        strategy_lib.configure_devices(args.cpu_replicas, args.seed, args.deterministic)
+        strategy = strategy_lib.make_strategy(args.strategy, args.tpu)
+        strategy_lib.set_precision(recipe.mixed_precision)
+        chief = strategy_lib.is_chief(strategy)
+        # Non-chief workers write the same files, to a private directory.
+        work_dir = (
+            args.output_dir
+            if chief
+            else os.path.join(args.output_dir, "workers", strategy_lib.worker_name(strategy))
         )
-        return previous
-    check_same_recipe(os.path.join(work_dir, "recipe.json"), recipe)
+        metrics_path = os.path.join(work_dir, "metrics.json")
+        say = print if chief else (lambda *a, **k: None)
 
-    from training import data
+        previous = read_run_file(metrics_path)
+        if previous and previous.get("status") == "complete":
+            say(
+                f"{args.output_dir} holds a completed run ({previous.get('epochs_completed')} "
+                f"epochs, val_accuracy {previous.get('val_accuracy')}); nothing to do. Use a new "
+                "--output-dir to train again."
+            )
+            return previous
+        backup_dir = os.path.join(work_dir, "backup")
+        start_epoch = backed_up_epoch(backup_dir)
+        resuming = (os.path.isdir(backup_dir) and bool(os.listdir(backup_dir))) or bool(
+            previous and previous.get("epochs_completed")
+        )
+        recipe_path = os.path.join(work_dir, "recipe.json")
+        recorded_recipe = check_same_recipe(recipe_path, recipe, resuming)
 
-    source = data.load_source(recipe.dataset, recipe.image_size, args.data_dir, args.manual_dir)
-    steps = data.steps_per_epoch(recipe, source, args.steps_per_epoch)
-    start_epoch = backed_up_epoch(os.path.join(work_dir, "backup"))
-    train_ds = data.train_dataset(recipe, source, args.seed, start_epoch, args.steps_per_epoch)
-    val_ds = data.eval_dataset(recipe, source)
+        from training import data
 
-    replicas = strategy.num_replicas_in_sync
-    say(
-        f"{type(strategy).__name__}: {replicas} replica(s), global batch {recipe.batch_size} "
-        f"({recipe.batch_size / replicas:g} per replica), precision {recipe.mixed_precision}.\n"
-        f"Recipe {recipe.name}: {recipe.model} at {recipe.image_size}px on {source.name} "
-        f"({source.train.num_examples} train / {source.validation.num_examples} held-out images, "
-        f"{source.num_classes} classes), {recipe.epochs} epochs x {steps} steps, peak lr "
-        f"{recipe.peak_lr:.3g}.\nTraining pipeline: "
-        + " -> ".join(data.TrainTransform(recipe, source.num_classes).step_names)
-        + (" -> batch -> mixup/cutmix" if recipe.mixup or recipe.cutmix else " -> batch")
-    )
-    if start_epoch:
-        say(f"Resuming from epoch {start_epoch} (backup in {os.path.join(work_dir, 'backup')}).")
+        source = data.load_source(
+            recipe.dataset, recipe.image_size, args.data_dir, args.manual_dir
+        )
+        steps = data.steps_per_epoch(recipe, source, args.steps_per_epoch)
+        train_ds = data.train_dataset(
+            recipe, source, args.seed, start_epoch, args.steps_per_epoch
+        )
+        val_ds = data.eval_dataset(recipe, source)
 
-    with strategy.scope():
-        model = build_model(recipe, source.num_classes, args.model_config)
-        compile_model(model, recipe, steps, args.jit_compile)
-        if strategy_lib.is_multi_worker(strategy):
-            from keras_coat import _keras_internals
+        replicas = strategy.num_replicas_in_sync
+        say(
+            f"{type(strategy).__name__}: {replicas} replica(s), global batch "
+            f"{recipe.batch_size} ({recipe.batch_size / replicas:g} per replica), precision "
+            f"{recipe.mixed_precision}.\nRecipe {recipe.name}: {recipe.model} at "
+            f"{recipe.image_size}px on {source.name} ({source.train.num_examples} train / "
+            f"{source.validation.num_examples} held-out images, {source.num_classes} classes), "
+            f"{recipe.epochs} epochs x {steps} steps, peak lr {recipe.peak_lr:.3g}.\n"
+            "Training pipeline: "
+            + " -> ".join(data.TrainTransform(recipe, source.num_classes).step_names)
+            + (" -> batch -> mixup/cutmix" if recipe.mixup or recipe.cutmix else " -> batch")
+        )
+        if start_epoch:
+            say(f"Resuming from epoch {start_epoch} (backup in {backup_dir}).")
 
-            _keras_internals.patch_multi_worker_fit(model, val_ds.element_spec)
+        with strategy.scope():
+            model = build_model(recipe, source.num_classes, args.model_config)
+            compile_model(model, recipe, steps, args.jit_compile)
+            if strategy_lib.is_multi_worker(strategy):
+                from keras_coat import _keras_internals
+
+                _keras_internals.patch_multi_worker_fit(model, val_ds.element_spec)
+        # Only now, with everything checked, does the run leave files behind.
+        os.makedirs(work_dir, exist_ok=True)
+        write_json(recipe_path, recorded_recipe)
 
     callbacks, metrics_writer = make_callbacks(
         recipe, work_dir, recipe.batch_size, steps, metrics_path, args.seed
