@@ -25,8 +25,8 @@ probabilities or logits; the signatures add whatever the model lacks (ImageNet n
 for a model built with ``include_preprocessing=False``, softmax for
 ``classifier_activation=None``), so clients always send pixels and always get probabilities.
 
-This is the only module of keras_coat that uses TensorFlow directly; it needs the TensorFlow
-backend of Keras.
+This module and ``keras_coat.export_formats`` (LiteRT, ONNX, OpenVINO) are the only modules of
+keras_coat that use TensorFlow directly; they need the TensorFlow backend of Keras.
 """
 
 import json
@@ -105,11 +105,7 @@ def export_saved_model(
     directory inside ``directory`` (TF Serving ignores non-numeric names) and renamed into
     place only once complete (and verified). A failed export leaves nothing behind.
     """
-    if keras.backend.backend() != "tensorflow":
-        raise RuntimeError(
-            "export_saved_model needs the TensorFlow backend of Keras; the current backend is "
-            f"{keras.backend.backend()!r}. Set KERAS_BACKEND=tensorflow before importing keras."
-        )
+    _check_backend("export_saved_model")
     version = _check_version(version)
     directory = os.fspath(directory)
     if os.path.exists(directory) and not os.path.isdir(directory):
@@ -155,6 +151,14 @@ def export_saved_model(
 
 # ---------------------------------------------------------------------------------------------
 # Argument checks
+
+
+def _check_backend(caller):
+    if keras.backend.backend() != "tensorflow":
+        raise RuntimeError(
+            f"{caller} needs the TensorFlow backend of Keras; the current backend is "
+            f"{keras.backend.backend()!r}. Set KERAS_BACKEND=tensorflow before importing keras."
+        )
 
 
 def _check_version(version):
@@ -329,16 +333,26 @@ def _needs_softmax(model, model_output):
 # The serving graph
 
 
-def _classifier_fn(model, class_names, top_k, normalize, softmax):
-    """``images [batch, H, W, 3] in [0, 255]`` -> the dict of serving outputs."""
-    names = tf.constant(class_names, dtype=tf.string)
+def _probabilities_fn(model, normalize, softmax):
+    """``images [batch, H, W, 3] in [0, 255]`` -> float32 ``probabilities [batch, classes]``."""
     mean = tf.constant([255.0 * m for m in IMAGENET_MEAN], tf.float32)
     std = tf.constant([255.0 * s for s in IMAGENET_STD], tf.float32)
 
-    def classify(images):
+    def probabilities_of(images):
         x = (images - mean) / std if normalize else images
         predictions = tf.cast(model(x, training=False), tf.float32)
-        probabilities = tf.nn.softmax(predictions, axis=-1) if softmax else predictions
+        return tf.nn.softmax(predictions, axis=-1) if softmax else predictions
+
+    return probabilities_of
+
+
+def _classifier_fn(model, class_names, top_k, normalize, softmax):
+    """``images [batch, H, W, 3] in [0, 255]`` -> the dict of serving outputs."""
+    names = tf.constant(class_names, dtype=tf.string)
+    probabilities_of = _probabilities_fn(model, normalize, softmax)
+
+    def classify(images):
+        probabilities = probabilities_of(images)
         top = tf.math.top_k(probabilities, k=top_k)
         return {
             "probabilities": probabilities,
@@ -575,18 +589,7 @@ def export_command(
     or ``None`` for random weights. ``class_names_file``: UTF-8 text, one class name per line;
     its length sets the number of classes. Returns the version directory.
     """
-    from keras_coat import create_model
-
-    class_names = None
-    classes = NUM_CLASSES
-    if class_names_file is not None:
-        with open(class_names_file, encoding="utf-8") as f:
-            class_names = [line.rstrip("\r\n") for line in f if line.strip()]
-        classes = len(class_names)
-    input_shape = None if image_size is None else (image_size, image_size, 3)
-    model = create_model(
-        model_name, weights=weights, input_shape=input_shape, classes=classes, include_top=True
-    )
+    model, class_names = build_command_model(model_name, weights, image_size, class_names_file)
     path = export_saved_model(
         model,
         output,
@@ -600,6 +603,27 @@ def export_command(
     print_fn(describe_saved_model(path))
     print_fn(serving_instructions(output, model_name))
     return path
+
+
+def build_command_model(model_name, weights, image_size=None, class_names_file=None):
+    """The classifier the export commands write: ``(model, class names or None)``.
+
+    ``class_names_file``: UTF-8 text, one class name per line; its length sets the number of
+    classes (default: the 1000 ImageNet classes).
+    """
+    from keras_coat import create_model
+
+    class_names = None
+    classes = NUM_CLASSES
+    if class_names_file is not None:
+        with open(class_names_file, encoding="utf-8") as f:
+            class_names = [line.rstrip("\r\n") for line in f if line.strip()]
+        classes = len(class_names)
+    input_shape = None if image_size is None else (image_size, image_size, 3)
+    model = create_model(
+        model_name, weights=weights, input_shape=input_shape, classes=classes, include_top=True
+    )
+    return model, class_names
 
 
 def describe_saved_model(path):
