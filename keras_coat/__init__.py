@@ -29,6 +29,7 @@ __all__ = [
     "MODEL_CONFIGS",
     "create_model",
     "decode_predictions",
+    "export_model",
     "export_saved_model",
     "preprocess_input",
 ]
@@ -43,3 +44,14 @@ def export_saved_model(model, directory, version=1, **kwargs):
     from keras_coat import export
 
     return export.export_saved_model(model, directory, version=version, **kwargs)
+
+
+def export_model(model, path, format="saved_model", **kwargs):
+    """Exports `model` as a SavedModel, LiteRT, ONNX or OpenVINO file, verified in its runtime.
+
+    See `keras_coat.export_formats.export_model`; TensorFlow and the format's converter are
+    imported only when this is called.
+    """
+    from keras_coat import export_formats
+
+    return export_formats.export_model(model, path, format, **kwargs)

@@ -234,15 +234,45 @@ def _add_export_command(subparsers):
         return
     parser = subparsers.add_parser(
         "export",
-        help="export a SavedModel with serving signatures (TensorFlow)",
-        description="Build a CoaT variant and export it as a versioned SavedModel for "
-        "TensorFlow Serving (OUTPUT/VERSION), with signatures serving_default (float pixels) "
-        "and serving_bytes (encoded JPEG/PNG); then print its signatures and how to serve it.",
+        help="export a SavedModel (TF Serving), LiteRT, ONNX or OpenVINO file",
+        description="Build a CoaT variant and export it, verified in its runtime. The default "
+        "is a versioned SavedModel for TensorFlow Serving (OUTPUT/VERSION), with signatures "
+        "serving_default (float pixels) and serving_bytes (encoded JPEG/PNG). --format litert, "
+        "onnx or openvino writes the file OUTPUT (.tflite, .onnx, .xml + .bin) taking pixels in "
+        "[0, 255] and returning probabilities, with the class names in <stem>.labels.txt.",
     )
     # The base directory, as --output DIR or positionally; SUPPRESS keeps an absent
     # positional from overwriting --output.
     parser.add_argument(
-        "--output", help="model base directory; the SavedModel goes in OUTPUT/VERSION"
+        "--output",
+        help="model base directory (the SavedModel goes in OUTPUT/VERSION), or the file to "
+        "write for the other formats",
+    )
+    parser.add_argument(
+        "--format",
+        default="saved_model",
+        choices=["saved_model", "litert", "onnx", "openvino"],
+        help="saved_model (default), litert, onnx or openvino",
+    )
+    parser.add_argument(
+        "--precision",
+        default="float32",
+        choices=["float32", "dynamic_int8", "int8", "bfloat16"],
+        help="float32 (default, every format); litert: dynamic_int8 (int8 weights) or int8 "
+        "(full-integer, needs --calibration-data); openvino: bfloat16",
+    )
+    parser.add_argument(
+        "--calibration-data",
+        metavar="SOURCE",
+        help="images for --precision int8 and to measure the top-1 agreement of reduced "
+        "precisions: digits, folder:PATH or tfds:NAME",
+    )
+    parser.add_argument(
+        "--calibration-images",
+        type=_positive_int,
+        default=200,
+        metavar="N",
+        help="calibration images for --precision int8 (default 200)",
     )
     parser.add_argument("output", nargs="?", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     parser.add_argument("--model", default=DEFAULT_MODEL, choices=_variants())
@@ -252,7 +282,9 @@ def _add_export_command(subparsers):
         help="'imagenet' (default), 'none' (random weights) or a weights file "
         "(.weights.h5, .pth/.pt, .safetensors)",
     )
-    parser.add_argument("--version", type=_positive_int, default=1, help="version (default 1)")
+    parser.add_argument(
+        "--version", type=_positive_int, default=None, help="SavedModel version (default 1)"
+    )
     parser.add_argument(
         "--image-size",
         type=_input_size,
@@ -267,7 +299,10 @@ def _add_export_command(subparsers):
         "1000 ImageNet classes)",
     )
     parser.add_argument(
-        "--top", type=_positive_int, default=5, help="top classes each request returns (default 5)"
+        "--top",
+        type=_positive_int,
+        default=None,
+        help="top classes each SavedModel request returns (default 5)",
     )
     parser.add_argument(
         "--overwrite", action="store_true", help="replace an existing OUTPUT/VERSION"
@@ -279,21 +314,64 @@ def _export(args):
     if not args.output:
         _error("the export needs --output DIR")
         return 2
+    weights = None if args.weights.lower() == "none" else args.weights
+    if args.format != "saved_model":
+        return _export_file(args, weights)
+    if args.precision != "float32" or args.calibration_data:
+        print("error: a SavedModel is float32; --precision and --calibration-data apply to "
+              "--format litert and openvino", file=sys.stderr)
+        return 2
     from keras_coat.export import export_command
 
     try:
         export_command(
             args.model,
-            None if args.weights.lower() == "none" else args.weights,
+            weights,
             args.output,
-            version=args.version,
+            version=1 if args.version is None else args.version,
             image_size=args.image_size,
             class_names_file=args.class_names,
-            top_k=args.top,
+            top_k=5 if args.top is None else args.top,
             overwrite=args.overwrite,
         )
     except (ValueError, OSError) as e:  # bad arguments, existing version, unreadable files
         _error(e)
+        return 1
+    return 0
+
+
+def _export_file(args, weights):
+    """``export --format litert|onnx|openvino``."""
+    from keras_coat.export_formats import PRECISIONS
+
+    misplaced = [flag for flag, value in (("--version", args.version), ("--top", args.top))
+                 if value is not None]
+    if misplaced:
+        print(f"error: {' and '.join(misplaced)} apply to --format saved_model only",
+              file=sys.stderr)
+        return 2
+    if args.precision not in PRECISIONS[args.format]:
+        print(f"error: --format {args.format} offers --precision "
+              f"{', '.join(PRECISIONS[args.format])}; received {args.precision}",
+              file=sys.stderr)
+        return 2
+    from keras_coat.export_formats import export_file_command
+
+    try:
+        export_file_command(
+            args.model,
+            weights,
+            args.output,
+            args.format,
+            precision=args.precision,
+            image_size=args.image_size,
+            class_names_file=args.class_names,
+            calibration_data=args.calibration_data,
+            calibration_images=args.calibration_images,
+            overwrite=args.overwrite,
+        )
+    except (ValueError, OSError) as e:  # bad combinations, existing files, failed verification
+        print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
 
