@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-keras-coat
 
-.PHONY: venv test test-fast test-jax demo bench clean
+.PHONY: venv test test-fast test-jax demo bench bench-deploy clean
 
 # Everything the tests, the demo and the converter need: TensorFlow, JAX (CPU), the reference
 # stack (torch>=2.14, torchvision>=0.29, timm) and the training extras.
@@ -37,6 +37,11 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/throughput.py --models coat_lite_small coat_tiny
 	$(PY) benchmarks/op_profile.py
+
+# Rewrites the deployment-runtime section of benchmarks/RESULTS.md: timm (eager, torch.compile,
+# ONNX Runtime) against keras_coat (TF graph, ONNX Runtime, OpenVINO, LiteRT float and int8).
+bench-deploy: $(STAMP)
+	$(PY) benchmarks/deploy.py
 
 clean:
 	rm -rf demo-output .pytest_cache

@@ -28,6 +28,7 @@ verified; a failed export leaves nothing behind.
 """
 
 import dataclasses
+import numbers
 import os
 import re
 import uuid
@@ -36,7 +37,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_coat import export as saved_model_export
-from keras_coat.imagenet import DEFAULT_CROP_PCT
+from keras_coat.imagenet import DEFAULT_CROP_PCT, eval_transform
 
 FORMATS = ("saved_model", "litert", "onnx", "openvino")
 # The precisions each format offers; the first is the default.
@@ -158,13 +159,19 @@ def export_model(
             "precision 'int8' (full-integer) needs `calibration_data`: a pixel array or "
             f"{CALIBRATION_SOURCES}."
         )
-    if isinstance(calibration_images, bool) or not isinstance(calibration_images, int) or (
-        calibration_images < 1
+    if (
+        isinstance(calibration_images, bool)
+        or not isinstance(calibration_images, numbers.Integral)
+        or calibration_images < 1
     ):
         raise ValueError(
             f"`calibration_images` must be a positive int; received {calibration_images!r}."
         )
-    if min_top1_agreement is not None and not 0.0 <= min_top1_agreement <= 1.0:
+    if min_top1_agreement is not None and (
+        isinstance(min_top1_agreement, bool)
+        or not isinstance(min_top1_agreement, numbers.Real)
+        or not 0.0 <= min_top1_agreement <= 1.0
+    ):
         raise ValueError(f"`min_top1_agreement` must be in [0, 1]; received {min_top1_agreement}.")
 
     path = os.fspath(path)
@@ -314,20 +321,15 @@ def _source_images(name, height, width, count):
         raise ValueError(
             f"Unknown calibration source {name!r}; use {CALIBRATION_SOURCES}, or pass an array."
         )
-    if height != width:
-        raise ValueError(
-            f"Calibration sources crop square images; the model's input is {height}x{width}. "
-            "Pass an array of calibration images instead."
-        )
     try:
-        from training import augment, data
+        from training import data
     except ImportError as error:
         raise ValueError(
             f"The calibration source {name!r} is read with the repository's `training` package, "
             "which is not importable here; pass an array of calibration images instead."
         ) from error
     source = data.load_source(name[len("tfds:") :] if name.startswith("tfds:") else name, height)
-    # The digits are stored at the model's size; other sources get the evaluation crop.
+    # The digits are stored at the model's height; other sources get the evaluation crop.
     crop_pct = 1.0 if name == "digits" else DEFAULT_CROP_PCT
 
     def images_of(split, take, shuffle):
@@ -335,14 +337,13 @@ def _source_images(name, height, width, count):
         if shuffle:
             records = records.shuffle(min(split.num_examples, 10_000), seed=0)
         records = records.take(take).map(
-            lambda r: tf.cast(augment.center_crop(split.decode(r)["image"], height, crop_pct),
-                              tf.float32)
+            lambda r: eval_transform(split.decode(r)["image"], (height, width), crop_pct)
         )
         return np.stack(list(records.as_numpy_iterator()))
 
     calibration = images_of(source.train, count, shuffle=True)
     held_out = images_of(source.validation, HELD_OUT_IMAGES, shuffle=False)
-    return np.clip(calibration, 0.0, 255.0), np.clip(held_out, 0.0, 255.0)
+    return calibration, held_out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -123,3 +123,26 @@ def test_gpu_runs_merge_measured_over_unmeasured_and_table_shows_ratios_and_fail
     assert "- Failed: timm_compile m inference bf16 batch 8: BackendCompilerFailed: boom" in table
     assert "| m | training |" not in table  # nothing measured there: no row of n/a
     assert "2 runs on the same machine" in " ".join(table.split())  # wrapped paragraph
+
+
+def test_deploy_table_compares_the_fastest_keras_coat_path_with_the_fastest_timm_path():
+    deploy = _load("deploy")
+    args = types.SimpleNamespace(
+        size=224, rounds=3, repeats=10, warmup=3, batch_sizes=[1],
+        runtimes=["timm_eager", "timm_onnxruntime", "keras_tf", "keras_litert"],
+    )
+
+    def runs(*rates):
+        return [{"images_per_s": {"1": rate}} for rate in rates]
+
+    results = {"coat_lite_tiny": {
+        "timm_eager": runs(10.0, 30.0, 11.0),  # median 11
+        "timm_onnxruntime": runs(14.0, 15.0, 13.0),  # median 14: the best peer
+        "keras_tf": runs(12.0, 12.0, 12.0),
+        "keras_litert": runs(21.0, 20.0, 40.0),  # median 21: the best keras_coat path
+    }}
+    row = deploy._table(results, args).splitlines()[-1]
+    assert row == (
+        "| coat_lite_tiny | 1 | 11.00 | **14.00** | 12.00 | **21.00** | "
+        "1.50x (keras_coat -> LiteRT / timm -> ONNX Runtime) |"
+    )
