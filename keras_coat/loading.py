@@ -16,6 +16,7 @@ from keras_coat import convert, weights
 from keras_coat.checkpoint import read_state_dict
 from keras_coat.imagenet import NUM_CLASSES
 from keras_coat.models import (
+    MODEL_CONFIGS,
     CoaTBackbone,
     CoaTImageClassifier,
     variant_config,
@@ -78,15 +79,30 @@ def load_imagenet_weights(model, checkpoint_name):
         keras_coat.convert.ConversionError: the checkpoint does not fit the variant.
     """
     _check_imagenet_model(model, checkpoint_name)
-    path = weights.ensure_converted_weights(checkpoint_name, _convert_to_weights_file)
+    max_bytes = max_checkpoint_bytes(checkpoint_name)
+    path = weights.ensure_converted_weights(checkpoint_name, _convert_to_weights_file, max_bytes)
     try:
         load_keras_weights(model, path)
     except OSError:
         # Cache files are written whole, so this one was damaged afterwards (disk, a user's
         # edit): replace it once.
         weights.discard_cached_weights(checkpoint_name)
-        path = weights.ensure_converted_weights(checkpoint_name, _convert_to_weights_file)
+        path = weights.ensure_converted_weights(
+            checkpoint_name, _convert_to_weights_file, max_bytes
+        )
         load_keras_weights(model, path)
+
+
+def max_checkpoint_bytes(checkpoint_name):
+    """The largest file accepted as the checkpoint `checkpoint_name` (the download size cap).
+
+    A published checkpoint holds one float32 copy of the variant's weights, 4 bytes per
+    parameter; a manifest may name a training checkpoint that also holds an EMA copy and
+    AdamW's two moments. Four copies and 64 MiB of pickle and archive overhead bound both
+    (e.g. 155 MB for coat_lite_tiny, 777 MB for coat_lite_medium).
+    """
+    params = MODEL_CONFIGS[weights.variant_of(checkpoint_name)]["params"]
+    return 4 * 4 * params + 64 * 2**20
 
 
 def _check_imagenet_model(model, checkpoint_name):

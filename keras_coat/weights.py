@@ -16,8 +16,8 @@
 2. if the converted weights are already cached
    (``$KERAS_HOME/models/keras_coat/<name>-<sha8>-v1.weights.h5``, ``KERAS_HOME``
    defaulting to ``~/.keras``), returns them: no network access at all;
-3. otherwise downloads the checkpoint with `keras.utils.get_file` to a
-   temporary file beside the cache, checks its SHA-256, reads it without
+3. otherwise downloads the checkpoint to a temporary file beside the cache
+   (within a size cap and a time budget), checks its SHA-256, reads it without
    running anything from it (`keras_coat.checkpoint`) and hands it to the
    caller's `converter`, which writes the converted ``.weights.h5`` that is
    then moved into the cache.
@@ -34,13 +34,14 @@ interrupted loads never leave a broken cache: the next call simply retries.
 import contextlib
 import dataclasses
 import hashlib
+import http.client
 import json
 import os
 import re
-import socket
 import tempfile
 import time
 import urllib.parse
+import urllib.request
 import uuid
 
 from keras_coat.checkpoint import SUPPORTED_EXTENSIONS, read_state_dict
@@ -66,6 +67,12 @@ BASE_URL = "https://vcl.ucsd.edu/coat/pretrained/"
 CACHE_FORMAT = 1
 # Seconds a download may wait on the server for any single read.
 DOWNLOAD_TIMEOUT = 60.0
+# Seconds a whole download may take: a server trickling bytes is cut off (30 minutes is over
+# 100 kB/s for the largest checkpoint, coat_lite_medium's 180 MB).
+DOWNLOAD_TIME_BUDGET = 1800.0
+# Size cap of a download when the caller gives none.
+DEFAULT_MAX_DOWNLOAD_BYTES = 2 * 2**30
+_MAX_REDIRECTS = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,7 +241,7 @@ def discard_cached_weights(checkpoint_name):
     _remove(cached_weights_path(checkpoint_name))
 
 
-def ensure_converted_weights(checkpoint_name, converter):
+def ensure_converted_weights(checkpoint_name, converter, max_bytes=DEFAULT_MAX_DOWNLOAD_BYTES):
     """Returns the cached converted weights file, fetching and converting it if needed.
 
     Args:
@@ -242,6 +249,8 @@ def ensure_converted_weights(checkpoint_name, converter):
         converter: ``converter(checkpoint_name, state_dict, path)`` writes the
             converted weights to `path` (a temporary ``.weights.h5`` name that
             is renamed into the cache once written).
+        max_bytes: the largest checkpoint file accepted: a larger declared size
+            is refused before reading, and the download stops once it passes it.
 
     Returns:
         The path of the converted weights file in the cache. When it already
@@ -256,7 +265,7 @@ def ensure_converted_weights(checkpoint_name, converter):
         if os.path.isfile(target):  # another process finished it while we waited
             return target
         _remove_temporaries(folder, entry)
-        checkpoint = _fetch_verified(entry, folder)
+        checkpoint = _fetch_verified(entry, folder, max_bytes)
         temporary = _temporary_name(folder, entry, ".weights.h5")
         try:
             converter(checkpoint_name, read_state_dict(checkpoint), temporary)
@@ -269,7 +278,7 @@ def ensure_converted_weights(checkpoint_name, converter):
     return target
 
 
-def _fetch_verified(entry, folder):
+def _fetch_verified(entry, folder, max_bytes):
     """Downloads `entry` into `folder` (unless already there) and checks its SHA-256."""
     extension = _extension(entry.url)
     verified = os.path.join(folder, _stem(entry) + extension)
@@ -280,7 +289,7 @@ def _fetch_verified(entry, folder):
         _remove(verified)
     temporary = _temporary_name(folder, entry, extension)
     try:
-        _download(entry, temporary)
+        _download(entry, temporary, max_bytes)
         actual = _sha256(temporary)
         if not actual.startswith(entry.sha256):
             raise WeightsDownloadError(
@@ -296,37 +305,59 @@ def _fetch_verified(entry, folder):
     return verified
 
 
-def _download(entry, path):
-    import keras
+class _RedirectHandler(urllib.request.HTTPRedirectHandler):
+    """Follows at most `_MAX_REDIRECTS` redirects, and only to http(s) URLs."""
 
-    folder, file_name = os.path.split(path)
+    max_redirections = _MAX_REDIRECTS
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if urllib.parse.urlsplit(newurl).scheme not in ("http", "https"):
+            raise WeightsDownloadError(f"{req.full_url} redirects to {newurl!r}; refused.")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _download(entry, path, max_bytes):
+    """Copies `entry.url` to the new file `path`, within `max_bytes` and the time budget."""
+    advice = (
+        f"Check the network connection and retry; to use a mirror or a local copy, set "
+        f"{MANIFEST_ENV} to a JSON manifest "
+        '{"' + entry.name + '": {"url": ..., "sha256": ...}}.'
+    )
+    deadline = time.monotonic() + DOWNLOAD_TIME_BUDGET
+    opener = urllib.request.build_opener(_RedirectHandler)
     try:
-        with _default_socket_timeout(DOWNLOAD_TIMEOUT):
-            keras.utils.get_file(
-                fname=file_name, origin=entry.url, cache_dir=folder, cache_subdir=folder
-            )
-    except Exception as e:
+        with opener.open(entry.url, timeout=DOWNLOAD_TIMEOUT) as response, open(path, "xb") as f:
+            declared = response.headers.get("Content-Length")
+            if declared is not None and declared.strip().isdigit() and int(declared) > max_bytes:
+                raise WeightsDownloadError(
+                    f"{entry.url} declares {int(declared)} bytes, more than the {max_bytes} a "
+                    f"{entry.name!r} checkpoint can take; refused before reading it."
+                )
+            received = 0
+            while True:
+                # read1: what one read returns, so that a trickle still meets the deadline check.
+                block = response.read1(1 << 20)
+                if not block:
+                    break
+                received += len(block)
+                if received > max_bytes:
+                    raise WeightsDownloadError(
+                        f"{entry.url} sent more than {max_bytes} bytes, more than a "
+                        f"{entry.name!r} checkpoint can take; stopped and deleted."
+                    )
+                f.write(block)
+                if time.monotonic() > deadline:
+                    raise WeightsDownloadError(
+                        f"Downloading {entry.url} took longer than {DOWNLOAD_TIME_BUDGET:.0f} s "
+                        f"({received} bytes received); stopped and deleted. {advice}"
+                    )
+    except WeightsDownloadError:
+        raise
+    except (OSError, ValueError, http.client.HTTPException) as e:
         raise WeightsDownloadError(
             f"Could not download the {entry.name!r} weights from {entry.url} "
-            f"(expected SHA-256 {entry.sha256}) into {folder}: {e}. Check the network "
-            f"connection and retry; to use a mirror or a local copy, set {MANIFEST_ENV} to a "
-            'JSON manifest {"' + entry.name + '": {"url": ..., "sha256": ...}}.'
+            f"(expected SHA-256 {entry.sha256}) into {os.path.dirname(path)}: {e}. {advice}"
         ) from e
-    if not os.path.isfile(path):
-        raise WeightsDownloadError(f"Downloading {entry.url} produced no file at {path}.")
-
-
-@contextlib.contextmanager
-def _default_socket_timeout(seconds):
-    """Bounds each socket read of the download unless the caller chose a timeout."""
-    previous = socket.getdefaulttimeout()
-    if previous is None:
-        socket.setdefaulttimeout(seconds)
-    try:
-        yield
-    finally:
-        if previous is None:
-            socket.setdefaulttimeout(None)
 
 
 def _extension(url):

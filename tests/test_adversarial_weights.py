@@ -1,0 +1,200 @@
+"""Hostile weight servers and caches (keras_coat.weights, keras_coat.loading).
+
+A loopback HTTP server plays a malicious or broken mirror: it declares huge sizes, streams
+without end, trickles bytes, redirects elsewhere. Every case must end in a WeightsDownloadError
+naming the URL, within the size cap and time budget, with nothing left in the cache and the
+converter never called; the next load from a good server must then work.
+"""
+
+import http.server
+import os
+import threading
+import time
+
+import pytest
+
+from keras_coat import loading, weights
+from tests._weights_fixtures import fake_converter, sha256_of, use_manifest
+
+pytestmark = pytest.mark.adversarial
+
+NAME = "coat_lite_tiny"
+
+
+class HostileServer:
+    """Serves `behaviours[path](handler)` on 127.0.0.1; counts the bytes each request sent."""
+
+    def __init__(self):
+        self.behaviours = {}
+        self.sent = {}
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                behaviour = server.behaviours.get(self.path)
+                if behaviour is None:
+                    self.send_error(404)
+                    return
+                server.sent[self.path] = 0
+                try:
+                    behaviour(self, server)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client hung up: what a refusal looks like from here
+
+            def send(self, data):
+                self.wfile.write(data)
+                self.wfile.flush()
+                server.sent[self.path] += len(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+
+    def url(self, path):
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _headers(handler, length=None, status=200, extra=()):
+    handler.send_response(status)
+    if length is not None:
+        handler.send_header("Content-Length", str(length))
+    for key, value in extra:
+        handler.send_header(key, value)
+    handler.end_headers()
+
+
+def declares_2_gib(handler, server):
+    _headers(handler, 2 * 2**30)
+    for _ in range(64):
+        handler.send(bytes(1 << 16))
+
+
+def endless_zeros_without_length(handler, server):
+    _headers(handler)
+    handler.close_connection = True
+    for _ in range(10_000):  # 640 MiB if nobody stops it
+        handler.send(bytes(1 << 16))
+
+
+def lies_about_its_length(handler, server):
+    _headers(handler, 1000)
+    for _ in range(10_000):
+        handler.send(bytes(1 << 16))
+
+
+def trickles_zeros(handler, server):
+    _headers(handler, 100_000)
+    for _ in range(100_000):
+        handler.send(b"\0")
+        time.sleep(0.02)
+
+
+def redirects_to_a_file(handler, server):
+    _headers(handler, 0, status=302, extra=[("Location", "file:///etc/passwd")])
+
+
+def redirects_to_ftp(handler, server):
+    _headers(handler, 0, status=302, extra=[("Location", "ftp://127.0.0.1:9/w.pth")])
+
+
+def redirects_forever(handler, server):
+    _headers(handler, 0, status=302, extra=[("Location", handler.path)])
+
+
+def stalls_after_the_headers(handler, server):
+    _headers(handler, 100)
+    time.sleep(5)
+
+
+CASES = {
+    # name: (behaviour, fragment of the error message)
+    "declares_2_gib": (declares_2_gib, "refused before reading"),
+    "endless_zeros_without_length": (endless_zeros_without_length, "sent more than"),
+    # Only the declared 1000 bytes are read; they fail the hash.
+    "lies_about_its_length": (lies_about_its_length, "has SHA-256"),
+    "trickles_zeros": (trickles_zeros, "took longer than"),
+    "redirects_to_a_file": (redirects_to_a_file, "'file:///etc/passwd' is not allowed"),
+    "redirects_to_ftp": (redirects_to_ftp, "redirects to 'ftp://127.0.0.1:9/w.pth'; refused"),
+    "redirects_forever": (redirects_forever, "redirect"),
+    "stalls_after_the_headers": (stalls_after_the_headers, "timed out"),
+}
+MAX_BYTES = 1 << 20
+
+
+@pytest.fixture
+def hostile():
+    with HostileServer() as server:
+        yield server
+
+
+def _cache_files(tmp_path):
+    folder = tmp_path / "keras_home" / "models" / "keras_coat"
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def _good_checkpoint(tmp_path):
+    import torch
+
+    path = tmp_path / "good.pth"
+    torch.save({"model": {"w": torch.arange(6.0)}}, path)
+    return path
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_hostile_server_is_stopped_and_leaves_nothing(name, hostile, tmp_path, monkeypatch):
+    behaviour, fragment = CASES[name]
+    monkeypatch.setattr(weights, "DOWNLOAD_TIME_BUDGET", 1.0)
+    monkeypatch.setattr(weights, "DOWNLOAD_TIMEOUT", 1.0)
+    hostile.behaviours["/w.pth"] = behaviour
+    url = hostile.url("/w.pth")
+    use_manifest(monkeypatch, tmp_path, {NAME: {"url": url, "sha256": "0" * 64}})
+    calls = []
+    start = time.monotonic()
+    with pytest.raises(weights.WeightsDownloadError) as info:
+        weights.ensure_converted_weights(NAME, fake_converter(calls), max_bytes=MAX_BYTES)
+    elapsed = time.monotonic() - start
+    assert url in str(info.value) and fragment in str(info.value), str(info.value)
+    assert elapsed < 4.0, elapsed  # budget 1 s, one read timeout of 1 s, and slack
+    assert calls == []
+    assert [n for n in _cache_files(tmp_path) if not n.endswith(".lock")] == []
+    # Bounded by the cap plus what was in flight in the socket buffers.
+    assert hostile.sent.get("/w.pth", 0) < MAX_BYTES + (8 << 20)
+
+    # The next load from a good mirror works.
+    good = _good_checkpoint(tmp_path)
+    use_manifest(monkeypatch, tmp_path, {NAME: {"url": good.as_uri(), "sha256": sha256_of(good)}})
+    path = weights.ensure_converted_weights(NAME, fake_converter(calls), max_bytes=MAX_BYTES)
+    assert os.path.isfile(path) and len(calls) == 1
+
+
+def test_declared_size_is_refused_without_reading_the_body(hostile, tmp_path, monkeypatch):
+    hostile.behaviours["/w.pth"] = declares_2_gib
+    use_manifest(monkeypatch, tmp_path, {NAME: {"url": hostile.url("/w.pth"), "sha256": "0" * 8}})
+    with pytest.raises(weights.WeightsDownloadError, match="declares 2147483648 bytes"):
+        weights.ensure_converted_weights(
+            NAME, fake_converter([]), max_bytes=loading.max_checkpoint_bytes(NAME)
+        )
+    assert [n for n in _cache_files(tmp_path) if not n.endswith(".lock")] == []
+
+
+def test_size_cap_follows_the_variant():
+    tiny, medium = loading.max_checkpoint_bytes(NAME), loading.max_checkpoint_bytes(
+        "coat_lite_medium_384"
+    )
+    # Room for a training checkpoint (weights, EMA, two AdamW moments), far below 2 GiB.
+    assert 4 * 4 * 5_721_960 < tiny < 200e6
+    assert 4 * 4 * 44_571_048 < medium < 1e9
+    assert loading.max_checkpoint_bytes("coat_lite_medium") == medium
