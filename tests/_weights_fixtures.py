@@ -28,18 +28,31 @@ class FileServer:
 
     ``files`` maps URL paths ("/x.pth") to local files. ``truncate_to`` maps a
     URL path to a byte count: the server announces the full Content-Length but
-    sends only that many bytes, then closes the connection.
+    sends only that many bytes, then closes the connection. ``behaviours`` maps
+    a URL path to ``behaviour(handler, server)``, which answers the request
+    itself (a hostile mirror), writing its body with ``server.send``; ``sent``
+    counts the bytes each path's behaviour sent.
     """
 
     def __init__(self):
         self.files = {}
         self.truncate_to = {}
+        self.behaviours = {}
+        self.sent = {}
         self.requests = []
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
                 server.requests.append(self.path)
+                behaviour = server.behaviours.get(self.path)
+                if behaviour is not None:
+                    server.sent[self.path] = 0
+                    try:
+                        behaviour(self, server)
+                    except (BrokenPipeError, ConnectionResetError):
+                        pass  # the client hung up: what a refusal looks like from here
+                    return
                 local = server.files.get(self.path)
                 if local is None:
                     self.send_error(404)
@@ -61,7 +74,10 @@ class FileServer:
                 pass
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
 
     def __enter__(self):
         self.thread.start()
@@ -73,7 +89,15 @@ class FileServer:
 
     def serve(self, url_path, local_path):
         self.files[url_path] = str(local_path)
+        return self.url(url_path)
+
+    def url(self, url_path):
         return f"http://127.0.0.1:{self.httpd.server_address[1]}{url_path}"
+
+    def send(self, handler, data):
+        handler.wfile.write(data)
+        handler.wfile.flush()
+        self.sent[handler.path] += len(data)
 
 
 def closed_port_url(name="x.pth"):

@@ -6,65 +6,17 @@ naming the URL, within the size cap and time budget, with nothing left in the ca
 converter never called; the next load from a good server must then work.
 """
 
-import http.server
 import os
-import threading
 import time
 
 import pytest
 
 from keras_coat import loading, weights
-from tests._weights_fixtures import fake_converter, sha256_of, use_manifest
+from tests._weights_fixtures import FileServer, fake_converter, sha256_of, use_manifest
 
 pytestmark = pytest.mark.adversarial
 
 NAME = "coat_lite_tiny"
-
-
-class HostileServer:
-    """Serves `behaviours[path](handler)` on 127.0.0.1; counts the bytes each request sent."""
-
-    def __init__(self):
-        self.behaviours = {}
-        self.sent = {}
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                behaviour = server.behaviours.get(self.path)
-                if behaviour is None:
-                    self.send_error(404)
-                    return
-                server.sent[self.path] = 0
-                try:
-                    behaviour(self, server)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client hung up: what a refusal looks like from here
-
-            def send(self, data):
-                self.wfile.write(data)
-                self.wfile.flush()
-                server.sent[self.path] += len(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(
-            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-
-    def url(self, path):
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 def _headers(handler, length=None, status=200, extra=()):
@@ -79,26 +31,26 @@ def _headers(handler, length=None, status=200, extra=()):
 def declares_2_gib(handler, server):
     _headers(handler, 2 * 2**30)
     for _ in range(64):
-        handler.send(bytes(1 << 16))
+        server.send(handler, bytes(1 << 16))
 
 
 def endless_zeros_without_length(handler, server):
     _headers(handler)
     handler.close_connection = True
     for _ in range(10_000):  # 640 MiB if nobody stops it
-        handler.send(bytes(1 << 16))
+        server.send(handler, bytes(1 << 16))
 
 
 def lies_about_its_length(handler, server):
     _headers(handler, 1000)
     for _ in range(10_000):
-        handler.send(bytes(1 << 16))
+        server.send(handler, bytes(1 << 16))
 
 
 def trickles_zeros(handler, server):
     _headers(handler, 100_000)
     for _ in range(100_000):
-        handler.send(b"\0")
+        server.send(handler, b"\0")
         time.sleep(0.02)
 
 
@@ -136,7 +88,7 @@ MAX_BYTES = 1 << 20
 
 @pytest.fixture
 def hostile():
-    with HostileServer() as server:
+    with FileServer() as server:
         yield server
 
 
