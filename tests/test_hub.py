@@ -49,7 +49,7 @@ def test_retinanet_on_a_coat_backbone_trains_saves_and_loads(tmp_path):
         backbone=backbone, num_classes=CLASSES, bounding_box_format="yxyx",
         pre_logits_num_conv_layers=1,
     )
-    detector.compile(optimizer=keras.optimizers.SGD(0.01))
+    detector.compile(optimizer=keras.optimizers.SGD(0.01), run_eagerly=True)
     x = _images()
     y = {
         "boxes": np.array([[[10, 10, 60, 70], [40, 30, 120, 100]]] * 2, "float32"),
@@ -71,6 +71,7 @@ def test_deeplab_v3_on_a_coat_backbone_trains_saves_and_loads(tmp_path):
     segmenter.compile(
         optimizer=keras.optimizers.SGD(0.01),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        run_eagerly=True,
     )
     x = (np.random.RandomState(1).rand(2, 64, 64, 3) * 255).astype("float32")
     y = np.random.RandomState(2).randint(0, CLASSES, size=(2, 64, 64, 1))
