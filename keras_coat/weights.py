@@ -15,7 +15,11 @@
    or a prefix of at least 8 hex digits;
 2. if the converted weights are already cached
    (``$KERAS_HOME/models/keras_coat/<name>-<sha8>-v1.weights.h5``, ``KERAS_HOME``
-   defaulting to ``~/.keras``), returns them: no network access at all;
+   defaulting to ``~/.keras``) and intact, returns them: no network access at
+   all. The record beside them (``...-v1.json``) holds the full SHA-256 of the
+   verified checkpoint and of the converted file; the file is hashed again on
+   every hit, and a damaged file or one converted from another checkpoint is
+   rebuilt;
 3. otherwise downloads the checkpoint to a temporary file beside the cache
    (within a size cap and a time budget), checks its SHA-256, reads it without
    running anything from it (`keras_coat.checkpoint`) and hands it to the
@@ -236,9 +240,40 @@ def cached_weights_path(checkpoint_name):
     return os.path.join(cache_dir(), f"{_stem(entry)}-v{CACHE_FORMAT}.weights.h5")
 
 
+def _record_path(weights_path):
+    """The JSON record beside a cached ``.weights.h5``: what it was converted from."""
+    return weights_path.removesuffix(".weights.h5") + ".json"
+
+
 def discard_cached_weights(checkpoint_name):
     """Deletes the cached converted weights of `checkpoint_name` (found damaged by a reader)."""
-    _remove(cached_weights_path(checkpoint_name))
+    target = cached_weights_path(checkpoint_name)
+    _remove(target)
+    _remove(_record_path(target))
+
+
+def _cache_is_valid(target, entry):
+    """Whether `target` is the intact conversion of a checkpoint matching `entry`.
+
+    The record beside it holds the full SHA-256 of the verified checkpoint and of the converted
+    file. The file is hashed again on every hit: a flipped bit, a truncated file or another
+    checkpoint's conversion under this name (e.g. a manifest pinning a different full digest
+    with the same first 8 hex digits) fails the check and is rebuilt.
+    """
+    try:
+        with open(_record_path(target), encoding="utf-8") as f:
+            record = json.load(f)
+        return (
+            isinstance(record, dict)
+            and record.get("checkpoint") == entry.name
+            and record.get("cache_format") == CACHE_FORMAT
+            and isinstance(record.get("checkpoint_sha256"), str)
+            and len(record["checkpoint_sha256"]) == 64
+            and record["checkpoint_sha256"].startswith(entry.sha256)
+            and record.get("weights_sha256") == _sha256(target)
+        )
+    except (OSError, ValueError):  # no file or record (or an older cache), unreadable JSON
+        return False
 
 
 def ensure_converted_weights(checkpoint_name, converter, max_bytes=DEFAULT_MAX_DOWNLOAD_BYTES):
@@ -258,34 +293,65 @@ def ensure_converted_weights(checkpoint_name, converter, max_bytes=DEFAULT_MAX_D
     """
     entry = resolve(checkpoint_name)
     target = cached_weights_path(checkpoint_name)
-    if os.path.isfile(target):
+    if _cache_is_valid(target, entry):
         return target
     folder = os.path.dirname(target)
     with _file_lock(os.path.join(folder, f"{_stem(entry)}.lock")):
-        if os.path.isfile(target):  # another process finished it while we waited
+        if _cache_is_valid(target, entry):  # another process finished it while we waited
             return target
+        # Damaged, of another checkpoint, or from an older version: rebuilt from the source.
+        _remove(target)
+        _remove(_record_path(target))
         _remove_temporaries(folder, entry)
-        checkpoint = _fetch_verified(entry, folder, max_bytes)
+        checkpoint, checkpoint_sha256 = _fetch_verified(entry, folder, max_bytes)
         temporary = _temporary_name(folder, entry, ".weights.h5")
+        record = _temporary_name(folder, entry, ".json")
         try:
             converter(checkpoint_name, read_state_dict(checkpoint), temporary)
+            _fsync(temporary)
+            _write_record(record, {
+                "checkpoint": entry.name,
+                "url": entry.url,
+                "checkpoint_sha256": checkpoint_sha256,
+                "weights_sha256": _sha256(temporary),
+                "cache_format": CACHE_FORMAT,
+            })  # fmt: skip
+            # The weights first: killed in between, they have no record and are rebuilt.
             os.replace(temporary, target)
+            os.replace(record, _record_path(target))
         finally:
             _remove(temporary)
+            _remove(record)
             # Later loads need only the converted file; a checkpoint that could
             # not be read or converted would fail again.
             _remove(checkpoint)
     return target
 
 
+def _fsync(path):
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _write_record(path, record):
+    with open(path, "x", encoding="utf-8") as f:
+        json.dump(record, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _fetch_verified(entry, folder, max_bytes):
-    """Downloads `entry` into `folder` (unless already there) and checks its SHA-256."""
+    """Downloads `entry` into `folder` (unless already there) and checks its SHA-256.
+
+    Returns the path of the verified file and its full SHA-256.
+    """
     extension = _extension(entry.url)
     verified = os.path.join(folder, _stem(entry) + extension)
     if os.path.isfile(verified):
         # Left by a process killed while converting; check it again.
-        if _sha256(verified).startswith(entry.sha256):
-            return verified
+        digest = _sha256(verified)
+        if digest.startswith(entry.sha256):
+            return verified, digest
         _remove(verified)
     temporary = _temporary_name(folder, entry, extension)
     try:
@@ -302,7 +368,7 @@ def _fetch_verified(entry, folder, max_bytes):
         os.replace(temporary, verified)
     finally:
         _remove(temporary)
-    return verified
+    return verified, actual
 
 
 class _RedirectHandler(urllib.request.HTTPRedirectHandler):

@@ -7,6 +7,7 @@ converter never called; the next load from a good server must then work.
 """
 
 import os
+import pathlib
 import time
 
 import pytest
@@ -150,3 +151,88 @@ def test_size_cap_follows_the_variant():
     assert 4 * 4 * 5_721_960 < tiny < 200e6
     assert 4 * 4 * 44_571_048 < medium < 1e9
     assert loading.max_checkpoint_bytes("coat_lite_medium") == medium
+
+
+# ------------------------------------------------------------------ the converted-weights cache
+
+
+def _flip_a_bit(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def _another_checkpoints_file(path):
+    """Replace it with the conversion of another checkpoint (what a cache shared by two
+    manifests, or a copy from another machine, could hold under this name)."""
+    import h5py
+
+    path.unlink()
+    with h5py.File(path, "w") as f:
+        f["w"] = [5.0, 4.0, 3.0]
+
+
+def _record(path):
+    return path.with_name(path.name.replace(".weights.h5", ".json"))
+
+
+def _drop_the_record(path):
+    _record(path).unlink()
+
+
+def _damage_the_record(path):
+    _record(path).write_text("{")
+
+
+def _record_of_another_checkpoint(path):
+    """A record whose checkpoint digest shares the 8-digit prefix but differs after it."""
+    import json
+
+    record = json.loads(_record(path).read_text())
+    digest = record["checkpoint_sha256"]
+    record["checkpoint_sha256"] = digest[:8] + ("0" if digest[8] != "0" else "1") + digest[9:]
+    _record(path).write_text(json.dumps(record))
+
+
+CACHE_DAMAGE = {
+    "flipped_bit": _flip_a_bit,
+    "truncated": _truncate,
+    "another_checkpoints_file": _another_checkpoints_file,
+    "emptied": lambda path: path.write_bytes(b""),
+    "no_record": _drop_the_record,
+    "damaged_record": _damage_the_record,
+    "record_of_another_checkpoint": _record_of_another_checkpoint,
+}
+
+
+@pytest.mark.parametrize("damage", sorted(CACHE_DAMAGE))
+def test_damaged_cache_is_rebuilt_not_loaded(damage, tmp_path, monkeypatch):
+    import h5py
+    import numpy as np
+
+    source = _good_checkpoint(tmp_path)
+    with FileServer() as server:
+        url = server.serve("/w.pth", source)
+        use_manifest(monkeypatch, tmp_path, {NAME: {"url": url, "sha256": sha256_of(source)}})
+        calls = []
+        path = pathlib.Path(weights.ensure_converted_weights(NAME, fake_converter(calls)))
+        intact = path.read_bytes()
+        assert server.requests == ["/w.pth"]
+
+        CACHE_DAMAGE[damage](path)
+        again = weights.ensure_converted_weights(NAME, fake_converter(calls))
+        # Rebuilt from the verified source: fetched and converted a second time.
+        assert again == str(path) and len(calls) == 2 and server.requests == ["/w.pth"] * 2
+        assert path.read_bytes() == intact
+        with h5py.File(path, "r") as f:
+            np.testing.assert_array_equal(f["w"][()], np.arange(6.0))
+        leftovers = [n for n in _cache_files(tmp_path) if not n.endswith(".lock")]
+        assert leftovers == sorted([path.name, _record(path).name])
+
+        # And an intact cache is used as is: no network, no conversion.
+        weights.ensure_converted_weights(NAME, fake_converter(calls))
+        assert len(calls) == 2 and len(server.requests) == 2

@@ -179,9 +179,9 @@ def test_download_verify_convert_cache_then_offline(
     assert calls == [("coat_lite_tiny", ["w"])]
     assert path == weights.cached_weights_path("coat_lite_tiny")
     assert path.startswith(str(tmp_path / "keras_home"))
-    # Only the converted file (and the lock) stay: no checkpoint, no partials.
+    # Only the converted file, its record (and the lock) stay: no checkpoint, no partials.
     assert [n for n in _cache_files(tmp_path) if not n.endswith(".lock")] == [
-        os.path.basename(path)
+        os.path.basename(path).replace(".weights.h5", ".json"), os.path.basename(path)
     ]
 
     with no_network():
@@ -334,7 +334,9 @@ def test_leftovers_of_a_killed_process_are_reused_or_removed(
     calls = []
     weights.ensure_converted_weights("coat_lite_tiny", fake_converter(calls))
     assert server.requests == [] and len(calls) == 1
-    assert _cache_files(tmp_path) == sorted([f"{stem}-v1.weights.h5", f"{stem}.lock"])
+    assert _cache_files(tmp_path) == sorted(
+        [f"{stem}-v1.weights.h5", f"{stem}-v1.json", f"{stem}.lock"]
+    )
 
 
 @pytest.mark.slow
@@ -382,7 +384,9 @@ def test_two_processes_share_one_download(monkeypatch, tmp_path, server, small_c
     assert len(paths) == 1 and os.path.isfile(paths.pop())
     assert server.requests == ["/coat_lite_tiny.pth"]
     assert calls_log.read_text() == "convert\n"
-    assert [n for n in _cache_files(tmp_path) if not n.endswith((".lock", ".weights.h5"))] == []
+    assert [
+        n for n in _cache_files(tmp_path) if not n.endswith((".lock", ".weights.h5", "-v1.json"))
+    ] == []
 
 
 # ------------------------------------------------ end to end, with the real model
