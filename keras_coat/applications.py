@@ -92,7 +92,7 @@ def _resolve_input_shape(input_shape, input_tensor):
         tensor_shape = tuple(input_tensor.shape[1:])
     if input_shape is None:
         input_shape = tensor_shape or (224, 224, 3)
-    input_shape = tuple(input_shape)
+    input_shape = validate_image_shape(input_shape)
     if tensor_shape is not None and tuple(tensor_shape) != input_shape:
         raise ValueError(
             f"`input_shape`={input_shape} contradicts the shape of `input_tensor`, "

@@ -3,6 +3,8 @@
 Reference: Xu, Xu, Chang, Tu, "Co-Scale Conv-Attentional Image Transformers", ICCV 2021.
 """
 
+import numbers
+
 import keras
 from keras import layers
 
@@ -138,11 +140,22 @@ def validate_architecture(embed_dims, serial_depths, mlp_ratios, parallel_depth,
 
 def validate_image_shape(image_shape):
     """`(height, width, channels)` as ints, or a ValueError saying what CoaT accepts."""
+    if not isinstance(image_shape, (tuple, list)):
+        raise ValueError(
+            "`input_shape` must be a (height, width, channels) tuple, e.g. (224, 224, 3); "
+            f"received {image_shape!r} of type {type(image_shape).__name__}."
+        )
     image_shape = tuple(image_shape)
     if len(image_shape) != 3 or any(d is None for d in image_shape):
         raise ValueError(
             "`input_shape` must be a fully defined (height, width, channels) tuple, e.g. "
             f"(224, 224, 3); received {image_shape}."
+        )
+    # Integers only: int(64.5) would silently build a 64-pixel model, and True is 1.
+    if not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in image_shape):
+        raise ValueError(
+            f"`input_shape` must hold ints; received {image_shape!r} (types "
+            f"{', '.join(type(d).__name__ for d in image_shape)})."
         )
     height, width, channels = (int(d) for d in image_shape)
     if height < 32 or width < 32 or height % 32 or width % 32:
