@@ -99,7 +99,7 @@ def max_checkpoint_bytes(checkpoint_name):
     A published checkpoint holds one float32 copy of the variant's weights, 4 bytes per
     parameter; a manifest may name a training checkpoint that also holds an EMA copy and
     AdamW's two moments. Four copies and 64 MiB of pickle and archive overhead bound both
-    (e.g. 155 MB for coat_lite_tiny, 777 MB for coat_lite_medium).
+    (e.g. 159 MB for coat_lite_tiny, 780 MB for coat_lite_medium).
     """
     params = MODEL_CONFIGS[weights.variant_of(checkpoint_name)]["params"]
     return 4 * 4 * params + 64 * 2**20
