@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_coat.imagenet import eval_transform
-from training import augment
+from training import augment, batch_augment
 
 AUTOTUNE = tf.data.AUTOTUNE
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
@@ -38,11 +38,13 @@ SHUFFLE_BUFFER = 16_384
 
 @dataclasses.dataclass
 class Split:
-    """Records of one split and how to turn a record into {"image": uint8 HxWx3, "label"}."""
+    """Records of one split and how to turn a record into {"image": uint8 HxWx3, "label"};
+    `encoded` gives a record's encoded image bytes where records hold files (else None)."""
 
     records: tf.data.Dataset
     num_examples: int
     decode: callable
+    encoded: callable = None
 
 
 @dataclasses.dataclass
@@ -117,7 +119,12 @@ def _folder_source(path):
         records = tf.data.Dataset.from_tensor_slices(
             {"path": np.array(files), "label": np.array(labels, np.int64)}
         )
-        return Split(records, len(files), decode=_read_image_file)
+        return Split(
+            records,
+            len(files),
+            decode=_read_image_file,
+            encoded=lambda record: tf.io.read_file(record["path"]),
+        )
 
     return Source(f"folder:{path}", split(train), split(validation), class_names)
 
@@ -199,7 +206,7 @@ def _tfds_source(name, data_dir, manual_dir):
             count = splits[split_name].num_examples
         else:
             count = int(records.reduce(0, lambda n, _: n + 1))
-        return Split(records, count, decode)
+        return Split(records, count, decode, encoded=lambda record: record["image"])
 
     return Source(name, split("train"), split(validation_split), info.features[label_key].names)
 
@@ -220,17 +227,21 @@ def steps_per_epoch(recipe, source, max_steps=None):
 
 
 class TrainTransform:
-    """Named per-example steps of the training pipeline, in order.
+    """Named steps of the training pipeline, in order.
 
-    decode -> random_resized_crop (bicubic) -> horizontal_flip -> rand_augment | color_jitter ->
-    random_erasing -> one_hot. Images stay float32 pixels in [0, 255] (the model normalizes).
+    Per example: random_resized_crop (bicubic; JPEGs decode only the crop window) ->
+    horizontal_flip -> color_jitter (only without RandAugment, as in timm) -> one_hot, images
+    rounded to uint8 as PIL's. Then per batch: rand_augment (uint8) -> float32 ->
+    random_erasing -> mixup_cutmix (`training.batch_augment`, timm's ops with per-example
+    parameters). Images stay in [0, 255] (the model normalizes) except for the erased boxes,
+    whose noise is N(0, 1) after normalization.
     """
 
     def __init__(self, recipe, num_classes):
         self.recipe = recipe
         self.num_classes = num_classes
         self.rand_augment = (
-            augment.RandAugment(recipe.rand_augment_magnitude, recipe.rand_augment_ops)
+            batch_augment.RandAugment(recipe.rand_augment_magnitude, recipe.rand_augment_ops)
             if recipe.rand_augment_magnitude is not None
             else None
         )
@@ -241,33 +252,67 @@ class TrainTransform:
             else None
         )
         self.random_erasing = (
-            augment.RandomErasing(recipe.random_erasing) if recipe.random_erasing else None
+            batch_augment.RandomErasing(recipe.random_erasing) if recipe.random_erasing else None
+        )
+        self.mixing = (
+            batch_augment.BatchMixing(recipe.mixup, recipe.cutmix, recipe.mixup_switch_prob)
+            if recipe.mixup or recipe.cutmix
+            else None
         )
 
     @property
     def step_names(self):
-        names = ["decode", "random_resized_crop"]
+        names = ["random_resized_crop"]
         names += ["horizontal_flip"] if self.recipe.horizontal_flip else []
-        names += ["rand_augment"] if self.rand_augment else []
         names += ["color_jitter"] if self.color_jitter else []
+        names += ["one_hot", "batch"]
+        names += ["rand_augment"] if self.rand_augment else []
         names += ["random_erasing"] if self.random_erasing else []
-        return names + ["one_hot"]
+        return names + (["mixup_cutmix"] if self.mixing else [])
 
-    def __call__(self, example, seed):
+    def example(self, split, record, seed):
+        """One training example (image, one-hot label) from a record of `split`."""
         r = self.recipe
-        image = augment.random_resized_crop(
-            example["image"], augment.fold_in(seed, 0), r.image_size, r.crop_scale, r.crop_ratio
-        )
+        crop_seed = augment.fold_in(seed, 0)
+        if split.encoded is not None:
+            image = augment.decode_random_resized_crop(
+                split.encoded(record), crop_seed, r.image_size, r.crop_scale, r.crop_ratio
+            )
+        else:
+            image = augment.random_resized_crop(
+                split.decode(record)["image"], crop_seed, r.image_size, r.crop_scale, r.crop_ratio
+            )
         if r.horizontal_flip:
             image = augment.horizontal_flip(image, augment.fold_in(seed, 1))
-        if self.rand_augment:
-            image = self.rand_augment(image, augment.fold_in(seed, 2))
         if self.color_jitter:
             image = self.color_jitter(image, augment.fold_in(seed, 3))
-        if self.random_erasing:
-            image = self.random_erasing(image, augment.fold_in(seed, 4))
+        # uint8, as PIL's images: a batch then moves with a quarter of float32's memory traffic.
+        image = tf.cast(tf.round(image), tf.uint8)
         image = tf.ensure_shape(image, (r.image_size, r.image_size, 3))
-        return image, tf.one_hot(example["label"], self.num_classes)
+        return image, tf.one_hot(record["label"], self.num_classes)
+
+    def batch(self, images, labels, seed):
+        """The batch-level steps on a batch of `example` outputs."""
+        if self.rand_augment:
+            images = self.rand_augment(images, augment.fold_in(seed, 2))
+        images = tf.cast(images, tf.float32)
+        if self.random_erasing:
+            images = self.random_erasing(images, augment.fold_in(seed, 4))
+        if self.mixing:
+            images, labels = self.mixing(images, labels, augment.fold_in(seed, 5))
+        return images, labels
+
+
+def pipeline_options():
+    """tf.data options of the training pipeline: deterministic order, autotuned parallelism on
+    a private thread pool over this process's cores, one thread per op (parallelism comes from
+    working on several examples and batches at once)."""
+    options = tf.data.Options()
+    options.deterministic = True
+    options.autotune.enabled = True
+    options.threading.private_threadpool_size = len(os.sched_getaffinity(0))
+    options.threading.max_intra_op_parallelism = 1
+    return options
 
 
 def train_dataset(recipe, source, seed, start_epoch=0, max_steps=None):
@@ -277,11 +322,6 @@ def train_dataset(recipe, source, seed, start_epoch=0, max_steps=None):
     """
     steps = steps_per_epoch(recipe, source, max_steps)
     transform = TrainTransform(recipe, source.num_classes)
-    mixing = (
-        augment.BatchMixing(recipe.mixup, recipe.cutmix, recipe.mixup_switch_prob)
-        if recipe.mixup or recipe.cutmix
-        else None
-    )
     split = source.train
     buffer = min(split.num_examples, SHUFFLE_BUFFER)
     repeats = recipe.repeated_augmentations
@@ -301,21 +341,19 @@ def train_dataset(recipe, source, seed, start_epoch=0, max_steps=None):
             )
         records = records.take(steps * recipe.batch_size).enumerate()
         examples = records.map(
-            lambda i, r: transform(split.decode(r), augment.fold_in(epoch_seed, 1, i)),
+            lambda i, r: transform.example(split, r, augment.fold_in(epoch_seed, 1, i)),
             num_parallel_calls=AUTOTUNE,
             deterministic=True,
         )
         batches = examples.batch(recipe.batch_size, drop_remainder=True)
-        if mixing is not None:
-            batches = batches.enumerate().map(
-                lambda i, batch: mixing(*batch, augment.fold_in(epoch_seed, 2, i)),
-                num_parallel_calls=AUTOTUNE,
-                deterministic=True,
-            )
-        return batches
+        return batches.enumerate().map(
+            lambda i, batch: transform.batch(*batch, augment.fold_in(epoch_seed, 2, i)),
+            num_parallel_calls=AUTOTUNE,
+            deterministic=True,
+        )
 
     dataset = tf.data.Dataset.range(start_epoch, recipe.epochs).flat_map(epoch)
-    return dataset.prefetch(AUTOTUNE)
+    return dataset.prefetch(AUTOTUNE).with_options(pipeline_options())
 
 
 def eval_dataset(recipe, source, batch_size=None):

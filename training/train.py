@@ -297,7 +297,6 @@ def main(argv=None):
             f"{recipe.epochs} epochs x {steps} steps, peak lr {recipe.peak_lr:.3g}.\n"
             "Training pipeline: "
             + " -> ".join(data.TrainTransform(recipe, source.num_classes).step_names)
-            + (" -> batch -> mixup/cutmix" if recipe.mixup or recipe.cutmix else " -> batch")
         )
         if start_epoch:
             say(f"Resuming from epoch {start_epoch} (backup in {backup_dir}).")
