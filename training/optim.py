@@ -68,7 +68,8 @@ def build_optimizer(recipe, steps_per_epoch):
     """AdamW as DeiT configures it, with optional global-norm clipping and weight EMA.
 
     With EMA on, Keras keeps the moving average in the optimizer and swaps it into the model at
-    the end of `fit` (validation during training sees the raw weights).
+    the end of `fit`; during training `train.make_callbacks` swaps it in for validation and the
+    epoch's checkpoints (`keras.callbacks.SwapEMAWeights`).
     """
     optimizer = keras.optimizers.AdamW(
         learning_rate=learning_rate_schedule(recipe, steps_per_epoch),

@@ -58,8 +58,8 @@ class Recipe:
     adam_epsilon: float = _field(1e-8, "AdamW epsilon")
     clip_norm: float | None = _field(None, "global gradient-norm clip, 0 disables", off=0)
     ema_momentum: float | None = _field(
-        0.99996, "EMA momentum of the weights (swapped in at the end), 0 disables", flag="ema",
-        off=0,
+        0.99996, "EMA momentum of the weights (validated, checkpointed, exported), 0 disables",
+        flag="ema", off=0,
     )
     # Model.
     drop_path: float = _field(0.1, "stochastic depth rate")

@@ -213,6 +213,12 @@ def make_callbacks(recipe, work_dir, global_batch, steps, metrics_path, seed):
             double_checkpoint=True,
         ),
         ReseedModelRandomness(seed),
+    ]
+    if recipe.ema_momentum is not None:
+        # Validation and the epoch's checkpoints see the EMA weights, as the reference evaluates
+        # its EMA model. After BackupAndRestore, so backups keep the raw weights to resume from.
+        callbacks.append(keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
+    callbacks += [
         metrics_writer,
         keras.callbacks.ModelCheckpoint(os.path.join(work_dir, "last.keras")),
         keras.callbacks.ModelCheckpoint(
@@ -325,7 +331,7 @@ def main(argv=None):
         shuffle=False,  # the pipeline shuffles, per epoch and seed
         verbose=args.verbose if chief else 0,
     )
-    # With EMA, fit has just swapped the averaged weights in: measure and save those.
+    # With EMA, fit ends with the averaged weights in the model: measure, save and export those.
     final = model.evaluate(val_ds, verbose=0, return_dict=True)
     model.save(os.path.join(work_dir, "last.keras"))
     metrics = metrics_writer.finish(final)
