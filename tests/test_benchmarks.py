@@ -146,3 +146,32 @@ def test_deploy_table_compares_the_fastest_keras_coat_path_with_the_fastest_timm
         "| coat_lite_tiny | 1 | 11.00 | **14.00** | 12.00 | **21.00** | "
         "1.50x (keras_coat -> LiteRT / timm -> ONNX Runtime) |"
     )
+
+
+input_pipeline = _load("input_pipeline")
+
+
+def test_input_pipeline_images_are_an_image_folder_of_varied_jpegs(tmp_path):
+    from PIL import Image
+
+    input_pipeline.make_images(tmp_path, 12)
+    train = sorted(tmp_path.glob("train/*/*.jpg"))
+    assert len(train) == 12 and len(list(tmp_path.glob("val/*/*.jpg"))) == 20
+    assert len({p.parent.name for p in train}) == input_pipeline.CLASSES
+    sizes = {Image.open(p).size for p in train}
+    assert sizes == set(input_pipeline.SIZES)
+    assert all(p.stat().st_size > 20_000 for p in train)  # detailed, not flat colour
+
+
+def test_input_pipeline_table_reports_per_core_medians_and_the_node_estimate():
+    args = types.SimpleNamespace(images=320, batch=32, rounds=3, batches=16, warmup=4)
+    keras_runs = [{"images_per_cpu_s": r, "images_per_s": r / 3} for r in (300.0, 330.0, 310.0)]
+    timm_runs = [{"images_per_cpu_s": r, "images_per_s": r / 3} for r in (200.0, 250.0, 220.0)]
+    profile = {"stages": [{"stage": "decode", "ms_per_image": 2.0, "added_ms": 2.0}]}
+    table, keras_rate, timm_rate = input_pipeline._table(keras_runs, timm_runs, args, profile)
+    assert (keras_rate, timm_rate) == (310.0, 220.0)
+    assert "| ratio | 1.41x (1.32-1.50) | |" in table  # rounds: 1.50, 1.32, 1.41
+    node = input_pipeline.ACCELERATORS * input_pipeline.IMAGES_PER_ACCELERATOR
+    assert f"{node / 310.0:.0f} cores" in table and "| decode | 2.00 | +2.00 |" in table
+    prose = [line for line in table.splitlines() if not line.startswith("|")]
+    assert max(len(line) for line in prose) <= 100
