@@ -89,6 +89,11 @@ def save_weights_atomically(model, path):
         )
         os.close(handle)
         model.save_weights(temporary, overwrite=True)
+        # mkstemp creates the file 0600; the published file gets the umask's permissions, as a
+        # plain open() would give it.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
         os.replace(temporary, path)
     except BaseException:
         if temporary and os.path.exists(temporary):

@@ -46,6 +46,9 @@ def test_converts_and_verifies(checkpoints, tmp_path, source, capsys):
     images = random_images(2, 64, 64)
     assert np.abs(np.asarray(model(images)) - torch_forward(reference, images)).max() <= 1e-4
     assert [p.name for p in output.parent.iterdir()] == [output.name]  # no temporaries left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert output.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's private 0600
 
 
 def test_wrong_variant_fails_and_writes_nothing(checkpoints, tmp_path, capsys):
