@@ -310,7 +310,8 @@ def pipeline_options():
     options = tf.data.Options()
     options.deterministic = True
     options.autotune.enabled = True
-    options.threading.private_threadpool_size = len(os.sched_getaffinity(0))
+    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count())
+    options.threading.private_threadpool_size = len(cores)
     options.threading.max_intra_op_parallelism = 1
     return options
 
