@@ -68,22 +68,32 @@ def load_source(name, image_size, data_dir=None, manual_dir=None):
     return _tfds_source(name, data_dir, manual_dir)
 
 
-def _digits_source(image_size):
+def digits_split():
+    """scikit-learn's digit scans as (train images, held-out images, train labels, held-out
+    labels): [N, 8, 8] float32 in [0, 255] and int64 labels, the fixed stratified split every
+    digits-based data set uses (the held-out scans are never trained on)."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
     images = digits.images.astype(np.float32) * (255.0 / 16.0)  # 0..16 -> 0..255
-    images = np.repeat(images[..., None], 3, axis=-1)
-    images = augment.resize(images, (image_size, image_size)).numpy()
-    images = np.round(images).astype(np.uint8)
-    x_train, x_val, y_train, y_val = train_test_split(
+    return train_test_split(
         images,
         digits.target.astype(np.int64),
         test_size=DIGITS_HELD_OUT,
         random_state=DIGITS_SPLIT_SEED,
         stratify=digits.target,
     )
+
+
+def _digits_source(image_size):
+    def rgb_at_image_size(images):
+        images = np.repeat(images[..., None], 3, axis=-1)
+        images = augment.resize(images, (image_size, image_size)).numpy()
+        return np.round(images).astype(np.uint8)
+
+    x_train, x_val, y_train, y_val = digits_split()
+    x_train, x_val = rgb_at_image_size(x_train), rgb_at_image_size(x_val)
 
     def split(x, y):
         records = tf.data.Dataset.from_tensor_slices({"image": x, "label": y})
