@@ -15,6 +15,18 @@ from training.recipes import MIXED_PRECISION_POLICIES
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
 
 
+def add_device_arguments(group, strategies=STRATEGIES):
+    """The command-line options `make_strategy` and `configure_devices` take."""
+    group.add_argument("--strategy", choices=strategies, default="auto")
+    group.add_argument("--tpu", help="TPU name or grpc:// address (implies --strategy tpu)")
+    group.add_argument(
+        "--cpu-replicas",
+        type=int,
+        default=0,
+        help="split the CPU into N logical devices (MirroredStrategy without accelerators)",
+    )
+
+
 def configure_devices(cpu_replicas=0, seed=0, deterministic=False):
     """Splits the CPU into `cpu_replicas` logical devices and seeds every RNG.
 

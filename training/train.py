@@ -67,14 +67,7 @@ def parse_args(argv=None):
     run.add_argument("--no-export", action="store_true", help="skip the SavedModel export")
 
     devices = parser.add_argument_group("devices")
-    devices.add_argument("--strategy", choices=strategy_lib.STRATEGIES, default="auto")
-    devices.add_argument("--tpu", help="TPU name or grpc:// address (implies --strategy tpu)")
-    devices.add_argument(
-        "--cpu-replicas",
-        type=int,
-        default=0,
-        help="split the CPU into N logical devices (MirroredStrategy without accelerators)",
-    )
+    strategy_lib.add_device_arguments(devices)
     devices.add_argument(
         "--jit-compile",
         action=argparse.BooleanOptionalAction,
