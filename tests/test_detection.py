@@ -1,0 +1,241 @@
+"""Detection on a CoaT backbone (training.detection, training.detect): the digit canvases and their
+boxes, COCO evaluation, the picture, and a tiny end-to-end run of the command (one training step,
+the `.keras` round trip of the KerasHub RetinaNet, resume)."""
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import ndimage
+
+from training import detection
+
+keras_hub = pytest.importorskip("keras_hub")
+pytest.importorskip("pycocotools")
+
+RECIPE = detection.DetectionRecipe()
+
+
+@pytest.fixture(scope="module")
+def source():
+    return detection.CanvasSource(RECIPE)
+
+
+# ---------------------------------------------------------------------------------- canvases
+
+
+def test_boxes_are_the_exact_extent_of_each_pasted_digit():
+    # Synthetic scans, each ink-filled over a random rectangle with its own value: every pasted
+    # digit is then one connected blob whose peak names it, found without the generator's help.
+    rng = np.random.default_rng(0)
+    scans, values = [], 20.0 * (1 + np.arange(10))
+    for value in values:
+        scan = np.zeros((8, 8), np.float32)
+        y0, x0 = rng.integers(0, 4, size=2)
+        y1, x1 = rng.integers(5, 9, size=2)
+        scan[y0:y1, x0:x1] = value
+        scans.append(scan)
+    scans, labels = np.stack(scans), np.arange(10)
+    for seed in range(40):
+        image, boxes, found_labels = detection.make_canvas(
+            np.random.default_rng(seed), scans, labels, 128, 4, (8, 60)
+        )
+        assert image.shape == (128, 128, 3) and image.dtype == np.uint8
+        assert 1 <= len(boxes) <= 4 and boxes.dtype == np.float32
+        blobs, count = ndimage.label(image[..., 0] > 0)
+        extents = {
+            (s[1].start, s[0].start, s[1].stop, s[0].stop): int(image[..., 0][s].max())
+            for s in ndimage.find_objects(blobs)
+        }
+        assert count == len(boxes)
+        truth = {tuple(int(v) for v in box): int(values[c]) for box, c in zip(boxes, found_labels)}
+        assert truth == extents
+
+
+def test_real_digit_boxes_are_tight_disjoint_and_hold_all_ink(source):
+    for index in range(30):
+        image, boxes, labels = source.train_canvas(seed=3, epoch=1, index=index)
+        ink = image[..., 0] > 0
+        covered = np.zeros_like(ink)
+        for x0, y0, x1, y1 in boxes.astype(int):
+            assert not covered[y0:y1, x0:x1].any(), "digit boxes overlap"
+            covered[y0:y1, x0:x1] = True
+            inside = ink[y0:y1, x0:x1]
+            # Every edge row and column of the box touches ink.
+            assert inside[0].any() and inside[-1].any()
+            assert inside[:, 0].any() and inside[:, -1].any()
+        assert not (ink & ~covered).any(), "ink outside every box"
+        assert set(labels.tolist()) <= set(range(10))
+
+
+def test_canvases_are_seeded_and_held_out_ones_use_held_out_scans_only(source):
+    a = source.train_canvas(seed=0, epoch=2, index=5)
+    b = source.train_canvas(seed=0, epoch=2, index=5)
+    c = source.train_canvas(seed=0, epoch=3, index=5)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not np.array_equal(a[0], c[0])
+
+    held_out = source.held_out(6)
+    only_held_out = detection.CanvasSource(RECIPE)
+    only_held_out.train_scans = only_held_out.train_labels = None
+    again = only_held_out.held_out(6)
+    assert all(np.array_equal(x, y) for x, y in zip(held_out[0], again[0]))
+    only_train = detection.CanvasSource(RECIPE)
+    only_train.held_out_scans = only_train.held_out_labels = None
+    assert np.array_equal(only_train.train_canvas(0, 2, 5)[0], a[0])
+
+
+def test_training_batches_are_padded_and_resume_at_their_epoch(source):
+    recipe = dataclasses.replace(RECIPE, epochs=2, batch_size=3, train_canvases=6)
+    canvases = detection.CanvasSource(recipe)
+    full = list(canvases.train_dataset(seed=1).as_numpy_iterator())
+    resumed = list(canvases.train_dataset(seed=1, start_epoch=1).as_numpy_iterator())
+    assert len(full) == 4 and len(resumed) == 2
+    for (x, y), (rx, ry) in zip(full[2:], resumed):
+        assert np.array_equal(x, rx) and np.array_equal(y["boxes"], ry["boxes"])
+    images, targets = full[0]
+    assert images.shape == (3, 128, 128, 3) and images.dtype == np.float32
+    assert targets["boxes"].shape == (3, 4, 4) and targets["labels"].shape == (3, 4)
+    _, boxes, labels = canvases.train_canvas(1, 0, 0)
+    assert np.array_equal(targets["boxes"][0, : len(boxes)], boxes)
+    assert (targets["boxes"][0, len(boxes) :] == -1).all()
+    assert (targets["labels"][0, len(labels) :] == -1).all()
+
+
+def test_recipe_validation():
+    with pytest.raises(ValueError, match="canvas_size must be a multiple of 2\\*\\*max_level"):
+        dataclasses.replace(RECIPE, canvas_size=100)
+    with pytest.raises(ValueError, match="digit_sizes"):
+        dataclasses.replace(RECIPE, digit_sizes=(40, 20))
+    with pytest.raises(ValueError, match="at least one batch"):
+        dataclasses.replace(RECIPE, train_canvases=4, batch_size=8)
+
+
+# -------------------------------------------------------------------------------- evaluation
+
+
+def test_coco_map_is_one_for_the_truth_and_drops_for_shifted_boxes(source):
+    images, boxes, labels = source.held_out(12)
+    truth = [(b, c, np.ones(len(c))) for b, c in zip(boxes, labels)]
+    perfect = detection.coco_evaluate(boxes, labels, truth)
+    assert perfect["map"] == pytest.approx(1.0) and perfect["map50"] == pytest.approx(1.0)
+
+    # Shifted by a fifth of their size: still found at IoU 0.5, not at the stricter thresholds.
+    shifted = [(b + 0.2 * (b[:, 2:3] - b[:, 0:1]) * [1, 0, 1, 0], c, s) for b, c, s in truth]
+    moved = detection.coco_evaluate(boxes, labels, shifted)
+    assert moved["map50"] == pytest.approx(1.0) and moved["map"] < 0.8
+    wrong = [(b, (c + 1) % 10, s) for b, c, s in truth]
+    assert detection.coco_evaluate(boxes, labels, wrong)["map50"] == 0.0
+    nothing = [(np.zeros((0, 4)), np.zeros(0, int), np.zeros(0)) for _ in truth]
+    assert detection.coco_evaluate(boxes, labels, nothing)["map"] == 0.0
+    with pytest.raises(ValueError, match="one of each per image"):
+        detection.coco_evaluate(boxes, labels, truth[:-1])
+
+
+# ----------------------------------------------------------------------------------- picture
+
+
+def test_picture_is_a_png_of_the_grid_size(source, tmp_path):
+    images, boxes, labels = source.held_out(3)
+    found = [(b + 2, c, np.full(len(c), 0.9)) for b, c in zip(boxes, labels)]
+    # An untrained detector's boxes may be inverted, outside the canvas or not finite.
+    odd = np.array([[50, 50, 40, 60], [-90, 10, -20, 30], [np.nan, 0, 5, 5]], np.float32)
+    found[0] = tuple(np.concatenate([a, b]) for a, b in zip(found[0], (odd, [1, 2, 3], [1.0] * 3)))
+    path = detection.draw_detections(str(tmp_path / "d.png"), images, boxes, labels, found)
+    panel, gap = 128 * detection.PICTURE_SCALE, detection.PICTURE_GAP
+    with Image.open(path) as picture:
+        assert picture.format == "PNG" and picture.mode == "RGB"
+        # 3 canvases, 2 (truth, detections) pairs per row: 4 panels x 2 rows.
+        assert picture.size == (4 * panel + 5 * gap, 2 * panel + 3 * gap)
+        pixels = np.asarray(picture)
+    assert (pixels == detection.TRUE_COLOR).all(axis=-1).any()
+    assert (pixels == detection.FOUND_COLOR).all(axis=-1).any()
+    assert os.listdir(tmp_path) == ["d.png"]
+
+
+# ---------------------------------------------------------------------- the command, end to end
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """Two one-step epochs of the real detector, interrupted after the first and resumed, then
+    evaluation, picture and save; the detections the run measured are kept to compare the saved
+    file's against."""
+    from training import detect
+    from training.callbacks import MetricsWriter
+
+    output = tmp_path_factory.mktemp("detect")
+    argv = [
+        "--output-dir", str(output), "--epochs", "2", "--batch-size", "2",
+        "--train-canvases", "2", "--held-out-canvases", "4", "--show", "3", "--verbose", "0",
+    ]
+    measured = {}
+    original_detect, original_epoch_begin = detection.detect, MetricsWriter.on_epoch_begin
+
+    def recording_detect(detector, images, **kwargs):
+        measured["images"], measured["detections"] = images, original_detect(detector, images)
+        measured["outputs"] = {k: np.asarray(v) for k, v in detector(images).items()}
+        return measured["detections"]
+
+    def interrupt_second_epoch(self, epoch, logs=None):
+        if epoch == 1:
+            raise Interrupted
+        original_epoch_begin(self, epoch, logs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(MetricsWriter, "on_epoch_begin", interrupt_second_epoch)
+        with pytest.raises(Interrupted):
+            detect.main(argv)
+    interrupted = json.loads((output / "metrics.json").read_text())
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(detection, "detect", recording_detect)
+        metrics = detect.main(argv)
+    return output, metrics, argv, measured, interrupted
+
+
+@pytest.mark.slow
+def test_training_resumes_then_the_saved_detector_gives_equal_detections(tiny_run):
+    import keras
+
+    output, metrics, _, measured, interrupted = tiny_run
+    assert interrupted["status"] == "running" and interrupted["epochs_completed"] == 1
+    assert metrics["status"] == "complete" and metrics["epochs_completed"] == 2
+    with open(output / "training_log.csv") as log:
+        assert [line.split(",")[0] for line in log][1:] == ["0", "1"]  # resumed at epoch 1
+    assert 0.0 <= metrics["map"] <= metrics["map50"] <= 1.0 and metrics["seconds"] > 0
+    assert metrics["reload_max_abs_diff"] < 1e-5
+    on_disk = json.loads((output / "metrics.json").read_text())
+    assert {k: on_disk[k] for k in ("map", "map50", "seconds")} == {
+        k: metrics[k] for k in ("map", "map50", "seconds")
+    }
+    assert not (output / "backup").exists()
+    with Image.open(output / "detections.png") as picture:
+        assert picture.format == "PNG" and picture.size == detection.picture_size(3, 128)
+
+    reloaded = keras.saving.load_model(output / "detector.keras")
+    assert isinstance(reloaded, keras_hub.models.RetinaNetObjectDetector)
+    # Raw head outputs (the detections of a one-step detector may be few or none).
+    outputs = reloaded(measured["images"])
+    for name, expected in measured["outputs"].items():
+        np.testing.assert_allclose(np.asarray(outputs[name]), expected, rtol=1e-5, atol=1e-5)
+    again = detection.detect(reloaded, measured["images"])
+    assert len(again) == len(measured["detections"]) == 4
+    for found, expected in zip(again, measured["detections"]):
+        for a, b in zip(found, expected):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_a_completed_run_is_not_redone(tiny_run, capsys):
+    from training import detect
+
+    output, _, argv, *_ = tiny_run
+    assert detect.main(argv) == json.loads((output / "metrics.json").read_text())
+    assert "nothing to do" in capsys.readouterr().out
