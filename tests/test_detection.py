@@ -239,3 +239,25 @@ def test_a_completed_run_is_not_redone(tiny_run, capsys):
     output, _, argv, *_ = tiny_run
     assert detect.main(argv) == json.loads((output / "metrics.json").read_text())
     assert "nothing to do" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_init_weights_take_the_backbone_of_a_saved_classifier(tmp_path):
+    import keras_coat
+
+    classifier = keras_coat.CoaTLiteTiny(input_shape=(32, 32, 3), classes=10)
+    path = str(tmp_path / "digits.keras")
+    classifier.save(path)
+    detector = detection.build_detector(RECIPE, init_weights=path)
+    encoder = detector.backbone.image_encoder
+    for name in ("patch_embed1", "serial_blocks4.1.mlp", "cpe3", "crpe2", "norm4"):
+        for got, expected in zip(
+            encoder.get_layer(name).get_weights(), classifier.get_layer(name).get_weights()
+        ):
+            np.testing.assert_array_equal(got, expected)
+    with pytest.raises(ValueError, match="init_weights must be"):
+        detection.build_detector(RECIPE, init_weights=str(tmp_path / "digits.pth"))
+    mini = keras_coat.CoaTLiteMini(input_shape=(32, 32, 3), classes=10)
+    mini.save(str(tmp_path / "mini.keras"))
+    with pytest.raises(ValueError, match="same CoaT variant"):
+        detection.build_detector(RECIPE, init_weights=str(tmp_path / "mini.keras"))
