@@ -124,6 +124,23 @@ def _measure_keras(root, batch_size, warmup, count):
     return result
 
 
+def _posterize_zero_bits_as_black():
+    """timm's PosterizeIncreasing at magnitude 10 (N(9, 0.5) clipped: 2% of its draws) keeps 0
+    bits, which Pillow >= 11 rejects with a ValueError; older Pillow, which the reference ran,
+    returned a black image. Restore that in timm's op table."""
+    from PIL import Image
+    from timm.data import auto_augment
+
+    posterize = auto_augment.NAME_TO_OP["PosterizeIncreasing"]
+
+    def posterize_any_bits(image, bits_to_keep, **kwargs):
+        if bits_to_keep < 1:
+            return Image.new(image.mode, image.size)
+        return posterize(image, bits_to_keep, **kwargs)
+
+    auto_augment.NAME_TO_OP["PosterizeIncreasing"] = posterize_any_bits
+
+
 def _measure_timm(root, batch_size, warmup, count):
     import psutil
     import timm  # noqa: F401  (timm before anything else that imports TensorFlow)
@@ -132,6 +149,7 @@ def _measure_timm(root, batch_size, warmup, count):
     from timm.data import Mixup, create_transform
 
     torch.set_num_threads(1)
+    _posterize_zero_bits_as_black()
     transform = create_transform(
         224, is_training=True, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25,
         interpolation="bicubic",
