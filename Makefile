@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-keras-coat
 
-.PHONY: venv test test-fast test-jax demo demo-detect bench bench-deploy clean
+.PHONY: venv test test-fast test-jax demo demo-detect bench bench-deploy bench-input clean
 
 # Everything the tests, the demo and the converter need: TensorFlow, JAX (CPU), the reference
 # stack (torch>=2.14, torchvision>=0.29, timm) and the training extras.
@@ -49,6 +49,11 @@ bench: $(STAMP)
 # ONNX Runtime) against keras_coat (TF graph, ONNX Runtime, OpenVINO, LiteRT float and int8).
 bench-deploy: $(STAMP)
 	$(PY) benchmarks/deploy.py
+
+# Rewrites the input-pipeline section of benchmarks/RESULTS.md: the imagenet recipe's tf.data
+# pipeline against timm's training transform and Mixup, images/s per CPU core (a few minutes).
+bench-input: $(STAMP)
+	$(PY) benchmarks/input_pipeline.py
 
 clean:
 	rm -rf demo-output .pytest_cache
