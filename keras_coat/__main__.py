@@ -323,20 +323,17 @@ def _export(args):
         return 2
     from keras_coat.export import export_command
 
-    try:
-        export_command(
-            args.model,
-            weights,
-            args.output,
-            version=1 if args.version is None else args.version,
-            image_size=args.image_size,
-            class_names_file=args.class_names,
-            top_k=5 if args.top is None else args.top,
-            overwrite=args.overwrite,
-        )
-    except (ValueError, OSError) as e:  # bad arguments, existing version, unreadable files
-        _error(e)
-        return 1
+    # Bad arguments, an existing version, unreadable files: main() reports them in one line.
+    export_command(
+        args.model,
+        weights,
+        args.output,
+        version=1 if args.version is None else args.version,
+        image_size=args.image_size,
+        class_names_file=args.class_names,
+        top_k=5 if args.top is None else args.top,
+        overwrite=args.overwrite,
+    )
     return 0
 
 
@@ -357,22 +354,19 @@ def _export_file(args, weights):
         return 2
     from keras_coat.export_formats import export_file_command
 
-    try:
-        export_file_command(
-            args.model,
-            weights,
-            args.output,
-            args.format,
-            precision=args.precision,
-            image_size=args.image_size,
-            class_names_file=args.class_names,
-            calibration_data=args.calibration_data,
-            calibration_images=args.calibration_images,
-            overwrite=args.overwrite,
-        )
-    except (ValueError, OSError) as e:  # bad combinations, existing files, failed verification
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    # Bad combinations, existing files, a failed verification: main() reports them in one line.
+    export_file_command(
+        args.model,
+        weights,
+        args.output,
+        args.format,
+        precision=args.precision,
+        image_size=args.image_size,
+        class_names_file=args.class_names,
+        calibration_data=args.calibration_data,
+        calibration_images=args.calibration_images,
+        overwrite=args.overwrite,
+    )
     return 0
 
 
