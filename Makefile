@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-keras-coat
+# The oldest Keras keras_coat supports (pyproject.toml), without dependencies (the venv's serve):
+# the multi-worker TensorFlow test runs on it as well as on the venv's newest Keras.
+OLDEST_KERAS := .venv-keras38
 
 .PHONY: venv test test-fast test-jax demo demo-detect bench bench-deploy bench-input clean
 
@@ -12,6 +15,8 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[test]"
+	rm -rf $(OLDEST_KERAS)
+	$(PY) -m pip install --quiet --no-deps --target $(OLDEST_KERAS) "keras==3.8.*"
 	touch $(STAMP)
 
 venv: $(STAMP)

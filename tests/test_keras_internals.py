@@ -1,13 +1,14 @@
-"""keras_coat._keras_internals: each use of Keras internals works here and fails clearly on a
-Keras that lacks what it relies on; the export reads a model's output kind through public API."""
+"""training.keras_internals: each use of Keras internals works here, on a Keras of any version
+number that behaves as relied on, and fails naming the missing piece on a Keras that does not;
+the export reads a model's output kind through public API."""
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_coat import _keras_internals as internals
 from keras_coat import export as export_lib
+from training import keras_internals as internals
 
 
 def _uniform(seed):
@@ -33,9 +34,9 @@ def fresh_seed_check():
 def test_seed_stream_refuses_a_keras_that_does_not_draw_with_next(monkeypatch, fresh_seed_check):
     monkeypatch.setattr(keras.random, "uniform", lambda shape, seed=None: keras.ops.zeros(shape))
     monkeypatch.setattr(keras, "version", lambda: "3.16.0")
-    with pytest.raises(RuntimeError, match=r"SeedStream relies on Keras internals tested on "
-                       r"Keras 3\.8-3\.15; found Keras 3\.16\.0, whose random ops called "
-                       r"SeedGenerator\.next\(\) 0 times"):
+    with pytest.raises(RuntimeError, match=r"^training's SeedStream relies on Keras internals "
+                       r"that Keras 3\.16\.0 no longer has: its random ops called "
+                       r"SeedGenerator\.next\(\) 0 times for one draw instead of once$"):
         internals.SeedStream(tf.constant([1, 2], tf.int64))
 
 
@@ -67,18 +68,71 @@ def test_multi_worker_fit_patch_builds_state_and_keeps_fit_working(monkeypatch):
     assert np.isfinite(history.history["loss"][0])
 
 
-def test_multi_worker_fit_patch_refuses_an_untested_keras(monkeypatch):
-    monkeypatch.setattr(keras, "version", lambda: "3.16.0")
-    with pytest.raises(RuntimeError, match=r"multi-worker fit patch relies on Keras internals "
-                       r"tested on Keras 3\.8-3\.15; found Keras 3\.16\.0, outside that range"):
-        internals.patch_multi_worker_fit(_compiled_model(), _dataset().element_spec)
-
-
-def test_multi_worker_fit_patch_refuses_a_keras_without_its_internals(monkeypatch):
+def test_multi_worker_fit_patch_works_on_any_version_number_with_its_internals(monkeypatch):
     from keras.src.backend.tensorflow import trainer
 
-    monkeypatch.delattr(trainer, "reduce_per_replica")
-    with pytest.raises(RuntimeError, match="which lacks reduce_per_replica"):
+    monkeypatch.setattr(trainer, "reduce_per_replica", trainer.reduce_per_replica)  # restored
+    monkeypatch.setattr(keras, "version", lambda: "3.99.0")
+    model = _compiled_model()
+    internals.patch_multi_worker_fit(model, _dataset().element_spec)
+    assert trainer.reduce_per_replica._multi_worker_scalars and model.optimizer.built
+
+
+def _without_step_reduction(monkeypatch, trainer):
+    def make_function(self, step_function):  # Keras' step without reduce_per_replica
+        return step_function
+
+    monkeypatch.setattr(trainer.TensorFlowTrainer, "_make_function", make_function)
+
+
+def _without_symbolic_build_in_fit(monkeypatch, trainer):
+    monkeypatch.setattr(trainer.TensorFlowTrainer, "fit", lambda self, *args, **kwargs: None)
+
+
+PREFIX = (
+    r"^training's multi-worker fit patch \(keras-team/keras#20585\) relies on Keras internals "
+    r"that Keras 3\.99\.0 no longer has: "
+)
+
+
+@pytest.mark.parametrize(
+    "take_away, missing",
+    [
+        (
+            lambda monkeypatch, trainer: monkeypatch.delattr(trainer, "reduce_per_replica"),
+            r"keras\.src\.backend\.tensorflow\.trainer\.reduce_per_replica is missing$",
+        ),
+        (
+            lambda monkeypatch, trainer: monkeypatch.setattr(
+                trainer, "reduce_per_replica", lambda outputs, strategy: outputs
+            ),
+            r"keras\.src\.backend\.tensorflow\.trainer\.reduce_per_replica takes "
+            r"\['outputs', 'strategy'\] instead of \(values, strategy, reduction\)$",
+        ),
+        (
+            _without_step_reduction,
+            r"TensorFlowTrainer's train step no longer reduces its outputs with "
+            r"keras\.src\.backend\.tensorflow\.trainer\.reduce_per_replica$",
+        ),
+        (
+            _without_symbolic_build_in_fit,
+            r"TensorFlowTrainer\.fit no longer calls self\._maybe_symbolic_build$",
+        ),
+        (
+            lambda monkeypatch, trainer: monkeypatch.delattr(
+                keras.src.trainers.trainer.Trainer, "_symbolic_build"
+            ),
+            r"Model\._symbolic_build\(data_batch=\.\.\.\) is missing$",
+        ),
+    ],
+    ids=["reduce_per_replica", "its_signature", "step_reduction", "fit_build", "symbolic_build"],
+)
+def test_multi_worker_fit_patch_names_the_missing_internal(monkeypatch, take_away, missing):
+    from keras.src.backend.tensorflow import trainer
+
+    monkeypatch.setattr(keras, "version", lambda: "3.99.0")
+    take_away(monkeypatch, trainer)
+    with pytest.raises(RuntimeError, match=PREFIX + missing):
         internals.patch_multi_worker_fit(_compiled_model(), _dataset().element_spec)
 
 

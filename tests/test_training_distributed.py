@@ -102,8 +102,30 @@ def test_mirrored_on_two_cpu_replicas_matches_one_device(tmp_path):
     assert metrics["status"] == "complete" and metrics["epochs_completed"] == 2
 
 
+# The oldest Keras keras_coat supports (pyproject.toml's floor), installed beside the venv by
+# `make venv` (pip install --no-deps --target .venv-keras38 "keras==3.8.*"); it runs on the
+# venv's TensorFlow and Keras' own dependencies.
+OLDEST_KERAS = os.environ.get("KERAS_COAT_OLDEST_KERAS", os.path.join(ROOT, ".venv-keras38"))
+# Prints the Keras it runs on, then trains.
+VERSION_DRIVER = """
+import sys, keras
+print("Keras", keras.version())
+from training import train
+train.main(sys.argv[1:])
+"""
+
+
 @pytest.mark.slow
-def test_two_multi_worker_processes_end_with_identical_weights(tmp_path):
+@pytest.mark.parametrize("keras_install", ["newest", "oldest"])
+def test_two_multi_worker_processes_end_with_identical_weights(tmp_path, keras_install):
+    import keras
+
+    path, version = ROOT, keras.version()
+    if keras_install == "oldest":
+        assert os.path.isdir(os.path.join(OLDEST_KERAS, "keras")), (
+            f"the oldest supported Keras is not installed in {OLDEST_KERAS}; run `make venv`"
+        )
+        path, version = OLDEST_KERAS + os.pathsep + ROOT, "3.8."
     ports = _free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
     args = COMMON + [
@@ -111,8 +133,12 @@ def test_two_multi_worker_processes_end_with_identical_weights(tmp_path):
         "--output-dir", str(tmp_path),
     ]  # fmt: skip
     configs = [{"cluster": cluster, "task": {"type": "worker", "index": i}} for i in range(2)]
-    workers = [_start(args, env=_env(TF_CONFIG=json.dumps(config))) for config in configs]
+    workers = [
+        _start(args, env=_env(TF_CONFIG=json.dumps(c), PYTHONPATH=path), driver=VERSION_DRIVER)
+        for c in configs
+    ]
     outputs = [_finish(worker) for worker in workers]
+    assert all(f"Keras {version}" in output for output in outputs), outputs[0][:2000]
     assert "CollectiveAllReduceStrategy: 2 replica(s), global batch 16 (8" in outputs[0]
     chief = _weights(tmp_path / "last.keras")
     other = _weights(tmp_path / "workers" / "worker-1" / "last.keras")

@@ -14,7 +14,7 @@ import math
 import keras
 import tensorflow as tf
 
-from keras_coat._keras_internals import SeedStream
+from training.keras_internals import SeedStream
 
 PIXEL_RANGE = (0.0, 255.0)
 

@@ -304,9 +304,9 @@ def main(argv=None):
             model = build_model(recipe, source.num_classes, args.model_config)
             compile_model(model, recipe, steps, args.jit_compile)
             if strategy_lib.is_multi_worker(strategy):
-                from keras_coat import _keras_internals
+                from training import keras_internals
 
-                _keras_internals.patch_multi_worker_fit(model, val_ds.element_spec)
+                keras_internals.patch_multi_worker_fit(model, val_ds.element_spec)
         # Only now, with everything checked, does the run leave files behind.
         os.makedirs(work_dir, exist_ok=True)
         write_json(recipe_path, recorded_recipe)

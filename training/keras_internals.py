@@ -1,0 +1,210 @@
+"""The Keras internals training relies on, each checked for the behaviour it needs when used.
+
+Public Keras APIs do the rest of the work; what is here relies on Keras behaviour that is not part
+of its API and may change in any release. Each piece checks, when used, that the Keras it runs on
+still behaves as relied on, and otherwise raises a `RuntimeError` naming the piece that is missing
+and the Keras version found, instead of misbehaving silently. No Keras is refused by its version
+number: CI runs these on the newest Keras below 4 and on the oldest one keras_coat supports
+(pyproject.toml).
+
+- `SeedStream` (the augmentation's colour jitter): a `keras.random.SeedGenerator` whose draws are
+  a function of one seed tensor. Relies on Keras' random ops drawing their seed by calling
+  `SeedGenerator.next()` once per draw and touching nothing else of it.
+- `patch_multi_worker_fit` (training under MultiWorkerMirroredStrategy): works around
+  keras-team/keras#20585 by replacing `reduce_per_replica` in Keras' TensorFlow trainer module and
+  a model's private build step.
+
+TensorFlow is imported only by the functions that need it.
+"""
+
+import functools
+import inspect
+import types
+
+import keras
+
+
+def _unsupported(piece, detail):
+    return RuntimeError(
+        f"training's {piece} relies on Keras internals that Keras {keras.version()} no longer "
+        f"has: {detail}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# SeedStream
+
+
+class SeedStream(keras.random.SeedGenerator):
+    """A `SeedGenerator` whose draws are fold-ins of one seed tensor, without any state.
+
+    Keras random ops accept a `SeedGenerator` as `seed` and call `next()` once per draw; this one
+    returns `fold_in(seed, 1)`, `fold_in(seed, 2)`, ... (the counter advances while the graph is
+    traced, so each draw site in the graph gets its own constant). TensorFlow only (tf.data).
+
+    Args:
+        seed: a ``[2]`` integer seed tensor (e.g. one example's seed in a tf.data pipeline).
+    """
+
+    def __init__(self, seed):  # no state variable: deliberately not calling super().__init__
+        import tensorflow as tf
+
+        _check_seed_generators_are_drawn_with_next()
+        self._seed = tf.convert_to_tensor(seed)
+        self._draws = 0
+
+    def next(self, ordered=True):
+        import tensorflow as tf
+
+        self._draws += 1
+        return tf.random.experimental.stateless_fold_in(self._seed, self._draws)
+
+
+class _CountingSeed(keras.random.SeedGenerator):
+    """Counts `next()` calls; draws from a plain `SeedGenerator`, skipping its own state."""
+
+    def __init__(self):  # no state variable, as SeedStream
+        self.calls = 0
+        self._inner = keras.random.SeedGenerator(0)
+
+    def next(self, ordered=True):
+        self.calls += 1
+        return self._inner.next(ordered)
+
+
+@functools.cache
+def _check_seed_generators_are_drawn_with_next():
+    probe = _CountingSeed()
+    try:
+        keras.random.uniform((2,), seed=probe)
+        drawn = probe.calls == 1
+    except Exception as error:  # any failure means the Keras behaviour relied on is gone
+        raise _unsupported(
+            "SeedStream", f"a random op with a stateless SeedGenerator fails: {error!r}"
+        ) from error
+    if not drawn:
+        raise _unsupported(
+            "SeedStream",
+            f"its random ops called SeedGenerator.next() {probe.calls} times for one draw "
+            "instead of once",
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-worker fit
+
+MULTI_WORKER_PIECE = "multi-worker fit patch (keras-team/keras#20585)"
+
+
+def patch_multi_worker_fit(model, element_spec):
+    """Works around Keras 3's `fit` under MultiWorkerMirroredStrategy (keras-team/keras#20585).
+
+    Two steps of Keras' TensorFlow trainer fail there: building state from a first batch averaged
+    with `strategy.reduce` over a nest of per-replica values, and averaging the scalar step logs
+    with `reduce(..., axis=0)`. So the metrics' and optimizer's variables are created here from a
+    local zero batch (leaving that build step nothing to do, and it is skipped), and scalar logs
+    are averaged over replicas with `axis=None`. Call inside `strategy.scope()` after `compile`.
+
+    Args:
+        model: a compiled Keras model (TensorFlow backend).
+        element_spec: the `element_spec` of the dataset `fit` will get (images, labels, ...).
+
+    Raises:
+        RuntimeError: naming the piece of Keras' trainer that the patch relies on and that the
+            running Keras lacks or uses differently.
+    """
+    import tensorflow as tf
+
+    trainer = _multi_worker_internals(model)
+    batch = tuple(tf.zeros([1, *spec.shape[1:]], spec.dtype) for spec in element_spec)
+    model._symbolic_build(data_batch=batch)
+    unbuilt = [m.name for m in model.metrics if getattr(m, "built", True) is False]
+    if unbuilt:
+        raise _unsupported(
+            MULTI_WORKER_PIECE,
+            f"Model._symbolic_build(data_batch=...) left the metrics {unbuilt} unbuilt",
+        )
+    model.optimizer.build(model.trainable_variables)
+    model._maybe_symbolic_build = lambda *args, **kwargs: None
+
+    reduce_per_replica = trainer.reduce_per_replica
+    if getattr(reduce_per_replica, "_multi_worker_scalars", False):
+        return
+
+    def reduce_scalars_across_workers(values, strategy, reduction):
+        if reduction in ("auto", "mean") and isinstance(
+            strategy, tf.distribute.MultiWorkerMirroredStrategy
+        ):
+            return keras.tree.map_structure(
+                lambda v: strategy.reduce("MEAN", v, axis=None if v.shape.rank == 0 else 0),
+                values,
+            )
+        return reduce_per_replica(values, strategy, reduction)
+
+    reduce_scalars_across_workers._multi_worker_scalars = True
+    trainer.reduce_per_replica = reduce_scalars_across_workers
+
+
+def _names_reached(owner, method):
+    """The global and attribute names that `owner.method`'s code looks up: its nested functions'
+    and, transitively, those of the other methods of `owner` it names."""
+    names, seen, pending = set(), set(), [method]
+    while pending:
+        name = pending.pop()
+        function = inspect.unwrap(getattr(owner, name, None) or (lambda: None))
+        if name in seen or not isinstance(function, types.FunctionType):
+            continue
+        seen.add(name)
+        codes = [function.__code__]
+        while codes:
+            code = codes.pop()
+            names.update(code.co_names)
+            codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+        pending.extend(n for n in names if n not in seen and hasattr(owner, n))
+    return names
+
+
+def _multi_worker_internals(model):
+    """Keras' TensorFlow trainer module, once the behaviour the patch needs is checked:
+
+    - the module has `reduce_per_replica(values, strategy, reduction)`, and the trainer's step
+      functions reduce their outputs by looking that module global up (so replacing it works);
+    - `fit` builds state through `self._maybe_symbolic_build` (so an instance attribute replaces
+      it), and the model has `_symbolic_build(data_batch=...)` to build that state beforehand.
+    """
+    try:
+        from keras.src.backend.tensorflow import trainer
+    except ImportError as error:
+        raise _unsupported(
+            MULTI_WORKER_PIECE, f"keras.src.backend.tensorflow.trainer is missing ({error})"
+        ) from error
+
+    def parameters(function):
+        return list(inspect.signature(function).parameters)
+
+    reduce = getattr(trainer, "reduce_per_replica", None)
+    if not callable(reduce):
+        raise _unsupported(
+            MULTI_WORKER_PIECE, "keras.src.backend.tensorflow.trainer.reduce_per_replica is missing"
+        )
+    if parameters(reduce)[:3] != ["values", "strategy", "reduction"]:
+        raise _unsupported(
+            MULTI_WORKER_PIECE,
+            "keras.src.backend.tensorflow.trainer.reduce_per_replica takes "
+            f"{parameters(reduce)} instead of (values, strategy, reduction)",
+        )
+    trainer_class = getattr(trainer, "TensorFlowTrainer", None)
+    if "reduce_per_replica" not in _names_reached(trainer_class, "make_train_function"):
+        raise _unsupported(
+            MULTI_WORKER_PIECE,
+            "TensorFlowTrainer's train step no longer reduces its outputs with "
+            "keras.src.backend.tensorflow.trainer.reduce_per_replica",
+        )
+    if "_maybe_symbolic_build" not in _names_reached(trainer_class, "fit"):
+        raise _unsupported(
+            MULTI_WORKER_PIECE, "TensorFlowTrainer.fit no longer calls self._maybe_symbolic_build"
+        )
+    build = getattr(model, "_symbolic_build", None)
+    if not callable(build) or "data_batch" not in parameters(build):
+        raise _unsupported(MULTI_WORKER_PIECE, "Model._symbolic_build(data_batch=...) is missing")
+    return trainer
