@@ -7,6 +7,7 @@ couple of steps per epoch, to keep each test small.
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -38,6 +39,31 @@ def pausing(*args, **kwargs):
     callbacks, writer = make_callbacks(*args, **kwargs)
     return callbacks + [PauseAfterFirstEpoch()], writer
 train.make_callbacks = pausing
+train.main(sys.argv[2:])
+"""
+
+
+# A run that waits, after the first step of its second epoch, for a signal that StopOnSignal notes.
+WAITING_DRIVER = """
+import sys, time, keras
+from training import faults, train
+make_callbacks = train.make_callbacks
+class WaitForSignalInEpoch2(keras.callbacks.Callback):
+    def __init__(self, stopper):
+        super().__init__()
+        self.stopper, self.epoch = stopper, 0
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+    def on_train_batch_end(self, batch, logs=None):
+        if (self.epoch, batch) == (1, 0):
+            open(sys.argv[1], "w").close()
+            while self.stopper.received is None:
+                time.sleep(0.05)
+def waiting(*args, **kwargs):
+    callbacks, writer = make_callbacks(*args, **kwargs)
+    stopper = next(c for c in callbacks if isinstance(c, faults.StopOnSignal))
+    return [WaitForSignalInEpoch2(stopper)] + callbacks, writer
+train.make_callbacks = waiting
 train.main(sys.argv[2:])
 """
 
@@ -163,8 +189,9 @@ def test_killed_run_resumes_from_its_backup_and_matches_an_uninterrupted_one(tmp
     os.kill(pausing.pid, signal.SIGKILL)
     pausing.wait()
     assert pausing.returncode == -signal.SIGKILL
-    backup = json.loads((interrupted / "backup" / "training_metadata.json").read_text())
-    assert backup["epoch"] == 1
+    backup = json.loads((interrupted / "backup" / "000001" / "training_metadata.json").read_text())
+    assert backup == {"epoch": 1, "steps": 0}
+    assert (interrupted / ".lock-chief").exists()  # left by the killed run, but not held
     assert json.loads((interrupted / "metrics.json").read_text())["epochs_completed"] == 1
 
     resumed = _finish(_start(args + ["--output-dir", str(interrupted)]))
@@ -175,6 +202,7 @@ def test_killed_run_resumes_from_its_backup_and_matches_an_uninterrupted_one(tmp
     epochs = [line.split(",")[0] for line in log[1:]]
     assert epochs == ["0", "1", "2"]
     assert not (interrupted / "backup").exists()  # removed once the run completed
+    assert not list(interrupted.glob(".lock-*"))
     metrics = json.loads((interrupted / "metrics.json").read_text())
     assert metrics["status"] == "complete" and metrics["epochs_completed"] == 3
     difference = _max_difference(
@@ -185,3 +213,64 @@ def test_killed_run_resumes_from_its_backup_and_matches_an_uninterrupted_one(tmp
     # A completed run is left alone.
     again = _finish(_start(args + ["--output-dir", str(interrupted)]))
     assert "holds a completed run" in again
+
+
+def _wait_for(marker, process):
+    deadline = time.time() + TIMEOUT
+    while not marker.exists():
+        assert process.poll() is None, process.communicate()[0][-4000:]
+        assert time.time() < deadline, f"{marker.name} never appeared"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_a_run_in_use_is_refused_sigterm_saves_and_a_damaged_backup_gives_way(tmp_path):
+    out, marker = tmp_path / "run", tmp_path / "waiting"
+    args = COMMON + ["--epochs", "3", "--steps-per-epoch", "3", "--output-dir", str(out)]
+    first = _start([str(marker)] + args, driver=WAITING_DRIVER)
+    _wait_for(marker, first)
+
+    second = _start(args)
+    refused, _ = second.communicate(timeout=TIMEOUT)
+    assert second.returncode == 1, refused[-4000:]
+    (line,) = [line for line in refused.splitlines() if line.startswith("error:")]
+    assert re.match(
+        rf"error: --output-dir '{re.escape(str(out))}' is in use by another training run "
+        rf"\(pid {first.pid} on {re.escape(socket.gethostname())}, started "
+        r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC, command: \S*python\S* -c .* "
+        rf"{re.escape(str(out))}\)\. Wait for it to end or stop it, or use another output "
+        r"directory\.$",
+        line,
+    ), line
+
+    os.kill(first.pid, signal.SIGTERM)
+    stopped, _ = first.communicate(timeout=TIMEOUT)
+    assert first.returncode == 75, stopped[-4000:]
+    backup = out / "backup" / "000002"
+    assert (
+        f"Stopped by SIGTERM after step 1 of epoch 2; backup saved in {backup}. Rerun the same "
+        "command to continue from it." in stopped
+    )
+    assert json.loads((backup / "training_metadata.json").read_text()) == {"epoch": 1, "steps": 1}
+
+    weights = backup / "model.weights.h5"
+    size = weights.stat().st_size
+    with open(weights, "r+b") as f:
+        f.truncate(size // 2)
+    resumed = _finish(_start(args))
+    (aside,) = (out / "damaged-backups").iterdir()
+    assert (
+        f"Damaged backup: {backup}: model.weights.h5 ({size // 2} bytes) does not match its "
+        f"SHA-256 in SHA256SUMS. Resuming from the previous backup, {out}/backup/000001, "
+        f"instead; the damaged one is moved to {aside}." in resumed
+    )
+    assert (
+        f"Resuming from epoch 1: backup {out}/backup/000001 (after epoch 1, SHA-256 verified)."
+        in resumed
+    )
+    assert "Epoch 1/3" not in resumed and "Epoch 2/3" in resumed and "Epoch 3/3" in resumed
+    assert json.loads((out / "metrics.json").read_text())["status"] == "complete"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "best.keras", "damaged-backups", "last.keras", "logs", "metrics.json", "recipe.json",
+        "training_log.csv",
+    ]  # fmt: skip

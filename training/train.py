@@ -5,10 +5,13 @@
 One entry point for every setting: a recipe (`--recipe imagenet|finetune|demo`, see
 `training.recipes`) plus command-line overrides, any tf.distribute strategy, mixed precision and
 XLA. Rerunning the same command with the same `--output-dir` resumes an interrupted run from its
-last backup (model, optimizer, schedule step, epoch). Outputs in DIR:
+last backup (model, optimizer, schedule step, epoch). A second run on a DIR in use is refused;
+SIGTERM saves a backup after the step in progress and exits with status 75; backups carry SHA-256
+checksums, and a damaged one is reported and replaced by the previous one (training.faults).
+Outputs in DIR:
 
   recipe.json        the resolved recipe (a resume must use the same one)
-  backup/            BackupAndRestore state, removed when the run completes
+  backup/            the newest two backups (training.faults), removed when the run completes
   last.keras         the model after the latest epoch (the final model once complete)
   best.keras         the model of the epoch with the best validation accuracy
   training_log.csv   one row per epoch; logs/ TensorBoard
@@ -24,6 +27,7 @@ import sys
 import time
 
 from keras_coat._files import check_can_create_folder
+from training import faults
 from training import recipes as recipes_lib
 from training import strategy as strategy_lib
 from training.callbacks import read_json, write_json
@@ -65,6 +69,12 @@ def parse_args(argv=None):
         "--verbose", type=int, default=1, choices=(0, 1, 2), help="Keras fit verbosity"
     )
     run.add_argument("--no-export", action="store_true", help="skip the SavedModel export")
+    run.add_argument(
+        faults.RESTART_FLAG,
+        action="store_true",
+        help="when no intact backup is left to resume from, start the run over from its first "
+        "epoch (the damaged backups are moved aside) instead of stopping",
+    )
 
     devices = parser.add_argument_group("devices")
     strategy_lib.add_device_arguments(devices)
@@ -190,7 +200,7 @@ def check_same_recipe(path, recipe, resuming):
     return current
 
 
-def make_callbacks(recipe, work_dir, global_batch, steps, metrics_path, seed):
+def make_callbacks(recipe, work_dir, global_batch, steps, metrics_path, seed, resume=None):
     import keras
 
     from training.callbacks import MetricsWriter, ReseedModelRandomness
@@ -198,15 +208,11 @@ def make_callbacks(recipe, work_dir, global_batch, steps, metrics_path, seed):
     previous = read_json(metrics_path) or {}
     best = previous.get("best_val_accuracy")
     metrics_writer = MetricsWriter(metrics_path, recipe.epochs, global_batch, steps, previous)
-    callbacks = [
-        # First, so that the restored epoch and weights are in place for everyone else.
-        keras.callbacks.BackupAndRestore(
-            os.path.join(work_dir, "backup"),
-            save_freq=recipe.backup_every,
-            double_checkpoint=True,
-        ),
-        ReseedModelRandomness(seed),
-    ]
+    # First, so that the restored epoch and weights are in place for everyone else.
+    backup = faults.CheckedBackupAndRestore(
+        os.path.join(work_dir, "backup"), save_freq=recipe.backup_every, resume=resume
+    )
+    callbacks = [backup, faults.StopOnSignal(backup), ReseedModelRandomness(seed)]
     if recipe.ema_momentum is not None:
         # Validation and the epoch's checkpoints see the EMA weights, as the reference evaluates
         # its EMA model. After BackupAndRestore, so backups keep the raw weights to resume from.
@@ -239,6 +245,11 @@ def refuse_setup_errors():
 
 def main(argv=None):
     args = parse_args(argv)
+    with contextlib.ExitStack() as held:  # the output directory's lock, until the run ends
+        return _train(args, held)
+
+
+def _train(args, held):
     with refuse_setup_errors():
         recipe = resolve_recipe(args)
         if args.cpu_replicas < 0:
@@ -258,6 +269,13 @@ def main(argv=None):
         )
         metrics_path = os.path.join(work_dir, "metrics.json")
         say = print if chief else (lambda *a, **k: None)
+        held.enter_context(
+            faults.OutputDirLock(
+                args.output_dir,
+                strategy_lib.worker_name(strategy),
+                f"--output-dir {args.output_dir!r}",
+            )
+        )
 
         previous = read_run_file(metrics_path)
         if previous and previous.get("status") == "complete":
@@ -268,10 +286,13 @@ def main(argv=None):
             )
             return previous
         backup_dir = os.path.join(work_dir, "backup")
-        start_epoch = backed_up_epoch(backup_dir)
-        resuming = (os.path.isdir(backup_dir) and bool(os.listdir(backup_dir))) or bool(
-            previous and previous.get("epochs_completed")
+        log_path = os.path.join(work_dir, "training_log.csv")
+        resume = faults.find_backup(
+            backup_dir, args.restart_on_damaged_backup, (metrics_path, log_path), say
         )
+        start_epoch = resume.epoch if resume else 0
+        previous = read_run_file(metrics_path)  # set aside if the run starts over
+        resuming = resume is not None or bool(previous and previous.get("epochs_completed"))
         recipe_path = os.path.join(work_dir, "recipe.json")
         recorded_recipe = check_same_recipe(recipe_path, recipe, resuming)
 
@@ -297,8 +318,12 @@ def main(argv=None):
             "Training pipeline: "
             + " -> ".join(data.TrainTransform(recipe, source.num_classes).step_names)
         )
-        if start_epoch:
-            say(f"Resuming from epoch {start_epoch} (backup in {backup_dir}).")
+        if resume:
+            say(
+                f"Resuming from epoch {start_epoch}: backup {resume.path} "
+                f"({resume.position_text()}, SHA-256 verified)"
+                + (", the epoch's steps start over with its weights." if resume.steps else ".")
+            )
 
         with strategy.scope():
             model = build_model(recipe, source.num_classes, args.model_config)
@@ -312,18 +337,22 @@ def main(argv=None):
         write_json(recipe_path, recorded_recipe)
 
     callbacks, metrics_writer = make_callbacks(
-        recipe, work_dir, recipe.batch_size, steps, metrics_path, args.seed
+        recipe, work_dir, recipe.batch_size, steps, metrics_path, args.seed, resume
     )
     started = time.time()
-    model.fit(
-        train_ds,
-        epochs=recipe.epochs,
-        steps_per_epoch=steps,
-        validation_data=val_ds,
-        callbacks=callbacks,
-        shuffle=False,  # the pipeline shuffles, per epoch and seed
-        verbose=args.verbose if chief else 0,
-    )
+    try:
+        model.fit(
+            train_ds,
+            epochs=recipe.epochs,
+            steps_per_epoch=steps,
+            validation_data=val_ds,
+            callbacks=callbacks,
+            shuffle=False,  # the pipeline shuffles, per epoch and seed
+            verbose=args.verbose if chief else 0,
+        )
+    except faults.Preempted as stop:
+        say(stop)
+        raise SystemExit(faults.PREEMPTED_EXIT_STATUS) from None
     # With EMA, fit ends with the averaged weights in the model: measure, save and export those.
     final = model.evaluate(val_ds, verbose=0, return_dict=True)
     model.save(os.path.join(work_dir, "last.keras"))
