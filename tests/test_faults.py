@@ -192,8 +192,8 @@ def test_a_damaged_newest_backup_gives_way_to_the_previous_one(tmp_path):
     aside = tmp_path / "damaged-backups" / aside
     assert messages == [
         f"Damaged backup: {tmp_path}/backup/000003: model.weights.h5 ({size // 2} bytes) does not "
-        f"match its SHA-256 in SHA256SUMS. Resuming from the previous backup, {tmp_path}/backup/"
-        f"000002, instead; the damaged one is moved to {aside}."
+        f"match its SHA-256 in SHA256SUMS. Resuming from the newest intact backup, "
+        f"{tmp_path}/backup/000002, instead; the damaged files are moved to {aside}."
     ]
     assert os.listdir(aside) == ["000003"] and os.listdir(tmp_path / "backup") == ["000002"]
     model = _model()
@@ -236,6 +236,15 @@ def test_no_intact_backup_stops_the_run_unless_asked_to_start_over(tmp_path):
     assert sorted(os.listdir(aside)) == ["000001", "000002", "metrics.json"]
     assert sorted(os.listdir(tmp_path)) == ["backup", "damaged-backups"]
     assert os.listdir(tmp_path / "backup") == []
+
+
+def test_a_backup_without_checksums_is_not_resumed_from(tmp_path):
+    (tmp_path / "backup").mkdir()
+    (tmp_path / "backup" / "latest.weights.h5").write_bytes(b"Keras' own BackupAndRestore")
+    with pytest.raises(faults.DamagedBackupError, match=(
+        rf"^No intact backup to resume from: {re.escape(str(tmp_path))}/backup/latest\.weights"
+        r"\.h5: not a backup with checksums\. Rerun with --restart-on-damaged-backup ")):
+        faults.find_backup(str(tmp_path / "backup"))
 
 
 def test_an_unfinished_save_is_cleared(tmp_path):

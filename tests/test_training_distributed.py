@@ -261,8 +261,8 @@ def test_a_run_in_use_is_refused_sigterm_saves_and_a_damaged_backup_gives_way(tm
     (aside,) = (out / "damaged-backups").iterdir()
     assert (
         f"Damaged backup: {backup}: model.weights.h5 ({size // 2} bytes) does not match its "
-        f"SHA-256 in SHA256SUMS. Resuming from the previous backup, {out}/backup/000001, "
-        f"instead; the damaged one is moved to {aside}." in resumed
+        f"SHA-256 in SHA256SUMS. Resuming from the newest intact backup, {out}/backup/000001, "
+        f"instead; the damaged files are moved to {aside}." in resumed
     )
     assert (
         f"Resuming from epoch 1: backup {out}/backup/000001 (after epoch 1, SHA-256 verified)."

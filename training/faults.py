@@ -260,39 +260,48 @@ def find_backup(backup_dir, restart_on_damaged=False, set_aside=(), say=print):
     """The newest intact backup in `backup_dir` to resume from; None to start from epoch 0.
 
     Damaged backups are moved to `DIR/damaged-backups/` (DIR: `backup_dir`'s parent), and each
-    move is reported with `say`. When no intact backup is left, the run stops with
-    `DamagedBackupError`, unless `restart_on_damaged`: then the files in `set_aside` (the run's
-    per-epoch records, e.g. metrics.json and training_log.csv) are moved there as well and the
-    run starts over.
+    move is reported with `say`. Anything else in `backup_dir` (e.g. Keras' own
+    `latest.weights.h5`) counts as damaged: it is never resumed from, nor ignored silently. When no
+    intact backup is left, the run stops with `DamagedBackupError`, unless `restart_on_damaged`:
+    then the files in `set_aside` (the run's per-epoch records, e.g. metrics.json and
+    training_log.csv) are moved there as well and the run starts over.
     """
     _remove_unpublished(backup_dir)
-    damaged = []
-    for path in _published_backups(backup_dir):
+    published = _published_backups(backup_dir)
+    names = sorted(os.listdir(backup_dir)) if os.path.isdir(backup_dir) else []
+    damaged = [  # (path, what is wrong)
+        (path, f"{path}: not a backup with checksums")
+        for path in (os.path.join(backup_dir, name) for name in names)
+        if path not in published
+    ]
+    for path in published:
         try:
             backup = check_backup(path)
         except DamagedBackupError as error:
-            damaged.append(str(error))
+            damaged.append((path, str(error)))
             continue
         if damaged:
-            aside = _set_aside(backup_dir, [p.split(": ", 1)[0] for p in damaged])
+            aside = _set_aside(backup_dir, [path for path, _ in damaged])
             say(
-                f"Damaged backup: {'; '.join(damaged)}. Resuming from the previous backup, "
-                f"{backup.path}, instead; the damaged one is moved to {aside}."
+                f"Damaged backup: {'; '.join(problem for _, problem in damaged)}. Resuming from "
+                f"the newest intact backup, {backup.path}, instead; the damaged files are moved "
+                f"to {aside}."
             )
         return backup
     if not damaged:
         return None
+    problems = "; ".join(problem for _, problem in damaged)
     if not restart_on_damaged:
         raise DamagedBackupError(
-            f"No intact backup to resume from: {'; '.join(damaged)}. Rerun with {RESTART_FLAG} "
-            "to start the run over from its first epoch (the damaged backups and the run's "
-            f"records are then moved to {os.path.join(_parent(backup_dir), DAMAGED_FOLDER)})."
+            f"No intact backup to resume from: {problems}. Rerun with {RESTART_FLAG} to start "
+            "the run over from its first epoch (the damaged backups and the run's records are "
+            f"then moved to {os.path.join(_parent(backup_dir), DAMAGED_FOLDER)})."
         )
-    paths = [p.split(": ", 1)[0] for p in damaged]
-    aside = _set_aside(backup_dir, paths + [p for p in set_aside if os.path.exists(p)])
+    paths = [path for path, _ in damaged] + [p for p in set_aside if os.path.exists(p)]
+    aside = _set_aside(backup_dir, paths)
     say(
-        f"Starting the run over ({RESTART_FLAG}): no intact backup ({'; '.join(damaged)}). "
-        f"The damaged backups and the run's records are moved to {aside}."
+        f"Starting the run over ({RESTART_FLAG}): no intact backup ({problems}). The damaged "
+        f"backups and the run's records are moved to {aside}."
     )
     return None
 
@@ -448,8 +457,7 @@ class StopOnSignal(keras.callbacks.Callback):
             self._restore_handlers()
             raise Preempted(self.received or "another process of the run", backup)
 
+    # Only after steps: at an epoch's end the other callbacks' records of it (metrics, log,
+    # checkpoints) are still to come, and at its start EMA weights may still be swapped in.
     def on_train_batch_end(self, batch, logs=None):
-        self._stop_if_asked()
-
-    def on_epoch_end(self, epoch, logs=None):
         self._stop_if_asked()
