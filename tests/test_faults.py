@@ -303,6 +303,18 @@ def test_processes_stop_at_the_same_step_when_any_of_them_is_asked(tmp_path):
     assert wishes == [False, False]
 
 
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="JAX's agreement function")
+def test_jax_agreement_of_one_process_is_its_own_wish(tmp_path):
+    assert faults.any_process_on_jax(True) is True and faults.any_process_on_jax(False) is False
+
+    def signal_at_step_2(epoch, batch, model):
+        if (epoch, batch) == (0, 1):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(faults.Preempted, match=r"^Stopped by SIGTERM after step 2 of epoch 1; "):
+        _fit(_model(), tmp_path / "backup", 2, signal_at_step_2, agree=faults.any_process_on_jax)
+
+
 def test_a_backup_taken_at_the_step_is_not_written_twice(tmp_path):
     def signal_at_step_2(epoch, batch, model):
         if (epoch, batch) == (0, 1):

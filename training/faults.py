@@ -461,3 +461,13 @@ class StopOnSignal(keras.callbacks.Callback):
     # checkpoints) are still to come, and at its start EMA weights may still be swapped in.
     def on_train_batch_end(self, batch, logs=None):
         self._stop_if_asked()
+
+
+def any_process_on_jax(wish):
+    """`StopOnSignal`'s `agree` for a JAX run of several processes (`jax.distributed`): whether
+    any process wishes to stop, from an all-gather of one flag per process. One small collective
+    per step; in a single process it returns `wish`."""
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return bool(np.max(multihost_utils.process_allgather(np.int32(wish))))
