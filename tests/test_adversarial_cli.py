@@ -8,6 +8,7 @@ does, a `SystemExit` message is printed and gives status 1); the image bombs run
 `python -m keras_coat predict`'s `main` in a fresh process under RLIMIT_AS.
 """
 
+import hashlib
 import json
 import os
 import struct
@@ -307,10 +308,26 @@ def _corrupt(name, content):
     return prepare
 
 
+def _backup(out, weights_checksum=None):
+    """A published backup (training.faults' layout) after epoch 1; its weights file is not read
+    before the recipe is checked."""
+    folder = out / "backup" / "000001"
+    folder.mkdir(parents=True)
+    files = {"model.weights.h5": b"weights", "training_metadata.json": b'{"epoch": 1, "steps": 0}'}
+    sums = {name: hashlib.sha256(content).hexdigest() for name, content in files.items()}
+    sums["model.weights.h5"] = weights_checksum or sums["model.weights.h5"]
+    for name, content in files.items():
+        (folder / name).write_bytes(content)
+    (folder / "SHA256SUMS").write_text("".join(f"{sums[n]}  {n}\n" for n in files))
+
+
 def _backup_with_damaged_recipe(out):
-    (out / "backup").mkdir(parents=True)
-    (out / "backup" / "training_metadata.json").write_text('{"epoch": 1}')
+    _backup(out)
     (out / "recipe.json").write_text("[1, 2")
+
+
+def _damaged_backup(out):
+    _backup(out, weights_checksum="0" * 64)
 
 
 TRAIN_CASES = {
@@ -323,6 +340,7 @@ TRAIN_CASES = {
     "metrics_not_utf8": ([], 1, "metrics.json is damaged", _corrupt("metrics.json", b"\xff\xfe{")),
     "damaged_recipe_of_a_resumable_run": ([], 1, "recipe.json is damaged",
                                           _backup_with_damaged_recipe),
+    "only_backup_damaged": ([], 1, "No intact backup to resume from", _damaged_backup),
     "unknown_model_config_field": (["--model-config", '{"bogus": 1}'], 1, "bogus", None),
     "model_config_not_json": (["--model-config", "{oops"], 2, "--model-config", None),
     "missing_init_weights": (["--init-weights", "{work}/absent.weights.h5"], 1, "absent", None),
