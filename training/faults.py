@@ -214,7 +214,7 @@ def _published_backups(backup_dir):
     """The published backup folders in `backup_dir`, newest first."""
     if not os.path.isdir(backup_dir):
         return []
-    names = [n for n in os.listdir(backup_dir) if n.isdigit()]
+    names = [n for n in os.listdir(backup_dir) if n.isascii() and n.isdigit()]
     return [os.path.join(backup_dir, n) for n in sorted(names, key=int, reverse=True)]
 
 
@@ -251,9 +251,12 @@ def check_backup(path):
                 f"{name} ({os.path.getsize(file)} bytes) does not match its SHA-256 in "
                 f"{CHECKSUMS_FILE}"
             )
-    with open(os.path.join(path, METADATA_FILE)) as f:
-        metadata = json.load(f)
-    return Backup(path, int(metadata["epoch"]), int(metadata["steps"]))
+    try:
+        with open(os.path.join(path, METADATA_FILE)) as f:
+            metadata = json.load(f)
+        return Backup(path, int(metadata["epoch"]), int(metadata["steps"]))
+    except (OSError, ValueError, KeyError, TypeError) as error:  # checksummed, yet not ours
+        raise damaged(f"{METADATA_FILE} holds no training position ({error!r})") from None
 
 
 def find_backup(backup_dir, restart_on_damaged=False, set_aside=(), say=print):
