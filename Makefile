@@ -15,14 +15,17 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[test]"
-	rm -rf $(OLDEST_KERAS)
-	$(PY) -m pip install --quiet --no-deps --target $(OLDEST_KERAS) "keras==3.8.*"
 	touch $(STAMP)
 
-venv: $(STAMP)
+$(OLDEST_KERAS)/.installed: $(STAMP)
+	rm -rf $(OLDEST_KERAS)
+	$(PY) -m pip install --quiet --no-deps --target $(OLDEST_KERAS) "keras==3.8.*"
+	touch $@
+
+venv: $(STAMP) $(OLDEST_KERAS)/.installed
 
 # The whole suite on TensorFlow (slow tests included), then the model tests again on JAX.
-test: $(STAMP)
+test: $(STAMP) $(OLDEST_KERAS)/.installed
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q -p no:cacheprovider
 	$(MAKE) --no-print-directory test-jax
 
