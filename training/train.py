@@ -200,7 +200,11 @@ def check_same_recipe(path, recipe, resuming):
     return current
 
 
-def make_callbacks(recipe, work_dir, global_batch, steps, metrics_path, seed, resume=None):
+def make_callbacks(
+    recipe, work_dir, global_batch, steps, metrics_path, seed, resume=None, agree=None
+):
+    """The run's callbacks and its MetricsWriter. `resume`: the backup to restore
+    (faults.find_backup); `agree`: for several processes, faults.StopOnSignal's agreement."""
     import keras
 
     from training.callbacks import MetricsWriter, ReseedModelRandomness
@@ -212,7 +216,7 @@ def make_callbacks(recipe, work_dir, global_batch, steps, metrics_path, seed, re
     backup = faults.CheckedBackupAndRestore(
         os.path.join(work_dir, "backup"), save_freq=recipe.backup_every, resume=resume
     )
-    callbacks = [backup, faults.StopOnSignal(backup), ReseedModelRandomness(seed)]
+    callbacks = [backup, faults.StopOnSignal(backup, agree=agree), ReseedModelRandomness(seed)]
     if recipe.ema_momentum is not None:
         # Validation and the epoch's checkpoints see the EMA weights, as the reference evaluates
         # its EMA model. After BackupAndRestore, so backups keep the raw weights to resume from.
