@@ -331,18 +331,20 @@ class CheckedBackupAndRestore(keras.callbacks.BackupAndRestore):
     optimizer), `training_metadata.json` (epochs completed, steps into the next) and `SHA256SUMS`;
     it is written under a temporary name, flushed to disk and renamed, so a reader sees whole
     backups only. The newest `KEPT_BACKUPS` are kept. Restoring loads the backup that
-    `find_backup` chose before training (`resume`); the backup folder is removed when `fit`
-    completes. As with Keras' callback, a backup taken within an epoch resumes at the start of
-    that epoch with the weights it holds.
+    `find_backup` chose before training (`resume`). As with Keras' callback, a backup taken
+    within an epoch resumes at the start of that epoch with the weights it holds.
 
     Args:
         backup_dir: the folder of the backups (nothing else may write there).
         save_freq: "epoch" or a number of steps between backups.
         resume: the `Backup` to restore at the start of `fit` (None: start from scratch).
+        delete_checkpoint: remove the backup folder when `fit` completes. A trainer with work
+            after `fit` (evaluation, export) passes False and removes it once that is done, so
+            that a run stopped then resumes after its last epoch instead of from scratch.
     """
 
-    def __init__(self, backup_dir, save_freq="epoch", resume=None):
-        super().__init__(backup_dir, save_freq=save_freq, delete_checkpoint=True)
+    def __init__(self, backup_dir, save_freq="epoch", resume=None, delete_checkpoint=True):
+        super().__init__(backup_dir, save_freq=save_freq, delete_checkpoint=delete_checkpoint)
         self.resume = resume
         self._steps_in_epoch = 0
         self._saved_at = None

@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -213,8 +214,9 @@ def make_callbacks(
     best = previous.get("best_val_accuracy")
     metrics_writer = MetricsWriter(metrics_path, recipe.epochs, global_batch, steps, previous)
     # First, so that the restored epoch and weights are in place for everyone else.
+    # Kept after fit until the run's outputs are written (main removes it).
     backup = faults.CheckedBackupAndRestore(
-        os.path.join(work_dir, "backup"), save_freq=recipe.backup_every, resume=resume
+        os.path.join(work_dir, "backup"), recipe.backup_every, resume, delete_checkpoint=False
     )
     callbacks = [backup, faults.StopOnSignal(backup, agree=agree), ReseedModelRandomness(seed)]
     if recipe.ema_momentum is not None:
@@ -377,6 +379,7 @@ def _train(args, held):
         )
         metrics["export_dir"] = os.path.join(export_dir, "1")
     write_json(metrics_path, metrics)
+    shutil.rmtree(backup_dir, ignore_errors=True)  # the run is complete: nothing to resume
     say(
         f"Done: val_accuracy {metrics['val_accuracy']:.4f}, val_loss {metrics['val_loss']:.4f} "
         f"after {metrics['epochs_completed']} epochs; {metrics['images_per_second']:.1f} "
