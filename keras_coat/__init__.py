@@ -11,8 +11,11 @@ from keras_coat.applications import (
     CoaTTiny,
     create_model,
 )
+from keras_coat.applications import MODEL_CONFIGS
+from keras_coat.backbone import CoaTBackbone
+from keras_coat.image_classifier import CoaTImageClassifier
 from keras_coat.imagenet import decode_predictions, preprocess_input
-from keras_coat.models import MODEL_CONFIGS, CoaTBackbone, CoaTImageClassifier
+from keras_coat.presets import ImagePreprocessing
 
 __version__ = "0.1.0"
 __all__ = [
@@ -26,6 +29,7 @@ __all__ = [
     "CoaTMini",
     "CoaTSmall",
     "CoaTTiny",
+    "ImagePreprocessing",
     "MODEL_CONFIGS",
     "create_model",
     "decode_predictions",

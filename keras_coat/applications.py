@@ -1,28 +1,45 @@
 """The keras.applications front door: `keras_coat.CoaTLiteSmall(...)`, `create_model`, `CoaT`.
 
-Each factory validates its arguments, builds a `CoaTImageClassifier` (or, with
-`include_top=False`, a `CoaTBackbone`) and loads the requested weights through
-`keras_coat.loading`.
+Each factory checks the arguments that only the factories take (`weights`, `input_tensor`,
+`include_top` with `pooling`), builds a `CoaTBackbone` and a `CoaTImageClassifier` around it
+(headless with ``include_top=False``), which check their own, and loads the requested weights:
+``"imagenet"`` is the published checkpoint that `keras_coat.presets` names for the variant at
+that input size.
 """
 
 import os
 
 import keras
 
-from keras_coat import loading
-from keras_coat.imagenet import NUM_CLASSES
-from keras_coat.loading import WEIGHT_FILE_SUFFIXES
-from keras_coat.models import (
+from keras_coat import loading, preset_io, presets
+from keras_coat.backbone import (
     DEFAULT_CRPE_WINDOWS,
-    MODEL_CONFIGS,
-    POOLING_MODES,
+    VARIANTS,
     CoaTBackbone,
-    CoaTImageClassifier,
-    is_model_input,
     validate_architecture,
     validate_image_shape,
     variant_config,
 )
+from keras_coat.image_classifier import CoaTImageClassifier
+from keras_coat.loading import WEIGHT_FILE_SUFFIXES
+
+
+def _model_configs():
+    """`{variant: architecture and the paper's figures}`, for readers of the old table."""
+    table = {}
+    for preset in presets.PRESETS.values():
+        if preset.variant == preset.name:
+            table[preset.name] = {
+                **VARIANTS[preset.variant],
+                "params": preset.params,
+                "gflops": preset.gflops,
+                "top1": preset.top1,
+            }
+    return table
+
+
+# Kept for code written against keras-coat 0.1; `keras_coat.presets.PRESETS` is the source.
+MODEL_CONFIGS = _model_configs()
 
 BASE_DOCSTRING = """Instantiates the {title} architecture.
 
@@ -53,11 +70,14 @@ Args:
 
 The returned model's `pyramid_outputs` property holds the multi-scale features (strides 4, 8, 16,
 32) as a dict keyed `"P2"`..`"P5"` of channels-last maps, as KerasHub backbones do: build a
-feature extractor with `keras.Model(model.inputs, model.pyramid_outputs)`.
+feature extractor with `keras.Model(model.inputs, model.pyramid_outputs)`. `model.backbone` is
+the `CoaTBackbone` it holds; `model.preprocessing` the evaluation transform of the checkpoint
+and `model.class_names` its classes.
 
 Returns:
-    A `keras_coat.CoaTImageClassifier` (`include_top=True`) or `keras_coat.CoaTBackbone`
-    (`include_top=False`); both save as `.keras` files and load back as themselves.
+    A `keras_coat.CoaTImageClassifier`: with `include_top=False` a headless one (the pooled
+    features, or the feature map); it saves as a `.keras` file or a preset and loads back as
+    itself. With an `input_tensor`, a `keras.Model` from that tensor calling it.
 """
 
 
@@ -98,26 +118,19 @@ def _resolve_input_shape(input_shape, input_tensor):
             f"`input_shape`={input_shape} contradicts the shape of `input_tensor`, "
             f"{tensor_shape} (batch dimension excluded)."
         )
-    return validate_image_shape(input_shape)
+    return input_shape
 
 
-def _validate_arguments(
-    weights, include_top, pooling, classes, channels, architecture, classifier_activation
-):
-    if pooling not in POOLING_MODES:
-        raise ValueError(
-            f"`pooling` must be one of {POOLING_MODES}; received pooling={pooling!r}."
-        )
+def _validate_factory_arguments(weights, include_top, pooling, classes, channels, variant):
+    """The checks only the factories need; the model classes check the rest."""
     if include_top and pooling is not None:
         raise ValueError(
             f"`pooling={pooling!r}` only applies with include_top=False; with include_top=True "
             "the classifier pools the class token. Pass include_top=False to get pooled features."
         )
-    if not isinstance(classes, int) or isinstance(classes, bool) or classes < 1:
-        raise ValueError(f"`classes` must be a positive integer; received classes={classes!r}.")
-    if weights == "imagenet" and include_top and classes != NUM_CLASSES:
+    if weights == "imagenet" and include_top and classes != 1000:
         raise ValueError(
-            f"With weights='imagenet' and include_top=True, `classes` must be {NUM_CLASSES} (the "
+            f"With weights='imagenet' and include_top=True, `classes` must be 1000 (the "
             f"ImageNet head); received classes={classes}. Use include_top=False and add your own "
             "head."
         )
@@ -126,13 +139,16 @@ def _validate_arguments(
             f"Pretrained weights expect 3 input channels (RGB); received input_shape with "
             f"{channels} channels. Use weights=None to train from scratch on other inputs."
         )
-    if weights == "imagenet" and architecture is None:
+    if weights == "imagenet" and variant is None:
         raise ValueError(
             "weights='imagenet' needs one of the published variants (CoaTLiteTiny, ..., "
             "CoaTSmall); the custom CoaT(...) configuration has no ImageNet weights."
         )
-    if include_top and classifier_activation is not None:
-        keras.activations.get(classifier_activation)  # raises a ValueError for unknown names
+
+
+def _is_model_input(tensor):
+    sources = keras.utils.get_source_inputs(tensor)
+    return len(sources) == 1 and sources[0] is tensor
 
 
 def CoaT(
@@ -148,7 +164,7 @@ def CoaT(
     input_tensor=None,
     input_shape=None,
     pooling=None,
-    classes=NUM_CLASSES,
+    classes=1000,
     classifier_activation="softmax",
     include_preprocessing=True,
     drop_path_rate=0.0,
@@ -161,24 +177,21 @@ def CoaT(
     32); `parallel_depth > 0` makes a CoaT (with parallel blocks over stages 2-4), 0 a CoaT-Lite.
     `crpe_windows` lists `(window, heads)` pairs for the relative position encoding. The other
     arguments are those of the factories, e.g. `keras_coat.CoaTLiteSmall`. `architecture` names
-    the published variant the configuration is (used to pick pretrained weights).
+    the published variant the configuration is (it selects `weights="imagenet"`).
 
-    Returns a `CoaTImageClassifier`, or with `include_top=False` a `CoaTBackbone`. With an
-    `input_tensor` computed by other layers, the CoaT model is called on it and the returned
-    `keras.Model` runs from that tensor's inputs (its last layer is the CoaT model).
+    Returns a `CoaTImageClassifier`, headless (`num_classes=None`) with `include_top=False`.
+    With an `input_tensor` computed by other layers, the CoaT model is called on it and the
+    returned `keras.Model` runs from that tensor's inputs (its last layer is the CoaT model).
     """
     validate_architecture(
         tuple(embed_dims), tuple(serial_depths), tuple(mlp_ratios), parallel_depth, num_heads
     )
     weights = _validate_weights(weights)
     height, width, channels = _resolve_input_shape(input_shape, input_tensor)
-    _validate_arguments(
-        weights, include_top, pooling, classes, channels, architecture, classifier_activation
-    )
+    _validate_factory_arguments(weights, include_top, pooling, classes, channels, architecture)
     if patch_size != 4:
         raise ValueError(f"CoaT's first patch embedding uses patch_size=4; received {patch_size}.")
 
-    own_input = input_tensor is not None and is_model_input(input_tensor)
     backbone = CoaTBackbone(
         embed_dims,
         serial_depths,
@@ -187,20 +200,37 @@ def CoaT(
         num_heads=num_heads,
         crpe_windows=crpe_windows,
         image_shape=(height, width, channels),
-        include_preprocessing=include_preprocessing,
-        pooling="token" if include_top else pooling,
         drop_path_rate=drop_path_rate,
-        architecture=architecture,
-        input_tensor=input_tensor if own_input else None,
-        name=f"{name}_backbone" if include_top else name,
+        name=f"{name}_backbone",
     )
-    model = backbone
-    if include_top:
-        model = CoaTImageClassifier(
-            backbone, num_classes=classes, classifier_activation=classifier_activation, name=name
-        )
-    loading.load_weights(model, weights)
-    if input_tensor is not None and not own_input:
+    head = {"num_classes": classes, "pooling": "token"} if include_top else {
+        "num_classes": None, "pooling": pooling
+    }
+    checkpoint = (
+        presets.checkpoint_for(architecture, (height, width)) if architecture else None
+    )
+    extra = {}
+    if checkpoint is not None:
+        extra["preprocessing"] = checkpoint.preprocessing.resized((height, width))
+        if include_top and classes == checkpoint.num_classes:
+            extra["class_names"] = preset_io.builtin_classifier_config(checkpoint.name)[
+                "class_names"
+            ]
+    model = CoaTImageClassifier(
+        backbone,
+        activation=classifier_activation,
+        include_preprocessing=include_preprocessing,
+        name=name,
+        **head,
+        **extra,
+    )
+    if weights == "imagenet":
+        preset_io.load_builtin_weights(model, checkpoint.name)
+    elif weights is not None:
+        loading.load_weights_file(model, weights)
+    if input_tensor is not None:
+        if _is_model_input(input_tensor):
+            return keras.Model(input_tensor, model(input_tensor), name=name)
         sources = keras.utils.get_source_inputs(input_tensor)
         return keras.Model(sources, model(input_tensor), name=name)
     return model
@@ -220,7 +250,7 @@ def _make_factory(variant, title, description):
         input_tensor=None,
         input_shape=None,
         pooling=None,
-        classes=NUM_CLASSES,
+        classes=1000,
         classifier_activation="softmax",
         include_preprocessing=True,
         drop_path_rate=0.0,
@@ -246,24 +276,27 @@ def _make_factory(variant, title, description):
 
 
 def _describe(variant):
-    config = MODEL_CONFIGS[variant]
+    config, preset = VARIANTS[variant], presets.PRESETS[variant]
     kind = "parallel blocks over stages 2-4" if config["parallel_depth"] else "serial blocks only"
-    return (
+    text = (
         f"Embedding dims {config['embed_dims']}, serial depths {config['serial_depths']}, "
-        f"{kind}; {config['params']:,} parameters, {config['gflops']} GFLOPs at 224x224, "
-        f"{config['top1']}% ImageNet top-1 (paper)."
+        f"{kind}; {preset.params:,} parameters, {preset.gflops} GFLOPs at 224x224, "
+        f"{preset.top1}% ImageNet top-1 (paper)."
     )
+    for other in presets.PRESETS.values():
+        if other.variant == variant and other is not preset:
+            size = other.preprocessing.image_size
+            text += (
+                f" With input_shape=({size[0]}, {size[1]}, 3) and weights='imagenet' it loads "
+                f"the checkpoint {other.description} ({other.top1}% top-1)."
+            )
+    return text
 
 
 CoaTLiteTiny = _make_factory("coat_lite_tiny", "CoaT-Lite Tiny", _describe("coat_lite_tiny"))
 CoaTLiteMini = _make_factory("coat_lite_mini", "CoaT-Lite Mini", _describe("coat_lite_mini"))
 CoaTLiteSmall = _make_factory("coat_lite_small", "CoaT-Lite Small", _describe("coat_lite_small"))
-CoaTLiteMedium = _make_factory(
-    "coat_lite_medium",
-    "CoaT-Lite Medium",
-    _describe("coat_lite_medium") + " With input_shape=(384, 384, 3) and weights='imagenet' it "
-    "loads the checkpoint fine-tuned at 384 (84.5% top-1).",
-)
+CoaTLiteMedium = _make_factory("coat_lite_medium", "CoaT-Lite Medium", _describe("coat_lite_medium"))
 CoaTTiny = _make_factory("coat_tiny", "CoaT Tiny", _describe("coat_tiny"))
 CoaTMini = _make_factory("coat_mini", "CoaT Mini", _describe("coat_mini"))
 CoaTSmall = _make_factory("coat_small", "CoaT Small", _describe("coat_small"))

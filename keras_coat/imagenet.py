@@ -19,6 +19,8 @@ from importlib import resources
 
 import numpy as np
 
+from keras_coat import presets as _presets
+
 __all__ = [
     "DEFAULT_CROP_PCT",
     "IMAGENET_MEAN",
@@ -37,10 +39,9 @@ __all__ = [
 ]
 
 NUM_CLASSES = 1000
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# The authors' evaluation resizes to 256 before a 224 crop.
-DEFAULT_CROP_PCT = 224 / 256
+# The published checkpoints' normalization and evaluation crop (`keras_coat.presets`).
+IMAGENET_MEAN, IMAGENET_STD = _presets.IMAGENET_MEAN, _presets.IMAGENET_STD
+DEFAULT_CROP_PCT = _presets.AUTHORS_CROP_PCT
 # Largest image `load_image` and the exported serving_bytes signature decode, checked against the
 # image's header before decoding: a few hundred bytes of PNG or JPEG can declare gigapixels.
 # 64 megapixels (e.g. 8000 x 8000, 192 MB as 8-bit RGB) covers camera photos; the side limit

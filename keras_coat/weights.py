@@ -42,6 +42,7 @@ import http.client
 import json
 import os
 import re
+import shutil
 import tempfile
 import time
 import urllib.parse
@@ -49,6 +50,7 @@ import urllib.request
 import uuid
 
 from keras_coat.checkpoint import SUPPORTED_EXTENSIONS, read_state_dict
+from keras_coat.presets import BASE_URL, PRESETS
 
 __all__ = [
     "BASE_URL",
@@ -66,9 +68,11 @@ __all__ = [
 ]
 
 MANIFEST_ENV = "KERAS_COAT_WEIGHTS_MANIFEST"
-BASE_URL = "https://vcl.ucsd.edu/coat/pretrained/"
-# Bumped whenever the converted cache files would change for the same checkpoint.
-CACHE_FORMAT = 1
+# Bumped whenever the converted cache files would change for the same checkpoint. 2: the
+# classifier holds its backbone as one nested layer. A valid entry of format 1 (keras-coat 0.1)
+# is converted into format 2 without downloading again.
+CACHE_FORMAT = 2
+_LEGACY_CACHE_FORMATS = (1,)
 # Seconds a download may wait on the server for any single read.
 DOWNLOAD_TIMEOUT = 60.0
 # Seconds a whole download may take: a server trickling bytes is cut off (30 minutes is over
@@ -88,25 +92,9 @@ class WeightsEntry:
     sha256: str
 
 
-def _official(name, file_name):
-    sha256 = file_name.rsplit("_", 1)[1].split(".")[0]
-    return WeightsEntry(name, BASE_URL + file_name, sha256)
-
-
-# The authors' checkpoints; the first 8 hex digits of each file's SHA-256 are
-# part of its name.
+# The published checkpoints' sources, as `keras_coat.presets` gives them.
 CHECKPOINTS = {
-    entry.name: entry
-    for entry in (
-        _official("coat_lite_tiny", "coat_lite_tiny_e88e96b0.pth"),
-        _official("coat_lite_mini", "coat_lite_mini_6b4a8ae5.pth"),
-        _official("coat_lite_small", "coat_lite_small_8d362f48.pth"),
-        _official("coat_lite_medium", "coat_lite_medium_a750cd63.pth"),
-        _official("coat_lite_medium_384", "coat_lite_medium_384x384_f9129688.pth"),
-        _official("coat_tiny", "coat_tiny_c6efc33c.pth"),
-        _official("coat_mini", "coat_mini_40667eec.pth"),
-        _official("coat_small", "coat_small_7479cf9b.pth"),
-    )
+    name: WeightsEntry(name, preset.url, preset.sha256) for name, preset in PRESETS.items()
 }
 
 _HEX = re.compile(r"[0-9a-f]+")
@@ -125,7 +113,7 @@ class WeightsDownloadError(OSError):
 def variant_of(checkpoint_name):
     """The variant a checkpoint belongs to: ``coat_lite_medium_384`` -> ``coat_lite_medium``."""
     _check_name(checkpoint_name)
-    return checkpoint_name.removesuffix("_384")
+    return PRESETS[checkpoint_name].variant
 
 
 def _check_name(checkpoint_name):
@@ -234,10 +222,10 @@ def _stem(entry):
     return f"{entry.name}-{entry.sha256[:8]}"
 
 
-def cached_weights_path(checkpoint_name):
+def cached_weights_path(checkpoint_name, cache_format=CACHE_FORMAT):
     """Where the converted weights of `checkpoint_name` are (or will be) cached."""
     entry = resolve(checkpoint_name)
-    return os.path.join(cache_dir(), f"{_stem(entry)}-v{CACHE_FORMAT}.weights.h5")
+    return os.path.join(cache_dir(), f"{_stem(entry)}-v{cache_format}.weights.h5")
 
 
 def _record_path(weights_path):
@@ -252,7 +240,7 @@ def discard_cached_weights(checkpoint_name):
     _remove(_record_path(target))
 
 
-def _cache_is_valid(target, entry):
+def _cache_is_valid(target, entry, cache_format=CACHE_FORMAT):
     """Whether `target` is the intact conversion of a checkpoint matching `entry`.
 
     The record beside it holds the full SHA-256 of the verified checkpoint and of the converted
@@ -266,7 +254,7 @@ def _cache_is_valid(target, entry):
         return (
             isinstance(record, dict)
             and record.get("checkpoint") == entry.name
-            and record.get("cache_format") == CACHE_FORMAT
+            and record.get("cache_format") == cache_format
             and isinstance(record.get("checkpoint_sha256"), str)
             and len(record["checkpoint_sha256"]) == 64
             and record["checkpoint_sha256"].startswith(entry.sha256)
@@ -303,11 +291,17 @@ def ensure_converted_weights(checkpoint_name, converter, max_bytes=DEFAULT_MAX_D
         _remove(target)
         _remove(_record_path(target))
         _remove_temporaries(folder, entry)
-        checkpoint, checkpoint_sha256 = _fetch_verified(entry, folder, max_bytes)
+        legacy = _valid_legacy_entry(checkpoint_name, entry)
+        if legacy is None:
+            checkpoint, checkpoint_sha256 = _fetch_verified(entry, folder, max_bytes)
+        else:
+            checkpoint, checkpoint_sha256 = None, legacy[1]
         temporary = _temporary_name(folder, entry, ".weights.h5")
         record = _temporary_name(folder, entry, ".json")
         try:
-            converter(checkpoint_name, read_state_dict(checkpoint), temporary)
+            # The converter receives the state dict, or the path of a keras-coat 0.1 entry.
+            source = legacy[0] if legacy else read_state_dict(checkpoint)
+            converter(checkpoint_name, source, temporary)
             _fsync(temporary)
             _write_record(record, {
                 "checkpoint": entry.name,
@@ -324,8 +318,19 @@ def ensure_converted_weights(checkpoint_name, converter, max_bytes=DEFAULT_MAX_D
             _remove(record)
             # Later loads need only the converted file; a checkpoint that could
             # not be read or converted would fail again.
-            _remove(checkpoint)
+            if checkpoint is not None:
+                _remove(checkpoint)
     return target
+
+
+def _valid_legacy_entry(checkpoint_name, entry):
+    """`(path, checkpoint SHA-256)` of an intact cache entry of an older format, or None."""
+    for cache_format in _LEGACY_CACHE_FORMATS:
+        path = cached_weights_path(checkpoint_name, cache_format)
+        if _cache_is_valid(path, entry, cache_format):
+            with open(_record_path(path), encoding="utf-8") as f:
+                return path, json.load(f)["checkpoint_sha256"]
+    return None
 
 
 def _fsync(path):
@@ -463,6 +468,10 @@ def _remove_temporaries(folder, entry):
 
 
 def _remove(path):
+    """Deletes a file, or a directory where a file should be (a damaged cache entry)."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+        return
     with contextlib.suppress(FileNotFoundError):
         os.remove(path)
 
