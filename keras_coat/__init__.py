@@ -10,6 +10,7 @@ from keras_coat.applications import (
     CoaTSmall,
     CoaTTiny,
     create_model,
+    load_model,
 )
 from keras_coat.applications import MODEL_CONFIGS
 from keras_coat.backbone import CoaTBackbone
@@ -35,6 +36,7 @@ __all__ = [
     "decode_predictions",
     "export_model",
     "export_saved_model",
+    "load_model",
     "preprocess_input",
 ]
 

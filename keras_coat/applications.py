@@ -236,6 +236,34 @@ def CoaT(
     return model
 
 
+def load_model(path, compile=True):
+    """Loads a CoaT `.keras` file, also one written by keras-coat 0.1.
+
+    Files of this version load with `keras.models.load_model` as well. keras-coat 0.1 built its
+    classifier and backbone as one flat graph, with normalization and pooling in the backbone;
+    its files are rebuilt here as the `CoaTImageClassifier` around a `CoaTBackbone` that
+    computes the same outputs (a 0.1 backbone becomes a headless classifier), and their weights
+    are mapped from the flat layout (`keras_coat.loading`).
+    """
+    path = os.fspath(path)
+    config = preset_io.read_keras_archive_config(path)
+    if not preset_io.is_legacy_model_config(config):
+        return keras.models.load_model(path, compile=compile)
+    inner = config.get("config", {})
+    if config.get("registered_name") == preset_io.CLASSIFIER_NAME:
+        model = preset_io.legacy_classifier(CoaTImageClassifier, inner)
+    else:
+        backbone_config, legacy = preset_io.split_legacy(inner)
+        name = backbone_config.pop("name", None)
+        backbone_config.pop("trainable", None)
+        model = preset_io.legacy_headless_model(
+            CoaTImageClassifier, CoaTBackbone(**backbone_config), legacy, name
+        )
+    with preset_io.extracted_weights(path) as weights_path:
+        loading.load_keras_weights(model, weights_path)
+    return model
+
+
 def create_model(variant, **kwargs):
     """Builds a published variant by its reference name, e.g. `create_model("coat_lite_small")`."""
     config = variant_config(variant)

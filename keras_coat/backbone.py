@@ -306,12 +306,8 @@ class CoaTBackbone(keras.Model):
 
     @classmethod
     def from_config(cls, config):
-        config = dict(config)
-        legacy = {key: config.pop(key) for key in preset_io.LEGACY_BACKBONE_KEYS if key in config}
-        if legacy:
-            # A backbone saved by keras-coat 0.1 normalized and pooled inside: it becomes the
-            # headless classifier that does the same around this backbone.
-            return preset_io.legacy_headless_model(cls(**config), legacy)
+        if preset_io.is_legacy_backbone_config({"config": config}):
+            raise preset_io.legacy_error("CoaTBackbone")
         return cls(**config)
 
     @classmethod

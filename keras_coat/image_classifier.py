@@ -196,7 +196,7 @@ class CoaTImageClassifier(keras.Model):
         if isinstance(config.get("backbone"), dict):
             backbone_config = config["backbone"]
             if preset_io.is_legacy_backbone_config(backbone_config):
-                return preset_io.legacy_classifier(cls, config)
+                raise preset_io.legacy_error("CoaTImageClassifier")
             config["backbone"] = keras.layers.deserialize(backbone_config)
         return cls(**config)
 

@@ -33,9 +33,6 @@ from keras_coat.checkpoint import read_state_dict
 __all__ = ["WEIGHT_FILE_SUFFIXES", "load_keras_weights", "load_weights_file", "task_layers"]
 
 WEIGHT_FILE_SUFFIXES = (".weights.h5", ".pth", ".pt", ".safetensors")
-# Layers the legacy (0.1) files of CoaT without pooling did not have: the class-token norms of
-# scales 2 and 3, which only the classifier's path used.
-_LEGACY_OPTIONAL = ("norm2", "norm3")
 
 
 def load_weights_file(model, path):
@@ -114,9 +111,10 @@ def _rename(arrays, renames):
 
 
 def _candidates(model, arrays):
-    """Ways to read the file's arrays as `model`'s: `(description, {model path: file path})`."""
+    """Ways to read the file's arrays as `model`'s: `({model path: file path}, absent)`, where
+    `absent` are the path prefixes of model layers that the file's model did not have."""
     identity = {path: path for path in arrays}
-    yield "as saved", identity
+    yield identity, ()
     backbone = model if _is_backbone(model) else model.backbone
     nested = f"layers/{_group_names(model.layers)[id(backbone)]}" if backbone is not model else ""
     if _is_backbone(model):
@@ -124,43 +122,38 @@ def _candidates(model, arrays):
         for path in arrays:
             if path.startswith("layers/coa_t_backbone/"):
                 prefix = "layers/coa_t_backbone/"
-                yield "the backbone of a classifier's file", {
+                yield {
                     p[len(prefix):]: p for p in arrays if p.startswith(prefix)
-                }
+                }, ()
                 break
     else:
         # A backbone's file: the nested backbone's group.
-        yield "a backbone's file", {f"{nested}/{path}": path for path in arrays}
-    # keras-coat 0.1: one flat list, the classifier's layers around the backbone's.
-    for dropped in ((), _LEGACY_OPTIONAL):
-        new_prefix = {}
-        outer = [] if backbone is model else model.layers
-        before = []
-        after = []
-        seen_backbone = False
-        for layer in outer:
-            if layer is backbone:
-                seen_backbone = True
-            elif seen_backbone:
-                after.append(layer)
-            else:
-                before.append(layer)
-        inner = [
-            layer for layer in backbone.layers[1:] if layer.name not in dropped
-        ]
-        flat = before + inner + after
-        inner_names = _group_names(backbone.layers)
-        outer_names = _group_names(outer)
-        for layer in inner:
-            new_prefix[id(layer)] = (
-                f"{nested}/layers/{inner_names[id(layer)]}" if nested
-                else f"layers/{inner_names[id(layer)]}"
-            )
-        for layer in before + after:
-            new_prefix[id(layer)] = f"layers/{outer_names[id(layer)]}"
+        yield {f"{nested}/{path}": path for path in arrays}, ()
+    # keras-coat 0.1: one flat list, the classifier's layers around the backbone's, in the
+    # order of its one graph. A 0.1 model held only the layers its output depended on: its CoaT
+    # backbones without pooling lacked the class-token norms of scales 2 and 3 and the last
+    # parallel block's MLP norms of those scales. The layers (and their order) of each such
+    # graph are read off this backbone's own graph, from the outputs it had.
+    outer = [] if backbone is model else model.layers
+    position = next((i for i, layer in enumerate(outer) if layer is backbone), 0)
+    before, after = outer[:position], outer[position + 1:]
+    inner_names = _group_names(backbone.layers)
+    outer_names = _group_names(outer)
+    new_prefix = {id(layer): f"layers/{outer_names[id(layer)]}" for layer in before + after}
+    for layer in backbone.layers:
+        group = f"layers/{inner_names[id(layer)]}"
+        new_prefix[id(layer)] = f"{nested}/{group}" if nested else group
+    names = backbone.feature_names
+    for outputs in (names, names[-1:]) if len(names) > 1 else (names,):
+        graph = keras.Model(backbone.inputs, [backbone.output[key] for key in outputs])
+        flat = before + graph.layers[1:] + after
         old_names = _group_names(flat)
         renames = {f"layers/{old_names[id(layer)]}": new_prefix[id(layer)] for layer in flat}
-        yield "keras-coat 0.1's layout", _rename(arrays, renames)
+        absent = tuple(
+            new_prefix[id(layer)] + "/" for layer in backbone.layers if id(layer) not in
+            {id(used) for used in graph.layers}
+        )
+        yield _rename(arrays, renames), absent
 
 
 def _missing(expected, arrays, mapping):
@@ -170,15 +163,13 @@ def _missing(expected, arrays, mapping):
     ]
 
 
-def load_keras_weights(model, path, objects_to_skip=None, allow_missing=()):
+def load_keras_weights(model, path, objects_to_skip=None):
     """Loads a `.weights.h5` of a CoaT model into `model`, checking the fit first.
 
     Args:
         model: a `CoaTBackbone` or `CoaTImageClassifier`.
         path: the file.
         objects_to_skip: layers not to load (KerasHub's task weights leave out the backbone).
-        allow_missing: model dataset paths that may be absent from the file (they keep their
-            values).
 
     Raises:
         ConversionError: the file lacks arrays the model needs, naming them.
@@ -188,18 +179,15 @@ def load_keras_weights(model, path, objects_to_skip=None, allow_missing=()):
     arrays = file_arrays(path)
     expected = _model_arrays(model, objects_to_skip)
     best = None
-    for description, mapping in _candidates(model, arrays):
+    for mapping, absent in _candidates(model, arrays):
+        # Layers the file's model did not have keep their values.
         missing = [
-            item for item in _missing(expected, arrays, mapping) if item[0] not in allow_missing
+            item for item in _missing(expected, arrays, mapping)
+            if not (absent and item[0] not in mapping and item[0].startswith(absent))
         ]
-        legacy_optional = [
-            item for item in missing
-            if description.startswith("keras-coat 0.1")
-            and _legacy_optional_path(model, item[0])
-        ]
-        if len(missing) == len(legacy_optional):
+        if not missing:
             _load_mapped(model, path, arrays, expected, mapping, objects_to_skip)
-            return description
+            return
         if best is None or len(missing) < len(best):
             best = missing
     examples = ", ".join(f"{p} {s}" for p, s in best[:4])
@@ -208,14 +196,6 @@ def load_keras_weights(model, path, objects_to_skip=None, allow_missing=()):
         f"the model needs (e.g. {examples}). Was it saved from a model of another variant, "
         "input channels or number of classes?"
     )
-
-
-def _legacy_optional_path(model, model_path):
-    backbone = model if _is_backbone(model) else model.backbone
-    names = _group_names(backbone.layers)
-    optional = {names[id(backbone.get_layer(n))] for n in _LEGACY_OPTIONAL
-                if n in {layer.name for layer in backbone.layers}}
-    return model_path.split("/")[-3] in optional
 
 
 def _load_mapped(model, path, arrays, expected, mapping, objects_to_skip):

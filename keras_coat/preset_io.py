@@ -22,11 +22,13 @@ This module builds no model class itself: the classes pass themselves in (`cls`)
 below `backbone.py` and `image_classifier.py` in the import graph.
 """
 
+import contextlib
 import datetime
 import json
 import os
 import shutil
 import tempfile
+import zipfile
 
 import keras
 
@@ -458,16 +460,32 @@ def is_legacy_backbone_config(serialized):
     return isinstance(config, dict) and any(k in config for k in LEGACY_BACKBONE_KEYS)
 
 
-def _split_legacy(config):
+def is_legacy_model_config(serialized):
+    """Whether a serialized CoaT model (a `.keras` file's config) was written by keras-coat 0.1."""
+    if not isinstance(serialized, dict):
+        return False
+    if serialized.get("registered_name") == CLASSIFIER_NAME:
+        return is_legacy_backbone_config(serialized.get("config", {}).get("backbone"))
+    return is_legacy_backbone_config(serialized)
+
+
+def legacy_error(kind):
+    return ValueError(
+        f"This {kind} configuration was written by keras-coat 0.1 (its backbone holds "
+        "`pooling`/`include_preprocessing`); load such .keras files with "
+        "keras_coat.load_model(path), which rebuilds them in the current layout."
+    )
+
+
+def split_legacy(config):
     config = dict(config)
     legacy = {key: config.pop(key) for key in LEGACY_BACKBONE_KEYS if key in config}
     return config, legacy
 
 
-def legacy_headless_model(backbone, legacy, name=None):
+def legacy_headless_model(classifier_cls, backbone, legacy, name=None):
     """The model a keras-coat 0.1 `CoaTBackbone` config described: normalization and pooling
     inside, now the headless classifier around the backbone."""
-    classifier_cls = keras.saving.get_registered_object(CLASSIFIER_NAME)
     return classifier_cls(
         backbone,
         num_classes=None,
@@ -479,8 +497,9 @@ def legacy_headless_model(backbone, legacy, name=None):
 
 def legacy_classifier(cls, config):
     """The model a keras-coat 0.1 `CoaTImageClassifier` config described."""
-    backbone_config, legacy = _split_legacy(config["backbone"]["config"])
+    backbone_config, legacy = split_legacy(config["backbone"]["config"])
     backbone_config.pop("name", None)
+    backbone_config.pop("trainable", None)
     backbone = cls.backbone_cls(**backbone_config)
     return cls(
         backbone,
@@ -490,3 +509,26 @@ def legacy_classifier(cls, config):
         include_preprocessing=legacy.get("include_preprocessing", True),
         name=config.get("name"),
     )
+
+
+def read_keras_archive_config(path):
+    """The model config (`config.json`) of a `.keras` archive."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            info = archive.getinfo("config.json")
+            if info.file_size > MAX_JSON_BYTES:
+                raise ValueError(f"{path!r}: its config.json has {info.file_size} bytes.")
+            return json.loads(archive.read(info))
+    except (zipfile.BadZipFile, KeyError) as e:
+        raise ValueError(f"{path!r} is not a .keras file: {e}") from None
+
+
+@contextlib.contextmanager
+def extracted_weights(path):
+    """The `model.weights.h5` of a `.keras` archive, as a temporary file."""
+    with tempfile.TemporaryDirectory(prefix="keras-coat-archive-") as folder:
+        target = os.path.join(folder, "model.weights.h5")
+        with zipfile.ZipFile(path) as archive, archive.open("model.weights.h5") as source, \
+                open(target, "wb") as f:
+            shutil.copyfileobj(source, f)
+        yield target
