@@ -3,6 +3,13 @@
     python -m conversion.convert SOURCE --model coat_lite_tiny --output coat_lite_tiny.weights.h5
     python -m conversion.convert coat_lite_medium_384.pth --model coat_lite_medium \\
         --input-size 384 --output coat_lite_medium_384.weights.h5 --verify
+    python -m conversion.convert coat_lite_tiny_e88e96b0.pth --model coat_lite_tiny \\
+        --preset-dir presets/coat_lite_tiny --verify
+
+`--preset-dir` writes a preset directory (KerasHub's layout, see `keras_coat.preset_io`): the
+classifier taking RGB pixels in [0, 255] with softmax outputs, the evaluation preprocessing of
+the published checkpoint at that size and the ImageNet class names, ready to publish on a model
+hub and to load with `keras_coat.CoaTImageClassifier.from_preset(directory)`.
 
 The checkpoint is read without running anything from it and without PyTorch
 (`keras_coat.checkpoint`), mapped strictly onto the model (`keras_coat.convert`), and written
@@ -25,7 +32,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 with contextlib.suppress(ImportError):
     import timm  # noqa: F401
 
-from keras_coat.models import MODEL_CONFIGS  # noqa: E402
+from keras_coat import MODEL_CONFIGS  # noqa: E402
 
 VARIANTS = tuple(MODEL_CONFIGS)
 
@@ -52,7 +59,11 @@ def build_parser():
     )
     parser.add_argument("source", help="checkpoint: .pth/.pt (authors' or timm's) or .safetensors")
     parser.add_argument("--model", required=True, choices=VARIANTS, help="CoaT variant")
-    parser.add_argument("--output", required=True, help="output path ending in .weights.h5")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--output", help="output path ending in .weights.h5")
+    target.add_argument(
+        "--preset-dir", help="write a preset directory (config, weights, preprocessing, classes)"
+    )
     parser.add_argument(
         "--input-size", type=_input_size, default=(224, 224),
         help="model input size, N or HxW (default 224; 384 for the Lite-Medium 384 checkpoint)",
@@ -128,8 +139,21 @@ def verify_against_reference(model, state_dict, variant, input_size, batch, seed
     images = np.random.RandomState(seed).randn(batch, *input_size, 3).astype("float32")
     with torch.no_grad():
         expected = reference(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
-    logits = np.asarray(model.predict(images, verbose=0))
-    return float(np.abs(logits - expected).max())
+    return float(np.abs(_logits(model, images) - expected).max())
+
+
+def _logits(model, images):
+    """The model's logits for normalized `images`, whatever its input and output conventions."""
+    import keras
+    import numpy as np
+
+    if model.include_preprocessing:
+        mean = np.asarray(model.preprocessing.mean, "float32")
+        std = np.asarray(model.preprocessing.std, "float32")
+        images = (images * std + mean) * np.float32(255.0)
+    if model.activation is not None:  # the head's output, in the same graph
+        model = keras.Model(model.inputs, model.get_layer("head").output)
+    return np.asarray(model.predict(images, verbose=0))
 
 
 def main(argv=None):
@@ -139,16 +163,17 @@ def main(argv=None):
         parser.error(f"--batch must be a positive integer, got {args.batch}")
     if not 0.0 <= args.tolerance < float("inf"):  # also refuses nan
         parser.error(f"--tolerance must be a finite number >= 0, got {args.tolerance}")
-    if not args.output.endswith(".weights.h5"):
+    target = args.output or args.preset_dir
+    if args.output and not args.output.endswith(".weights.h5"):
         sys.exit(f"error: --output must end with .weights.h5 (got {args.output!r})")
-    if os.path.exists(args.output) and not args.overwrite:
-        sys.exit(f"error: {args.output!r} exists; pass --overwrite to replace it")
+    if os.path.exists(target) and not args.overwrite:
+        sys.exit(f"error: {target!r} exists; pass --overwrite to replace it")
     if not os.path.isfile(args.source):
         sys.exit(f"error: the checkpoint {args.source!r} does not exist or is not a file")
     from keras_coat._files import check_can_create_folder
 
     try:
-        check_can_create_folder(os.path.dirname(os.path.abspath(args.output)), repr(args.output))
+        check_can_create_folder(os.path.dirname(os.path.abspath(target)), repr(target))
     except OSError as error:
         sys.exit(f"error: {error}")
     if args.verify and "timm" not in sys.modules:
@@ -160,11 +185,14 @@ def main(argv=None):
 
     try:
         state_dict = read_state_dict(args.source)
+        # A preset is the model users load: pixels in, probabilities out, with the checkpoint's
+        # preprocessing and class names (create_model sets them for a published variant).
+        publish = args.preset_dir is not None
         model = create_model(
             args.model,
             input_shape=(*args.input_size, 3),
-            include_preprocessing=False,
-            classifier_activation=None,
+            include_preprocessing=publish,
+            classifier_activation="softmax" if publish else None,
         )
         assign_state_dict(model, state_dict)
     except (CheckpointError, ConversionError) as error:
@@ -184,10 +212,13 @@ def main(argv=None):
             sys.exit("error: the converted model does not match the reference; nothing written")
 
     try:
-        save_weights_atomically(model, args.output)
-    except OSError as error:  # disk full, folder removed meanwhile, ...
-        sys.exit(_one_line(f"error: cannot write {args.output!r}: {error}"))
-    print(f"wrote {args.output}")
+        if publish:
+            model.save_to_preset(args.preset_dir)
+        else:
+            save_weights_atomically(model, args.output)
+    except (OSError, ValueError) as error:  # disk full, folder removed meanwhile, ...
+        sys.exit(_one_line(f"error: cannot write {target!r}: {error}"))
+    print(f"wrote {target}")
     return 0
 
 

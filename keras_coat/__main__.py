@@ -52,9 +52,9 @@ def build_parser():
 
 
 def _variants():
-    from keras_coat.models import MODEL_CONFIGS
+    from keras_coat.backbone import VARIANTS
 
-    return list(MODEL_CONFIGS)
+    return list(VARIANTS)
 
 
 def _positive_int(text):
@@ -92,8 +92,6 @@ def _crop_pct(text):
 
 
 def _add_predict_command(subparsers):
-    from keras_coat.imagenet import DEFAULT_CROP_PCT
-
     parser = subparsers.add_parser(
         "predict",
         help="classify images with an ImageNet-1k CoaT",
@@ -117,13 +115,15 @@ def _add_predict_command(subparsers):
         "--image-size",
         type=_input_size,
         default=DEFAULT_IMAGE_SIZE,
-        help="input resolution (default 224; 384 selects the 384 checkpoint of coat_lite_medium)",
+        help="input resolution (default 224; the preset of a variant at this size, such as "
+        "coat_lite_medium_384, is used when there is one)",
     )
     parser.add_argument(
         "--crop-pct",
         type=_crop_pct,
-        default=DEFAULT_CROP_PCT,
-        help=f"center-crop share of the resized image (default {DEFAULT_CROP_PCT})",
+        default=None,
+        help="center-crop share of the resized image (default: the checkpoint's preset, "
+        "224/256 for the authors' checkpoints)",
     )
     parser.add_argument(
         "--top", type=_positive_int, default=5, help="classes per image (default 5)"
@@ -136,16 +136,19 @@ def _add_predict_command(subparsers):
 def _predict(args):
     import numpy as np
 
-    from keras_coat import create_model
+    from keras_coat import create_model, presets
     from keras_coat.imagenet import NUM_CLASSES, decode_predictions, load_image
 
     if args.top > NUM_CLASSES:
         _error(f"--top must be at most {NUM_CLASSES}")
         return 2
+    size = (args.image_size, args.image_size)
+    preprocessing = presets.checkpoint_for(args.model, size).preprocessing.resized(size)
+    crop_pct = preprocessing.crop_pct if args.crop_pct is None else args.crop_pct
     images = []
     for path in args.images:
         try:
-            images.append(load_image(path, image_size=args.image_size, crop_pct=args.crop_pct))
+            images.append(load_image(path, image_size=size, crop_pct=crop_pct))
         except (OSError, ValueError) as e:  # missing file, not an image, too large
             named = path in str(e)  # Pillow's and load_image's messages usually name it
             _error(f"cannot read image: {e}" if named else f"cannot read image {path!r}: {e}")
@@ -191,24 +194,22 @@ def _add_info_command(subparsers):
 def _info(args):
     import os
 
-    from keras_coat import weights
-    from keras_coat.models import MODEL_CONFIGS
+    from keras_coat import presets, weights
 
     manifest = os.environ.get(weights.MANIFEST_ENV)
     table = weights.checkpoint_table()  # a bad manifest: main() reports it in one line
-    print(f"{'variant':<18} {'params':>11} {'GFLOPs':>7} {'top-1':>6}  checkpoints")
-    for variant, config in MODEL_CONFIGS.items():
-        names = [n for n in weights.CHECKPOINTS if weights.variant_of(n) == variant]
-        states = []
-        for name in names:
-            if name not in table:
-                states.append(f"{name} (not in manifest)")
-            else:
-                cached = os.path.isfile(weights.cached_weights_path(name))
-                states.append(f"{name} ({'cached' if cached else 'not downloaded'})")
+    print(f"{'preset':<21} {'variant':<17} {'size':>4} {'params':>11} {'GFLOPs':>7} "
+          f"{'top-1':>6}  weights")
+    for name, preset in presets.PRESETS.items():
+        if name not in table:
+            state = "not in manifest"
+        elif os.path.isfile(weights.cached_weights_path(name)):
+            state = "cached"
+        else:
+            state = "not downloaded"
         print(
-            f"{variant:<18} {config['params']:>11,} {config['gflops']:>7} "
-            f"{config['top1']:>5}%  {', '.join(states)}"
+            f"{name:<21} {preset.variant:<17} {preset.preprocessing.image_size[0]:>4} "
+            f"{preset.params:>11,} {preset.gflops:>7} {preset.top1:>5}%  {state}"
         )
     print()
     source = f"manifest {manifest} ({weights.MANIFEST_ENV})" if manifest else "built-in table"

@@ -115,10 +115,19 @@ def _layer_targets(layer):
     return []
 
 
+def _top_level_layers(model):
+    """The layers of `model`, those of a nested model (a classifier's backbone) in its place."""
+    for layer in model.layers:
+        if hasattr(layer, "layers"):
+            yield from _top_level_layers(layer)
+        else:
+            yield layer
+
+
 def conversion_plan(model):
     """Lists `(variable, canonical source key, transform)` for every weight of `model`."""
     plan, seen = [], {}
-    for layer in model.layers:
+    for layer in _top_level_layers(model):
         for variable, key, transform in _layer_targets(layer):
             if id(variable) in seen:
                 raise ConversionError(
@@ -167,7 +176,7 @@ def assign_state_dict(model, state_dict):
         raise ConversionError("The checkpoint holds no tensors.")
     plan = conversion_plan(model)
     tensors, origin = canonical_tensors(state_dict)
-    layer_names = {layer.name for layer in model.layers}
+    layer_names = {layer.name for layer in _top_level_layers(model)}
 
     expected = {key for _, key, _ in plan}
     missing = sorted(expected - tensors.keys())

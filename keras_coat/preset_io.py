@@ -24,6 +24,7 @@ below `backbone.py` and `image_classifier.py` in the import graph.
 
 import contextlib
 import datetime
+import importlib.metadata
 import json
 import os
 import shutil
@@ -156,11 +157,9 @@ def _write_preset_files(model, folder, metadata):
                 model, os.path.join(folder, TASK_WEIGHTS_FILE),
                 objects_to_skip=_backbone_objects(model),
             )
-    from keras_coat import __version__
-
     _write_json(folder, METADATA_FILE, {
         "keras_version": keras.version(),
-        "keras_coat_version": __version__,
+        "keras_coat_version": _package_version(),
         "backend": keras.backend.backend(),
         "parameter_count": int(model.count_params()),
         "date_saved": datetime.datetime.now().strftime("%Y-%m-%d@%H:%M:%S"),
@@ -169,6 +168,13 @@ def _write_preset_files(model, folder, metadata):
     })  # fmt: skip
     for name in os.listdir(folder):
         _fsync(os.path.join(folder, name))
+
+
+def _package_version():
+    try:
+        return importlib.metadata.version("keras-coat")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree
+        return None
 
 
 def _backbone_objects(model):

@@ -148,7 +148,10 @@ def test_info_lists_variants_and_checkpoints(monkeypatch, tmp_path, capsys):
     out = capsys.readouterr().out
     for variant in MODEL_CONFIGS:
         assert f"\n{variant} " in out
-    assert "coat_lite_medium_384 (not downloaded)" in out
+    # One row per preset, the 384 checkpoint with its own size and figures.
+    row = next(line for line in out.splitlines() if line.startswith("coat_lite_medium_384 "))
+    assert row.split()[1:3] == ["coat_lite_medium", "384"]
+    assert "84.5%" in row and row.endswith("not downloaded")
     assert "5,721,960" in out and "built-in table" in out
     assert str(tmp_path) in out
 

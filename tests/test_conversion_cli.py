@@ -113,3 +113,21 @@ def test_command_line_entry_point(checkpoints, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "wrote" in result.stdout and output.is_file()
     assert "largest absolute logit difference vs timm" in result.stdout
+
+
+def test_writes_a_preset_ready_to_publish(checkpoints, tmp_path, capsys):
+    reference, authors, _ = checkpoints
+    folder = tmp_path / "presets" / "coat_lite_tiny"
+    assert cli.main([str(authors), "--model", "coat_lite_tiny", "--preset-dir", str(folder),
+                     "--input-size", "64", "--verify"]) == 0
+    assert "largest absolute logit difference vs timm" in capsys.readouterr().out
+    model = keras_coat.CoaTImageClassifier.from_preset(str(folder))
+    assert model.preprocessing.crop_pct == 224 / 256 and model.preprocessing.image_size == (64, 64)
+    assert len(model.class_names) == 1000
+    images = random_images(2, 64, 64)
+    pixels = (images * np.array(model.preprocessing.std) + np.array(model.preprocessing.mean)) * 255
+    logits = torch_forward(reference, images)
+    expected = np.exp(logits - logits.max(-1, keepdims=True))
+    expected /= expected.sum(-1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(model(pixels.astype("float32"))), expected, atol=1e-4)
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["coat_lite_tiny"]
