@@ -252,7 +252,8 @@ def test_init_weights_take_the_backbone_of_a_saved_classifier(tmp_path):
     encoder = detector.backbone.image_encoder
     for name in ("patch_embed1", "serial_blocks4.1.mlp", "cpe3", "crpe2", "norm4"):
         for got, expected in zip(
-            encoder.get_layer(name).get_weights(), classifier.get_layer(name).get_weights()
+            encoder.backbone.get_layer(name).get_weights(),
+            classifier.backbone.get_layer(name).get_weights(),
         ):
             np.testing.assert_array_equal(got, expected)
     with pytest.raises(ValueError, match="init_weights must be"):

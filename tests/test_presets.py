@@ -1,6 +1,7 @@
 """Presets: the table of published checkpoints, preset directories (KerasHub's layout) written
 atomically and read strictly, across backends, and a built-in name end to end."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -303,7 +304,9 @@ def test_fuzzed_config_json_fails_only_with_preset_errors(copy_of, field, value)
 # ----------------------------------------------------------------------- a built-in name
 
 
-def test_a_built_in_name_loads_from_the_cache_with_its_preprocessing(tmp_path, monkeypatch):
+@pytest.fixture
+def offline_coat_lite_tiny(tmp_path, monkeypatch):
+    """KERAS_HOME holding keras-coat 0.1's cache entry of coat_lite_tiny; no network."""
     cache = tmp_path / "models" / "keras_coat"
     cache.mkdir(parents=True)
     for name in os.listdir(os.path.join(COMPAT, "cache")):
@@ -314,6 +317,11 @@ def test_a_built_in_name_loads_from_the_cache_with_its_preprocessing(tmp_path, m
         "url": "http://127.0.0.1:9/coat_lite_tiny.pth", "sha256": entry.sha256}}))
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
     monkeypatch.setenv(weights.MANIFEST_ENV, str(manifest))
+
+
+def test_a_built_in_name_loads_from_the_cache_with_its_preprocessing(
+    offline_coat_lite_tiny, tmp_path
+):
     model = keras_coat.CoaTImageClassifier.from_preset("coat_lite_tiny", image_shape=(64, 64, 3))
     expected = np.load(os.path.join(COMPAT, "outputs.npz"))
     np.testing.assert_allclose(
@@ -326,3 +334,17 @@ def test_a_built_in_name_loads_from_the_cache_with_its_preprocessing(tmp_path, m
     model.save_to_preset(out)
     again = keras_coat.CoaTImageClassifier.from_preset(str(out))
     np.testing.assert_array_equal(_np(again(expected["images"])), _np(model(expected["images"])))
+
+
+def test_training_starts_a_new_label_set_from_the_preset_features(offline_coat_lite_tiny):
+    from training import recipes, train
+
+    recipe = dataclasses.replace(
+        recipes.get_recipe("demo"), model="coat_lite_tiny", image_size=64,
+        init_weights="imagenet", drop_path=0.1,
+    )
+    model = train.build_model(recipe, 10)
+    pretrained = keras_coat.CoaTBackbone.from_preset("coat_lite_tiny", image_shape=(64, 64, 3))
+    for got, expected in zip(model.backbone.weights, pretrained.weights):
+        np.testing.assert_array_equal(_np(got), _np(expected))
+    assert model.output_shape == (None, 10) and model.backbone.drop_path_rate == 0.1

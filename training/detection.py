@@ -254,7 +254,7 @@ def build_detector(recipe, init_weights=None):
         r.backbone, include_top=False, input_shape=shape, weights=weights
     )
     if from_file is not None and from_file.endswith(".keras"):
-        copy_backbone_weights(keras.saving.load_model(from_file, compile=False), encoder)
+        copy_backbone_weights(keras_coat.load_model(from_file, compile=False), encoder)
 
     backbone = keras_hub.models.RetinaNetBackbone(
         image_encoder=encoder,
@@ -314,21 +314,16 @@ def _initialize_heads(detector, prior_probability=0.01, stddev=0.01):
 
 
 def copy_backbone_weights(source, target):
-    """Copies the weights of every layer of `target` that `source` has under the same name (a
-    classifier into its headless backbone); fails if a target layer with weights is missing."""
-    missing = []
-    for layer in target.layers:
-        if not layer.weights:
-            continue
-        try:
-            layer.set_weights(source.get_layer(layer.name).get_weights())
-        except ValueError:
-            missing.append(layer.name)
-    if missing:
+    """Gives the CoaT model `target` the backbone weights of the CoaT model `source` (a saved
+    classifier); CoaT's weights fit every input size. Fails before changing anything if the
+    backbones are of different variants."""
+    shapes = [tuple(w.shape) for w in source.backbone.weights]
+    if shapes != [tuple(w.shape) for w in target.backbone.weights]:
         raise ValueError(
-            f"{source.name!r} has no layer matching {', '.join(missing)} of {target.name!r}: "
-            "init weights must come from a model of the same CoaT variant."
+            f"The backbone of {source.name!r} does not fit that of {target.name!r}: init weights "
+            "must come from a model of the same CoaT variant."
         )
+    target.backbone.set_weights(source.backbone.get_weights())
 
 
 def compile_detector(detector, recipe):

@@ -123,15 +123,17 @@ def build_model(recipe, num_classes, model_config=None):
         return keras_coat.create_model(recipe.model, **kwargs)
     if recipe.init_weights != "imagenet" or num_classes == NUM_CLASSES:
         return keras_coat.create_model(recipe.model, weights=recipe.init_weights, **kwargs)
-    # New label set: start from the ImageNet model, keep everything but the classifier.
-    model = keras_coat.create_model(recipe.model, **kwargs)
-    pretrained = keras_coat.create_model(
-        recipe.model, weights="imagenet", **{**kwargs, "classes": NUM_CLASSES}
+    # New label set: the ImageNet preset's features with a fresh head.
+    size = (recipe.image_size, recipe.image_size)
+    return keras_coat.CoaTImageClassifier.from_preset(
+        keras_coat.presets.checkpoint_for(recipe.model, size).name,
+        image_shape=(*size, 3),
+        drop_path_rate=recipe.drop_path,
+        num_classes=num_classes,
+        activation="softmax",
+        include_preprocessing=True,
+        name=recipe.model,
     )
-    for layer in model.layers:
-        if layer.name != "head" and layer.weights:
-            layer.set_weights(pretrained.get_layer(layer.name).get_weights())
-    return model
 
 
 def compile_model(model, recipe, steps_per_epoch, jit_compile=None):
