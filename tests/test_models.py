@@ -120,11 +120,15 @@ def test_input_tensor_is_used_as_the_input():
 
 
 def test_factories_return_the_model_classes():
-    backbone = keras_coat.CoaT(**TINY_LITE, input_shape=(64, 64, 3), include_top=False)
-    assert type(backbone) is keras_coat.CoaTBackbone and backbone.pooling is None
+    headless = keras_coat.CoaT(**TINY_LITE, input_shape=(64, 64, 3), include_top=False)
+    assert type(headless) is keras_coat.CoaTImageClassifier
+    assert headless.num_classes is None and headless.pooling is None
+    assert type(headless.backbone) is keras_coat.CoaTBackbone
     classifier = keras_coat.CoaT(**TINY_LITE, input_shape=(64, 64, 3), classes=3)
     assert type(classifier) is keras_coat.CoaTImageClassifier
-    assert classifier.backbone.pooling == "token"
+    assert classifier.pooling == "token" and type(classifier.backbone) is keras_coat.CoaTBackbone
+    # The backbone maps images to features only: no normalization, pooling or head layers.
+    assert not {"normalization", "head", "aggregate"} & {l.name for l in classifier.backbone.layers}
     # An input computed by other layers: the CoaT model is called on it.
     inputs = keras.Input((64, 64, 3))
     model = keras_coat.CoaT(**TINY_LITE, input_tensor=keras.layers.Rescaling(1.0)(inputs),
@@ -146,7 +150,7 @@ def test_include_preprocessing_is_imagenet_normalization_inside_the_model():
         _np(with_pre(pixels)), _np(without(normalized.astype("float32"))), atol=1e-5
     )
     np.testing.assert_allclose(
-        _np(keras_coat.models.layers.Normalization(
+        _np(keras.layers.Normalization(
             mean=[255 * m for m in IMAGENET_MEAN],
             variance=[(255 * s) ** 2 for s in IMAGENET_STD],
         )(pixels)),
@@ -227,14 +231,17 @@ def test_keras_file_roundtrip_keeps_class_outputs_pyramid_and_weight_sharing(con
         np.testing.assert_array_equal(_np(pyramid[level]), _np(expected_pyramid[level]))
     assert restored.count_params() == model.count_params()
     # Shared layers stay shared: one CPE per scale, called by every block.
-    assert sum(layer.name == "cpe2" for layer in restored.layers) == 1
+    assert sum(layer.name == "cpe2" for layer in restored.backbone.layers) == 1
 
     backbone_path = tmp_path / "backbone.keras"
     model.backbone.save(backbone_path)
     backbone = keras.models.load_model(backbone_path)
     assert type(backbone) is keras_coat.CoaTBackbone
     assert list(backbone.pyramid_outputs) == ["P2", "P3", "P4", "P5"]
-    np.testing.assert_array_equal(_np(backbone(x)), _np(model.backbone(x)))
+    features, expected_features = backbone(x), model.backbone(x)
+    assert set(features) == {"P2", "P3", "P4", "P5", *model.backbone.feature_names}
+    for key in features:
+        np.testing.assert_array_equal(_np(features[key]), _np(expected_features[key]))
 
 
 def test_weights_h5_roundtrip_and_loading_into_a_headless_model(tmp_path):
@@ -268,7 +275,7 @@ def test_real_variant_roundtrip_through_keras_file(tmp_path):
 
 def test_public_api():
     names = {
-        "CoaT", "CoaTBackbone", "CoaTImageClassifier", "CoaTLiteTiny", "CoaTLiteMini", "CoaTLiteSmall", "CoaTLiteMedium", "CoaTTiny",
+        "load_model", "ImagePreprocessing", "CoaT", "CoaTBackbone", "CoaTImageClassifier", "CoaTLiteTiny", "CoaTLiteMini", "CoaTLiteSmall", "CoaTLiteMedium", "CoaTTiny",
         "CoaTMini", "CoaTSmall", "create_model", "MODEL_CONFIGS", "preprocess_input",
         "decode_predictions", "export_saved_model",
     }
