@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from keras_coat import loading, weights
+from keras_coat import presets, weights
 from tests._weights_fixtures import FileServer, fake_converter, sha256_of, use_manifest
 
 pytestmark = pytest.mark.adversarial
@@ -138,19 +138,20 @@ def test_declared_size_is_refused_without_reading_the_body(hostile, tmp_path, mo
     use_manifest(monkeypatch, tmp_path, {NAME: {"url": hostile.url("/w.pth"), "sha256": "0" * 8}})
     with pytest.raises(weights.WeightsDownloadError, match="declares 2147483648 bytes"):
         weights.ensure_converted_weights(
-            NAME, fake_converter([]), max_bytes=loading.max_checkpoint_bytes(NAME)
+            NAME, fake_converter([]), max_bytes=presets.get_preset(NAME).max_download_bytes
         )
     assert [n for n in _cache_files(tmp_path) if not n.endswith(".lock")] == []
 
 
 def test_size_cap_follows_the_variant():
-    tiny, medium = loading.max_checkpoint_bytes(NAME), loading.max_checkpoint_bytes(
-        "coat_lite_medium_384"
-    )
+    def cap(name):
+        return presets.get_preset(name).max_download_bytes
+
+    tiny, medium = cap(NAME), cap("coat_lite_medium_384")
     # Room for a training checkpoint (weights, EMA, two AdamW moments), far below 2 GiB.
     assert 4 * 4 * 5_721_960 < tiny < 200e6
     assert 4 * 4 * 44_571_048 < medium < 1e9
-    assert loading.max_checkpoint_bytes("coat_lite_medium") == medium
+    assert cap("coat_lite_medium") == medium
 
 
 # ------------------------------------------------------------------ the converted-weights cache
@@ -203,6 +204,7 @@ CACHE_DAMAGE = {
     "truncated": _truncate,
     "another_checkpoints_file": _another_checkpoints_file,
     "emptied": lambda path: path.write_bytes(b""),
+    "became_a_directory": lambda path: (path.unlink(), path.mkdir(), (path / "x").write_text("")),
     "no_record": _drop_the_record,
     "damaged_record": _damage_the_record,
     "record_of_another_checkpoint": _record_of_another_checkpoint,

@@ -95,7 +95,7 @@ def test_cache_lives_under_keras_home(monkeypatch, tmp_path):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "home"))
     path = weights.cached_weights_path("coat_lite_tiny")
     assert path == str(
-        tmp_path / "home" / "models" / "keras_coat" / "coat_lite_tiny-e88e96b0-v1.weights.h5"
+        tmp_path / "home" / "models" / "keras_coat" / "coat_lite_tiny-e88e96b0-v2.weights.h5"
     )
 
 
@@ -335,7 +335,7 @@ def test_leftovers_of_a_killed_process_are_reused_or_removed(
     weights.ensure_converted_weights("coat_lite_tiny", fake_converter(calls))
     assert server.requests == [] and len(calls) == 1
     assert _cache_files(tmp_path) == sorted(
-        [f"{stem}-v1.weights.h5", f"{stem}-v1.json", f"{stem}.lock"]
+        [f"{stem}-v2.weights.h5", f"{stem}-v2.json", f"{stem}.lock"]
     )
 
 
@@ -385,7 +385,7 @@ def test_two_processes_share_one_download(monkeypatch, tmp_path, server, small_c
     assert server.requests == ["/coat_lite_tiny.pth"]
     assert calls_log.read_text() == "convert\n"
     assert [
-        n for n in _cache_files(tmp_path) if not n.endswith((".lock", ".weights.h5", "-v1.json"))
+        n for n in _cache_files(tmp_path) if not n.endswith((".lock", ".weights.h5", "-v2.json"))
     ] == []
 
 
@@ -525,7 +525,7 @@ def test_checkpoint_of_another_variant(
 @pytest.mark.slow
 def test_model_checks_before_any_download(monkeypatch, tmp_path):
     import keras_coat
-    from keras_coat.loading import load_imagenet_weights
+    from keras_coat.preset_io import load_builtin_weights as load_imagenet_weights
 
     use_manifest(
         monkeypatch, tmp_path, {"coat_lite_tiny": {"url": closed_port_url(), "sha256": "e88e96b0"}}
@@ -540,6 +540,6 @@ def test_model_checks_before_any_download(monkeypatch, tmp_path):
     )
     with pytest.raises(ValueError, match="3 channels"):
         load_imagenet_weights(gray, "coat_lite_tiny")
-    with pytest.raises(ValueError, match="Unknown CoaT checkpoint"):
+    with pytest.raises(ValueError, match="Unknown CoaT preset"):
         load_imagenet_weights(ten_classes, "coat_lite_huge")
     assert _cache_is_clean(tmp_path)
