@@ -34,7 +34,10 @@ def _round_trip(model, x, path):
     model.save(path)
     restored = keras.models.load_model(path)
     assert type(restored) is type(model)
-    assert type(restored.backbone.image_encoder) is keras_coat.CoaTBackbone
+    # The factories' headless model: pixels in, normalized inside, around a CoaTBackbone.
+    encoder = restored.backbone.image_encoder
+    assert type(encoder) is keras_coat.CoaTImageClassifier and encoder.num_classes is None
+    assert type(encoder.backbone) is keras_coat.CoaTBackbone
     keras.tree.map_structure(np.testing.assert_array_equal, _np(restored(x)), expected)
 
 
