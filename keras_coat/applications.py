@@ -324,7 +324,9 @@ def _describe(variant):
 CoaTLiteTiny = _make_factory("coat_lite_tiny", "CoaT-Lite Tiny", _describe("coat_lite_tiny"))
 CoaTLiteMini = _make_factory("coat_lite_mini", "CoaT-Lite Mini", _describe("coat_lite_mini"))
 CoaTLiteSmall = _make_factory("coat_lite_small", "CoaT-Lite Small", _describe("coat_lite_small"))
-CoaTLiteMedium = _make_factory("coat_lite_medium", "CoaT-Lite Medium", _describe("coat_lite_medium"))
+CoaTLiteMedium = _make_factory(
+    "coat_lite_medium", "CoaT-Lite Medium", _describe("coat_lite_medium")
+)
 CoaTTiny = _make_factory("coat_tiny", "CoaT Tiny", _describe("coat_tiny"))
 CoaTMini = _make_factory("coat_mini", "CoaT Mini", _describe("coat_mini"))
 CoaTSmall = _make_factory("coat_small", "CoaT Small", _describe("coat_small"))

@@ -6,7 +6,7 @@ import keras
 from keras import layers
 
 from keras_coat import preset_io, presets
-from keras_coat.backbone import _PACKAGE, CoaTBackbone, variant_config
+from keras_coat.backbone import _PACKAGE, CoaTBackbone
 from keras_coat.layers import ScaleAggregation, TokenPooling, TokensToFeatureMap, _TRUNC_NORMAL
 from keras_coat.presets import ImagePreprocessing
 

@@ -30,7 +30,7 @@ import numpy as np
 from keras_coat import convert
 from keras_coat.checkpoint import read_state_dict
 
-__all__ = ["WEIGHT_FILE_SUFFIXES", "load_keras_weights", "load_weights_file", "task_layers"]
+__all__ = ["WEIGHT_FILE_SUFFIXES", "file_arrays", "load_keras_weights", "load_weights_file"]
 
 WEIGHT_FILE_SUFFIXES = (".weights.h5", ".pth", ".pt", ".safetensors")
 
@@ -67,11 +67,6 @@ def _group_names(layers):
 
 def _is_backbone(model):
     return not hasattr(model, "backbone")
-
-
-def task_layers(model):
-    """The layers of a classifier that are not its backbone's (pooling, aggregate, head)."""
-    return [layer for layer in model.layers if layer is not getattr(model, "backbone", None)]
 
 
 def file_arrays(path):

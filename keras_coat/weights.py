@@ -1,9 +1,10 @@
 """The published CoaT ImageNet checkpoints: where they are, how to fetch them safely.
 
 `ensure_converted_weights(checkpoint_name, converter)` (called through
-`keras_coat.loading` by the factories for ``weights="imagenet"``):
+`keras_coat.preset_io` for ``weights="imagenet"`` and built-in preset names):
 
-1. finds the checkpoint's URL and SHA-256 in `CHECKPOINTS`, or in the JSON
+1. finds the checkpoint's URL and SHA-256 in `CHECKPOINTS` (from
+   `keras_coat.presets`), or in the JSON
    manifest named by the ``KERAS_COAT_WEIGHTS_MANIFEST`` environment variable,
    which replaces the table (for mirrors, local copies and offline machines)::
 
@@ -14,9 +15,9 @@
    ``.pt``, ``.bin`` or ``.safetensors``; ``sha256`` is the full hex digest
    or a prefix of at least 8 hex digits;
 2. if the converted weights are already cached
-   (``$KERAS_HOME/models/keras_coat/<name>-<sha8>-v1.weights.h5``, ``KERAS_HOME``
+   (``$KERAS_HOME/models/keras_coat/<name>-<sha8>-v2.weights.h5``, ``KERAS_HOME``
    defaulting to ``~/.keras``) and intact, returns them: no network access at
-   all. The record beside them (``...-v1.json``) holds the full SHA-256 of the
+   all. The record beside them (``...-v2.json``) holds the full SHA-256 of the
    verified checkpoint and of the converted file; the file is hashed again on
    every hit, and a damaged file or one converted from another checkpoint is
    rebuilt;
@@ -26,7 +27,7 @@
    caller's `converter`, which writes the converted ``.weights.h5`` that is
    then moved into the cache.
 
-This module knows nothing of models or conversion: `keras_coat.loading`
+This module knows nothing of models or conversion: `keras_coat.preset_io`
 passes the converter and loads the cached file into a model.
 
 Every file appears in the cache under its final name only when complete and
@@ -269,9 +270,11 @@ def ensure_converted_weights(checkpoint_name, converter, max_bytes=DEFAULT_MAX_D
 
     Args:
         checkpoint_name: a key of `CHECKPOINTS`.
-        converter: ``converter(checkpoint_name, state_dict, path)`` writes the
+        converter: ``converter(checkpoint_name, source, path)`` writes the
             converted weights to `path` (a temporary ``.weights.h5`` name that
-            is renamed into the cache once written).
+            is renamed into the cache once written); `source` is the verified
+            checkpoint's state dict, or the path of an intact cache entry of an
+            older format (keras-coat 0.1's), converted without downloading.
         max_bytes: the largest checkpoint file accepted: a larger declared size
             is refused before reading, and the download stops once it passes it.
 

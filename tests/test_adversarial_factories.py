@@ -41,10 +41,11 @@ def test_bad_input_shape_is_a_clear_value_error(name):
         keras_coat.create_model("coat_lite_tiny", input_shape=shape)
 
 
+CLASSES_MESSAGE = r"`classes` in the factories\) must be a positive integer"
 BAD_OTHER_ARGUMENTS = {
-    "float_classes": (dict(classes=10.5), "`classes` must be a positive integer"),
-    "bool_classes": (dict(classes=True), "`classes` must be a positive integer"),
-    "zero_classes": (dict(classes=0), "`classes` must be a positive integer"),
+    "float_classes": (dict(classes=10.5), CLASSES_MESSAGE),
+    "bool_classes": (dict(classes=True), CLASSES_MESSAGE),
+    "zero_classes": (dict(classes=0), CLASSES_MESSAGE),
     "nan_drop_path": (dict(drop_path_rate=float("nan")), "drop_path_rate"),
     "unknown_pooling": (dict(include_top=False, pooling="median"), "pooling"),
 }
@@ -113,7 +114,7 @@ def test_bad_weights_file_names_the_file_and_leaves_the_model_as_it_was(
     name, good_weights, tmp_path
 ):
     """What the factories run after building the model (`weights=` a path)."""
-    from keras_coat.loading import load_weights
+    from keras_coat.loading import load_weights_file as load_weights
 
     model, good = good_weights
     before = model.get_weights()

@@ -275,7 +275,8 @@ def test_real_variant_roundtrip_through_keras_file(tmp_path):
 
 def test_public_api():
     names = {
-        "load_model", "ImagePreprocessing", "CoaT", "CoaTBackbone", "CoaTImageClassifier", "CoaTLiteTiny", "CoaTLiteMini", "CoaTLiteSmall", "CoaTLiteMedium", "CoaTTiny",
+        "load_model", "ImagePreprocessing",
+        "CoaT", "CoaTBackbone", "CoaTImageClassifier", "CoaTLiteTiny", "CoaTLiteMini", "CoaTLiteSmall", "CoaTLiteMedium", "CoaTTiny",
         "CoaTMini", "CoaTSmall", "create_model", "MODEL_CONFIGS", "preprocess_input",
         "decode_predictions", "export_saved_model",
     }

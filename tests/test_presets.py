@@ -290,7 +290,9 @@ _JSON = st.recursive(
 _FIELDS = sorted(preset_io.BACKBONE_FIELDS - {"dtype", "name", "trainable"})
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(field=st.sampled_from(_FIELDS), value=_JSON)
 def test_fuzzed_config_json_fails_only_with_preset_errors(copy_of, field, value):
     folder = copy_of()
