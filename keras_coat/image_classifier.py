@@ -125,7 +125,8 @@ class CoaTImageClassifier(keras.Model):
             x = layers.Normalization(
                 mean=[255.0 * m for m in preprocessing.mean],
                 variance=[(255.0 * s) ** 2 for s in preprocessing.std],
-                name="normalization",
+                # The name the export code looks for (ImageNet's for every published checkpoint).
+                name="imagenet_normalization",
             )(x)
         features = backbone(x)
         pyramid = {level: features[level] for level in backbone.pyramid_outputs}

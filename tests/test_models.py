@@ -128,7 +128,8 @@ def test_factories_return_the_model_classes():
     assert type(classifier) is keras_coat.CoaTImageClassifier
     assert classifier.pooling == "token" and type(classifier.backbone) is keras_coat.CoaTBackbone
     # The backbone maps images to features only: no normalization, pooling or head layers.
-    assert not {"normalization", "head", "aggregate"} & {l.name for l in classifier.backbone.layers}
+    backbone_layers = {layer.name for layer in classifier.backbone.layers}
+    assert not {"imagenet_normalization", "head", "aggregate"} & backbone_layers
     # An input computed by other layers: the CoaT model is called on it.
     inputs = keras.Input((64, 64, 3))
     model = keras_coat.CoaT(**TINY_LITE, input_tensor=keras.layers.Rescaling(1.0)(inputs),
