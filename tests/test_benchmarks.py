@@ -1,6 +1,7 @@
 """The benchmark scripts: how they summarise rounds, write RESULTS.md, and account op time."""
 
 import importlib.util
+import json
 import os
 import types
 
@@ -175,3 +176,53 @@ def test_input_pipeline_table_reports_per_core_medians_and_the_node_estimate():
     assert f"{node / 310.0:.0f} cores" in table and "| decode | 2.00 | +2.00 |" in table
     prose = [line for line in table.splitlines() if not line.startswith("|")]
     assert max(len(line) for line in prose) <= 100
+
+
+train_memory = _load("train_memory")
+TINY_COAT = {"embed_dims": [16, 32, 32, 32], "serial_depths": [1, 1, 1, 1], "mlp_ratios": [2, 2, 2, 2]}
+
+
+def _fit_run(rate, peak, first_step_peak):
+    phases = {phase: {"rss_mib": 500.0, "peak_mib": 600.0, "seconds": 1.0} for phase in
+              train_memory.PHASES}  # fmt: skip
+    phases["first_step"]["peak_mib"] = first_step_peak
+    return {"images_per_s": rate, "median_s": 64 / rate, "peak_rss_mib": peak, "phases": phases}
+
+
+def test_train_memory_table_reports_medians_ratios_and_the_median_rounds_phases():
+    args = types.SimpleNamespace(rounds=3, steps=8, warmup=2, model_config=None)
+    runs = {
+        "keras_jax": [_fit_run(r, 2000.0, 1900.0 + r) for r in (30.0, 20.0, 40.0)],
+        "keras_tensorflow": [_fit_run(r, p, 1000.0 + r) for r, p in
+                             ((60.0, 1500.0), (50.0, 1600.0), (90.0, 1400.0))],  # fmt: skip
+        "timm": [_fit_run(r, 1000.0, 800.0 + r) for r in (25.0, 20.0, 30.0)],
+    }
+    table = train_memory._table({"demo": runs}, args)
+    rows = {line.split(" | ")[0]: line for line in table.splitlines() if line.startswith("| ")}
+    # Medians: JAX 30, TF 60, timm 25; single-round ratios JAX 1.20, 1.00, 1.33; TF 2.40, 2.50,
+    # 3.00; peaks: the largest of the rounds.
+    assert rows["| " + train_memory.LABELS["keras_jax"]] == (
+        "| keras_coat `fit`, JAX (XLA) | 30.00 | 1.20x (1.00-1.33) | 2000 | 2.00x |"
+    )
+    assert rows["| " + train_memory.LABELS["keras_tensorflow"]].endswith(
+        "| 60.00 | 2.40x (2.40-3.00) | 1600 | 1.60x |"
+    )
+    assert rows["| " + train_memory.LABELS["timm"]].endswith("| 25.00 | 1.00x | 1000 | 1.00x |")
+    # The phase table shows the round of median speed: first-step peaks 1930, 1060 and 825.
+    first = rows["| " + train_memory.PHASE_LABELS["first_step"]]
+    assert first == "| first step (trace / XLA compile) | 500 (1930), 1.0 s | 500 (1060), 1.0 s " \
+        "| 500 (825), 1.0 s |"
+    assert "**demo**: coat_lite_tiny, 32x32, batch 64, 10 classes." in table
+
+
+@pytest.mark.slow
+def test_train_memory_runs_fit_on_jax_and_tensorflow_and_timm_on_a_tiny_model(capsys):
+    args = ["--configs", "demo", "--rounds", "1", "--warmup", "1", "--steps", "1", "--no-write",
+            "--model-config", json.dumps(TINY_COAT)]  # fmt: skip
+    assert train_memory.main(args) == 0
+    out = capsys.readouterr().out
+    measured = out.split("demo round 1: ")[1].splitlines()[0]
+    for framework in train_memory.FRAMEWORKS:
+        assert framework in measured
+    for phase in train_memory.PHASES:
+        assert f"| {train_memory.PHASE_LABELS[phase]} | " in out
