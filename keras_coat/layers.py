@@ -19,6 +19,8 @@ _TRUNC_NORMAL = {"class_name": "TruncatedNormal", "config": {"stddev": 0.02}}
 
 # Widths up to which FactorizedConvAttention uses one masked [C, C] context for all heads.
 _FULL_CONTEXT_MAX_CHANNELS = 128
+_SQRT_HALF = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
 
 
 def _grid(size):
@@ -310,6 +312,26 @@ class FactorizedConvAttention(layers.Layer):
         return {**super().get_config(), "num_heads": self.num_heads}
 
 
+@ops.custom_gradient
+def _gelu_keeping_only_its_input(x):
+    """Exact GELU whose gradient is computed from ``x`` alone: ``Phi(x) + x * phi(x)``.
+
+    Differentiating ``ops.gelu`` keeps the intermediates of its erf formula for the backward pass,
+    each as large as the MLP's hidden layer, the largest activations of the model: on TensorFlow
+    about 0.8 GB of CoaT-Lite Small's 5.7 GB training peak at batch 16 (224x224), and a step
+    that is slower, not faster, for having them (benchmarks/RESULTS.md).
+    """
+
+    def grad(*args, upstream=None):
+        if upstream is None:  # TensorFlow and JAX pass it positionally, PyTorch by name
+            (upstream,) = args
+        cdf = 0.5 * (1.0 + ops.erf(x * _SQRT_HALF))
+        pdf = ops.exp(-0.5 * ops.square(x)) * _INV_SQRT_2PI
+        return upstream * (cdf + x * pdf)
+
+    return ops.gelu(x, approximate=False), grad
+
+
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class MLP(layers.Layer):
     """The feed-forward network: ``Dense(hidden_dim) -> GELU (exact, erf) -> Dense(output_dim)``.
@@ -328,11 +350,18 @@ class MLP(layers.Layer):
         self.fc1.build(input_shape)
         self.fc2.build((*input_shape[:-1], self.hidden_dim))
 
-    def call(self, x):
+    def call(self, x, training=None):
         # Token-wise on a 2-D [tokens, C] view: plain matmuls fuse with their bias and GELU,
         # batched 3-D ones do not.
         flat = ops.reshape(x, (-1, x.shape[-1]))
-        flat = self.fc2(ops.gelu(self.fc1(flat), approximate=False))
+        hidden = self.fc1(flat)
+        # In training, the GELU whose backward pass keeps only its input (PyTorch's own GELU
+        # already does). Inference keeps the plain op, which oneDNN fuses into fc1's matmul.
+        if training and keras.backend.backend() != "torch":
+            hidden = _gelu_keeping_only_its_input(hidden)
+        else:
+            hidden = ops.gelu(hidden, approximate=False)
+        flat = self.fc2(hidden)
         return ops.reshape(flat, (*ops.shape(x)[:-1], self.output_dim))
 
     def compute_output_shape(self, input_shape):

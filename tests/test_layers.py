@@ -197,6 +197,46 @@ def test_mlp_uses_exact_gelu():
     assert _roundtrip(layer).output_dim == 5
 
 
+def _input_gradient(function, x):
+    """d sum(function(x)) / dx with the backend's own autodiff."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        x = tf.constant(x)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            total = tf.reduce_sum(function(x))
+        return tape.gradient(total, x).numpy()
+    if backend == "jax":
+        import jax
+
+        return np.asarray(jax.grad(lambda v: function(v).sum())(x))
+    import torch
+
+    x = torch.tensor(x, requires_grad=True)
+    function(x).sum().backward()
+    return x.grad.numpy()
+
+
+def test_mlp_in_training_has_the_gradient_of_exact_gelu():
+    # Training uses a GELU whose backward pass keeps only its input; its gradient must be the one
+    # autodiff gives for the plain exact GELU of inference.
+    layer = coat_layers.MLP(64, 3)
+    x = RNG.randn(4, 5, 6).astype("float32")
+    layer.build(x.shape)
+    # Unit-scale weights (not the 0.02 initialisation): hidden values reach both tails of GELU.
+    layer.fc1.kernel.assign(RNG.randn(6, 64).astype("float32"))
+    layer.fc2.kernel.assign(RNG.randn(64, 3).astype("float32"))
+    np.testing.assert_allclose(_np(layer(x, training=True)), _np(layer(x)), atol=1e-6)
+    trained = _input_gradient(lambda v: layer(v, training=True), x)
+    plain = _input_gradient(lambda v: layer(v, training=False), x)
+    scale = np.abs(plain).max()
+    assert scale > 1.0  # a real gradient, not zeros on both sides
+    # float32 rounding of sums of 64 terms: relative to the largest gradient.
+    np.testing.assert_allclose(trained, plain, rtol=1e-5, atol=1e-6 * scale)
+
+
 def test_query_key_value_is_one_fused_projection_split_in_three():
     layer = coat_layers.QueryKeyValue()
     x = RNG.randn(2, 5, 8).astype("float32")
