@@ -43,12 +43,14 @@ LABELS = {
     "keras_tensorflow": "keras_coat `fit`, TensorFlow (graph)",
     "timm": "timm (PyTorch eager loop)",
 }
-# Recipe fields each configuration changes in the demo recipe, and its number of classes.
+# Recipe fields each configuration changes in the demo recipe, its number of classes, and its
+# default rounds and timed steps (CoaT-Lite Small's step takes seconds on 2 cores: one round, and
+# its memory, the point of that configuration, hardly varies between rounds).
 CONFIGS = {
-    "demo": {"changes": {}, "classes": 10},
+    "demo": {"changes": {}, "classes": 10, "rounds": 3, "steps": 10},
     "coat_lite_small": {
         "changes": {"model": "coat_lite_small", "image_size": 224, "batch_size": 16},
-        "classes": 1000,
+        "classes": 1000, "rounds": 1, "steps": 3,
     },
 }
 PHASES = ("import", "build", "compile", "first_step", "steady")
@@ -193,7 +195,8 @@ def worker(args):
     median = statistics.median(step_seconds)
     print(json.dumps({
         "framework": args.framework, "config": args.config, "median_s": median,
-        "images_per_s": recipe.batch_size / median, "phases": phases.rows,
+        "images_per_s": recipe.batch_size / median, "step_seconds": step_seconds,
+        "phases": phases.rows,
         "peak_rss_mib": phases.rows["steady"]["peak_mib"],
     }))  # fmt: skip
     return 0
@@ -236,17 +239,19 @@ def _table(results, args):
     lines = [
         f"Measured {datetime.date.today().isoformat()} on {_cpu_name()}, {os.cpu_count()} cores "
         f"({_versions()}). fp32, random weights, in-memory batches. Each figure: the median over "
-        f"{args.rounds} rounds; in a round each framework runs in its own fresh process (JAX, "
-        f"TensorFlow, timm, one after the other) and times {args.steps} steps after "
-        f"{args.warmup} warm-up steps (median). In brackets: the lowest and highest ratio of a "
-        "single round. Peak memory: the process' peak resident set (VmHWM), largest over rounds.",
+        "rounds; in a round each framework runs in its own fresh process (JAX, TensorFlow, timm, "
+        f"one after the other) and times its steps after {args.warmup} warm-up step(s) (median). "
+        "In brackets: the lowest and highest ratio of a single round. Peak memory: the process' "
+        "peak resident set (VmHWM), largest over rounds.",
     ]
     for config, runs in results.items():
         recipe, classes = _recipe(config, args.model_config)
+        steps = len(runs["timm"][0]["step_seconds"])
         lines += [
             "",
             f"**{config}**: {recipe.model}, {recipe.image_size}x{recipe.image_size}, batch "
-            f"{recipe.batch_size}, {classes} classes.",
+            f"{recipe.batch_size}, {classes} classes; {len(runs['timm'])} round(s) of {steps} "
+            "timed steps.",
             "",
             "| framework | img/s | vs timm | peak memory MiB | vs timm |",
             "|---|---|---|---|---|",
@@ -287,9 +292,11 @@ def _table(results, args):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=list(CONFIGS))
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (medians)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps, the first included")
-    parser.add_argument("--steps", type=int, default=8, help="timed steps per process")
+    parser.add_argument(
+        "--rounds", type=int, help="alternating rounds, medians taken (default: per configuration)"
+    )
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps, the first included")
+    parser.add_argument("--steps", type=int, help="timed steps per process (default: per config)")
     parser.add_argument(
         "--model-config", type=json.loads,
         help="JSON keyword arguments of keras_coat.CoaT and timm's CoaT replacing the model "
@@ -304,16 +311,20 @@ def main(argv=None):
     if args.worker:
         return worker(args)
     for name in ("rounds", "warmup", "steps"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
 
     results = {}
     for config in args.configs:
+        settings = argparse.Namespace(**vars(args))
+        for name in ("rounds", "steps"):
+            if getattr(settings, name) is None:
+                setattr(settings, name, CONFIGS[config][name])
         results[config] = {framework: [] for framework in FRAMEWORKS}
-        for round_index in range(args.rounds):
+        for round_index in range(settings.rounds):
             report = []
             for framework in FRAMEWORKS:
-                run = _run_worker(framework, config, args)
+                run = _run_worker(framework, config, settings)
                 results[config][framework].append(run)
                 report.append(
                     f"{framework} {run['images_per_s']:.2f} img/s {run['peak_rss_mib']:.0f} MiB"

@@ -186,11 +186,12 @@ def _fit_run(rate, peak, first_step_peak):
     phases = {phase: {"rss_mib": 500.0, "peak_mib": 600.0, "seconds": 1.0} for phase in
               train_memory.PHASES}  # fmt: skip
     phases["first_step"]["peak_mib"] = first_step_peak
-    return {"images_per_s": rate, "median_s": 64 / rate, "peak_rss_mib": peak, "phases": phases}
+    return {"images_per_s": rate, "median_s": 64 / rate, "peak_rss_mib": peak, "phases": phases,
+            "step_seconds": [64 / rate] * 8}
 
 
 def test_train_memory_table_reports_medians_ratios_and_the_median_rounds_phases():
-    args = types.SimpleNamespace(rounds=3, steps=8, warmup=2, model_config=None)
+    args = types.SimpleNamespace(warmup=2, model_config=None)
     runs = {
         "keras_jax": [_fit_run(r, 2000.0, 1900.0 + r) for r in (30.0, 20.0, 40.0)],
         "keras_tensorflow": [_fit_run(r, p, 1000.0 + r) for r, p in
@@ -212,7 +213,7 @@ def test_train_memory_table_reports_medians_ratios_and_the_median_rounds_phases(
     first = rows["| " + train_memory.PHASE_LABELS["first_step"]]
     assert first == "| first step (trace / XLA compile) | 500 (1930), 1.0 s | 500 (1060), 1.0 s " \
         "| 500 (825), 1.0 s |"
-    assert "**demo**: coat_lite_tiny, 32x32, batch 64, 10 classes." in table
+    assert "**demo**: coat_lite_tiny, 32x32, batch 64, 10 classes; 3 round(s) of 8 timed" in table
 
 
 @pytest.mark.slow
