@@ -44,12 +44,12 @@ def _group(node_name, op_type):
     parts = node_name.split("/")
     layer = parts[1] if len(parts) > 1 else parts[0]
     if op_type in _DENSE_OPS:
-        if ".mlp" in layer and ("Gelu" in node_name or "fc1" in node_name):
+        if "_mlp" in layer and ("Gelu" in node_name or "fc1" in node_name):
             return _DENSE_GELU
         return _DENSE_PLAIN
     if "patch_embed" in layer:
         return "patch embeddings (strided conv + LayerNorm)"
-    if ".norm" in layer or layer.startswith("norm"):
+    if "_norm" in layer or layer.startswith("norm"):
         return "LayerNorm"
     if "crpe" in layer and "factoratt" not in layer:
         return "CRPE (depthwise convs, split/concat, product with Q)"
@@ -129,7 +129,7 @@ def profile(model_name, batch, size):
                     op_type = label.split(" = ")[1].split("(")[0] if " = " in label else ""
                     milliseconds = node.all_end_rel_micros / 1e3
                     groups[_group(node.node_name, op_type)] += milliseconds
-                    if op_type in _DENSE_OPS and ".mlp" in node.node_name and (
+                    if op_type in _DENSE_OPS and "_mlp" in node.node_name and (
                         "fc2" in node.node_name
                     ):
                         mlp_second_ms += milliseconds

@@ -227,7 +227,7 @@ class CoaTBackbone(keras.Model):
             for block in range(depth):
                 tokens = SerialBlock(
                     dim, num_heads, mlp_ratio, cpe, crpe, drop_path_rate,
-                    name=f"serial_blocks{index}.{block}",
+                    name=f"serial_blocks{index}_{block}",
                 )(tokens, size)
             feature_map = TokensToFeatureMap(name=f"stage{index}_feature_map")(tokens, size=size)
             stage_tokens.append(tokens)
@@ -245,7 +245,7 @@ class CoaTBackbone(keras.Model):
             ]
             final_tokens = ParallelBlock(
                 embed_dims[1], num_heads, mlp_ratios[1], crpes[1:], drop_path_rate,
-                name=f"parallel_blocks.{block}",
+                name=f"parallel_blocks_{block}",
             )(final_tokens, sizes[1:])
         if parallel_depth:
             for level, tokens, size in zip(PYRAMID_LEVELS[1:], final_tokens, sizes[1:]):

@@ -6,8 +6,11 @@ one ``ConvRelativePositionEncoding`` per scale) are passed in and *called* at ev
 weight sharing of the paper is the sharing of one Keras layer between graph nodes, which
 serialization keeps.
 
-Layer names follow the reference's module paths (``serial_blocks2.1.norm1``,
-``parallel_blocks.0.factoratt_crpe3.qkv``), which is what the converter relies on.
+Layer names are the reference's module paths with every ``.`` replaced by ``_``
+(``serial_blocks2_1_norm1`` for ``serial_blocks2.1.norm1``,
+``parallel_blocks_0_factoratt_crpe3_qkv`` for ``parallel_blocks.0.factoratt_crpe3.qkv``): valid
+on every backend (PyTorch refuses dots in parameter names), and what `keras_coat.convert` maps
+the reference's keys onto.
 """
 
 from keras import layers
@@ -30,11 +33,11 @@ def ConvAttention(dim, num_heads, crpe, name):
     """``LayerNorm -> qkv -> factorized attention + CRPE -> output projection``.
 
     Returns ``apply(tokens, size)`` mapping ``[batch, 1 + H * W, dim]`` to the same shape.
-    ``name`` is the attention's prefix, e.g. ``serial_blocks1.0.factoratt_crpe``.
+    ``name`` is the attention's prefix, e.g. ``serial_blocks1_0_factoratt_crpe``.
     """
-    qkv_proj = QueryKeyValue(name=f"{name}.qkv")
+    qkv_proj = QueryKeyValue(name=f"{name}_qkv")
     attention = FactorizedConvAttention(num_heads, name=name)
-    out_proj = TokenwiseDense(dim, kernel_initializer=_TRUNC_NORMAL, name=f"{name}.proj")
+    out_proj = TokenwiseDense(dim, kernel_initializer=_TRUNC_NORMAL, name=f"{name}_proj")
 
     def apply(tokens, size):
         query, key, value = qkv_proj(tokens)
@@ -49,12 +52,12 @@ def SerialBlock(dim, num_heads, mlp_ratio, cpe, crpe, drop_path_rate, name):
 
     Returns ``apply(tokens, size)``; tokens ``[batch, 1 + H * W, dim]`` in and out.
     """
-    norm1 = TokenLayerNormalization(epsilon=BLOCK_NORM_EPSILON, name=f"{name}.norm1")
-    attention = ConvAttention(dim, num_heads, crpe, name=f"{name}.factoratt_crpe")
-    residual1 = StochasticDepth(drop_path_rate, name=f"{name}.drop_path1")
-    norm2 = TokenLayerNormalization(epsilon=BLOCK_NORM_EPSILON, name=f"{name}.norm2")
-    mlp = MLP(int(dim * mlp_ratio), dim, name=f"{name}.mlp")
-    residual2 = StochasticDepth(drop_path_rate, name=f"{name}.drop_path2")
+    norm1 = TokenLayerNormalization(epsilon=BLOCK_NORM_EPSILON, name=f"{name}_norm1")
+    attention = ConvAttention(dim, num_heads, crpe, name=f"{name}_factoratt_crpe")
+    residual1 = StochasticDepth(drop_path_rate, name=f"{name}_drop_path1")
+    norm2 = TokenLayerNormalization(epsilon=BLOCK_NORM_EPSILON, name=f"{name}_norm2")
+    mlp = MLP(int(dim * mlp_ratio), dim, name=f"{name}_mlp")
+    residual2 = StochasticDepth(drop_path_rate, name=f"{name}_drop_path2")
 
     def apply(tokens, size):
         tokens = cpe(tokens, size=size)
@@ -78,24 +81,24 @@ def ParallelBlock(dim, num_heads, mlp_ratio, crpes, drop_path_rate, name, scales
     attentions, norms1, norms2, residuals1, residuals2 = [], [], [], [], []
     for scale, crpe in zip(scales, crpes):
         norms1.append(
-            TokenLayerNormalization(epsilon=BLOCK_NORM_EPSILON, name=f"{name}.norm1{scale}")
+            TokenLayerNormalization(epsilon=BLOCK_NORM_EPSILON, name=f"{name}_norm1{scale}")
         )
         attentions.append(
-            ConvAttention(dim, num_heads, crpe, name=f"{name}.factoratt_crpe{scale}")
+            ConvAttention(dim, num_heads, crpe, name=f"{name}_factoratt_crpe{scale}")
         )
-        residuals1.append(StochasticDepth(drop_path_rate, name=f"{name}.drop_path1{scale}"))
+        residuals1.append(StochasticDepth(drop_path_rate, name=f"{name}_drop_path1{scale}"))
         norms2.append(
-            TokenLayerNormalization(epsilon=BLOCK_NORM_EPSILON, name=f"{name}.norm2{scale}")
+            TokenLayerNormalization(epsilon=BLOCK_NORM_EPSILON, name=f"{name}_norm2{scale}")
         )
-        residuals2.append(StochasticDepth(drop_path_rate, name=f"{name}.drop_path2{scale}"))
+        residuals2.append(StochasticDepth(drop_path_rate, name=f"{name}_drop_path2{scale}"))
     interpolations = {
-        (source, target): FeatureInterpolation(name=f"{name}.interpolate{source}to{target}")
+        (source, target): FeatureInterpolation(name=f"{name}_interpolate{source}to{target}")
         for source in scales
         for target in scales
         if source != target
     }
-    sums = [layers.Add(name=f"{name}.coscale_sum{scale}") for scale in scales]
-    mlp = MLP(int(dim * mlp_ratio), dim, name=f"{name}.mlp")
+    sums = [layers.Add(name=f"{name}_coscale_sum{scale}") for scale in scales]
+    mlp = MLP(int(dim * mlp_ratio), dim, name=f"{name}_mlp")
 
     def apply(token_list, sizes):
         attended = [

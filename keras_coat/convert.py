@@ -2,7 +2,14 @@
 
 Needs numpy only (no torch): `keras_coat.loading` uses it at run time and `conversion/` on the
 command line. It maps names and layouts onto the layers of a model it is given (it knows the layer
-classes, not the models).
+classes, not the models), walking nested models: a classifier that holds its backbone as a layer
+converts like one whose layers are the backbone's.
+
+Keras layer names are the reference's module paths with every "." replaced by "_"
+(`serial_blocks2_1_factoratt_crpe_qkv` is `serial_blocks2.1.factoratt_crpe.qkv`), because the
+PyTorch backend refuses dots in parameter names. Module names have underscores of their own
+(`patch_embed1`, `factoratt_crpe`), so `reference_module` puts the dots back from the structure
+of a block's layer names, never by replacing every "_".
 
 The accounting is strict. Every Keras weight is assigned exactly once; every source tensor is
 used, or is one the reference keeps but never uses; anything else is an error that names the key.
@@ -46,6 +53,44 @@ _ALWAYS_UNUSED = re.compile(r"^norm1\.")
 _HEAD_MODULES = ("norm2", "norm3", "norm4", "aggregate", "head")
 
 
+# The layers of a serial block (`serial_blocks<stage>_<i>_...`) and of a parallel block
+# (`parallel_blocks_<i>_...`, one norm and attention per scale 2-4) that hold weights.
+_BLOCK_LAYER = re.compile(
+    r"^(?:serial_blocks(?P<stage>[1-4])_(?P<block>\d+)_"
+    r"(?P<serial>norm[12]|mlp|factoratt_crpe_(?:qkv|proj))"
+    r"|parallel_blocks_(?P<parallel_block>\d+)_"
+    r"(?P<parallel>norm[12][234]|mlp|factoratt_crpe[234]_(?:qkv|proj)))$"
+)
+_BLOCK_PREFIX = re.compile(r"^(?:serial|parallel)_blocks")
+_ATTENTION_SUBMODULE = re.compile(r"^(factoratt_crpe\d?)_")
+
+
+def reference_module(layer_name):
+    """The reference's module path of the Keras layer named `layer_name`.
+
+    `serial_blocks2_1_factoratt_crpe_qkv` -> `serial_blocks2.1.factoratt_crpe.qkv`,
+    `parallel_blocks_0_norm12` -> `parallel_blocks.0.norm12`; the top-level modules
+    (`patch_embed1`, `cls_token1`, `cpe2`, `crpe2`, `norm4`, `aggregate`, `head`) keep their name.
+    Raises `ConversionError` for a block layer name of no reference module.
+    """
+    match = _BLOCK_LAYER.match(layer_name)
+    if match is None:
+        if _BLOCK_PREFIX.match(layer_name):
+            raise ConversionError(
+                f"The layer name {layer_name!r} looks like a CoaT block's but names no module of "
+                "the reference (expected e.g. 'serial_blocks2_1_factoratt_crpe_qkv' or "
+                "'parallel_blocks_0_norm12')."
+            )
+        return layer_name
+    if match["serial"]:
+        block, module = f"serial_blocks{match['stage']}.{match['block']}", match["serial"]
+    else:
+        block, module = f"parallel_blocks.{match['parallel_block']}", match["parallel"]
+    # `factoratt_crpe3_qkv` is the `qkv` Linear inside the module `factoratt_crpe3`.
+    module = _ATTENTION_SUBMODULE.sub(r"\1.", module)
+    return f"{block}.{module}"
+
+
 def canonical_name(key):
     """Maps a source key to the name of the tensor it aliases (itself if it is no alias)."""
     for pattern, replacement in _ALIASES:
@@ -80,8 +125,10 @@ def _weight_and_bias(prefix, weight, bias, transform):
 
 
 def _layer_targets(layer):
-    """(keras variable, source key, transform) for every weight of one top-level layer."""
-    prefix = layer.name
+    """(keras variable, source key, transform) for every weight of one CoaT layer."""
+    if not layer.weights:
+        return []
+    prefix = reference_module(layer.name)
     if isinstance(layer, ClassToken):
         return [(layer.cls_token, prefix, _identity)]
     if isinstance(layer, PatchEmbedding):
@@ -107,12 +154,10 @@ def _layer_targets(layer):
         return _weight_and_bias(prefix, layer.kernel, layer.bias, _aggregate_kernel)
     if isinstance(layer, layers.LayerNormalization):
         return _weight_and_bias(prefix, layer.gamma, layer.beta, _identity)
-    if layer.weights:
-        raise ConversionError(
-            f"Layer {layer.name!r} ({type(layer).__name__}) has weights the converter does not "
-            "know how to fill from a PyTorch checkpoint."
-        )
-    return []
+    raise ConversionError(
+        f"Layer {layer.name!r} ({type(layer).__name__}) has weights the converter does not "
+        "know how to fill from a PyTorch checkpoint."
+    )
 
 
 def _top_level_layers(model):
@@ -125,7 +170,10 @@ def _top_level_layers(model):
 
 
 def conversion_plan(model):
-    """Lists `(variable, canonical source key, transform)` for every weight of `model`."""
+    """Lists `(variable, canonical source key, transform)` for every weight of `model`.
+
+    Walks nested models, so a classifier holding its backbone as a layer is planned whole.
+    """
     plan, seen = [], {}
     for layer in _top_level_layers(model):
         for variable, key, transform in _layer_targets(layer):

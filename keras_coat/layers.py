@@ -188,7 +188,7 @@ class ConvRelativePositionEncoding(layers.Layer):
                 f"but num_heads={self.num_heads}. The head counts must add up to num_heads."
             )
         self.convs = [
-            layers.DepthwiseConv2D(window, padding="same", name=f"conv_list.{i}")
+            layers.DepthwiseConv2D(window, padding="same", name=f"conv_list_{i}")
             for i, (window, _) in enumerate(self.windows)
         ]
 

@@ -53,15 +53,15 @@ def test_results_sections_are_replaced_in_place(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "node, op_type, group",
     [
-        ("m/serial_blocks1.0.factoratt_crpe.qkv_1/BiasAdd", "_MklNativeFusedMatMul", "dense"),
-        ("m/serial_blocks1.0.mlp_1/Gelu/mul_2", "_MklNativeFusedMatMul", "dense"),
-        ("m/serial_blocks1.0.norm1_1/Mul_1", "Mul", "LayerNorm"),
+        ("m/serial_blocks1_0_factoratt_crpe_qkv_1/BiasAdd", "_MklNativeFusedMatMul", "dense"),
+        ("m/serial_blocks1_0_mlp_1/Gelu/mul_2", "_MklNativeFusedMatMul", "dense"),
+        ("m/serial_blocks1_0_norm1_1/Mul_1", "Mul", "LayerNorm"),
         ("m/norm4_1/Mean", "Mean", "LayerNorm"),
-        ("m/serial_blocks1.0.factoratt_crpe_1/Softmax", "_MklSoftmax", "attention"),
+        ("m/serial_blocks1_0_factoratt_crpe_1/Softmax", "_MklSoftmax", "attention"),
         ("m/crpe1_1/SplitV", "SplitV", "CRPE"),
         ("m/cpe1_1/concat", "ConcatV2", "CPE"),
         ("m/patch_embed2_1/norm/Mean", "Mean", "patch"),
-        ("m/serial_blocks2.1.drop_path1_1/add", "AddV2", "residual"),
+        ("m/serial_blocks2_1_drop_path1_1/add", "AddV2", "residual"),
     ],
 )
 def test_op_profile_groups_runtime_ops_by_coat_part(node, op_type, group):

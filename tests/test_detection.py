@@ -250,7 +250,7 @@ def test_init_weights_take_the_backbone_of_a_saved_classifier(tmp_path):
     classifier.save(path)
     detector = detection.build_detector(RECIPE, init_weights=path)
     encoder = detector.backbone.image_encoder
-    for name in ("patch_embed1", "serial_blocks4.1.mlp", "cpe3", "crpe2", "norm4"):
+    for name in ("patch_embed1", "serial_blocks4_1_mlp", "cpe3", "crpe2", "norm4"):
         for got, expected in zip(
             encoder.backbone.get_layer(name).get_weights(),
             classifier.backbone.get_layer(name).get_weights(),

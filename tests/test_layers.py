@@ -311,3 +311,23 @@ def test_scale_aggregation_is_a_weighted_sum_of_scales():
     w, b = _np(layer.kernel), _np(layer.bias)
     np.testing.assert_allclose(y, sum(wi * xi for wi, xi in zip(w, xs)) + b, atol=1e-6)
     _roundtrip(layer)
+
+
+def test_sublayers_have_names_every_backend_accepts():
+    """Variable paths become PyTorch parameter names, which may not hold "."."""
+    crpe = coat_layers.ConvRelativePositionEncoding(8, name="crpe2")
+    crpe.build([(None, 17, 16), (None, 17, 16)])
+    assert [conv.name for conv in crpe.convs] == ["conv_list_0", "conv_list_1", "conv_list_2"]
+    built = [crpe]
+    for layer, shape in (
+        (coat_layers.PatchEmbedding(16, 2, name="patch_embed2"), (None, 8, 8, 3)),
+        (coat_layers.ConvPositionEncoding(3, name="cpe2"), (None, 17, 16)),
+        (coat_layers.MLP(32, 16, name="serial_blocks2_0_mlp"), (None, 17, 16)),
+    ):
+        layer.build(shape)
+        built.append(layer)
+    for layer in built:
+        paths = [w.path for w in layer.weights]
+        assert paths and not [p for p in paths if "." in p]
+        assert all(p.startswith(f"{layer.name}/") for p in paths)
+        _roundtrip(layer)

@@ -5,13 +5,21 @@ at 224x224, at 384x384 (Lite-Medium), on a non-square input, and the multi-scale
 equal the reference's intermediate outputs.
 """
 
+import re
+
 import keras
 import numpy as np
 import pytest
 from keras import ops
 
 import keras_coat
-from keras_coat.convert import ConversionError, assign_state_dict, canonical_name
+from keras_coat.convert import (
+    ConversionError,
+    assign_state_dict,
+    canonical_name,
+    conversion_plan,
+    reference_module,
+)
 from tests.reference import (
     keras_twin,
     random_images,
@@ -169,3 +177,61 @@ def test_headless_model_takes_a_full_checkpoint(lite_tiny_reference):
             pre_logits=True,
         ).numpy()
     assert np.abs(_np(model(images)) - expected).max() <= TOLERANCE
+
+
+@pytest.mark.parametrize(
+    "layer_name, module",
+    [
+        ("patch_embed1", "patch_embed1"),
+        ("cls_token4", "cls_token4"),
+        ("cpe2", "cpe2"),
+        ("crpe3", "crpe3"),
+        ("serial_blocks2_1_norm1", "serial_blocks2.1.norm1"),
+        ("serial_blocks1_12_factoratt_crpe_qkv", "serial_blocks1.12.factoratt_crpe.qkv"),
+        ("serial_blocks4_0_factoratt_crpe_proj", "serial_blocks4.0.factoratt_crpe.proj"),
+        ("serial_blocks3_5_mlp", "serial_blocks3.5.mlp"),
+        ("parallel_blocks_0_norm12", "parallel_blocks.0.norm12"),
+        ("parallel_blocks_5_norm24", "parallel_blocks.5.norm24"),
+        ("parallel_blocks_3_factoratt_crpe3_qkv", "parallel_blocks.3.factoratt_crpe3.qkv"),
+        ("parallel_blocks_0_mlp", "parallel_blocks.0.mlp"),
+        ("norm2", "norm2"),
+        ("aggregate", "aggregate"),
+        ("head", "head"),
+    ],
+)
+def test_keras_layer_names_map_back_onto_the_reference_modules(layer_name, module):
+    assert reference_module(layer_name) == module
+
+
+@pytest.mark.parametrize(
+    "layer_name",
+    ["serial_blocks2_1_norm3", "serial_blocks2_1_factoratt_crpe3_qkv", "parallel_blocks_0_norm1",
+     "parallel_blocks_0_factoratt_crpe_qkv", "serial_blocks2.1.norm1", "serial_blocks2_norm1"],
+)
+def test_block_layer_names_of_no_reference_module_are_refused(layer_name):
+    with pytest.raises(ConversionError, match=re.escape(repr(layer_name))):
+        reference_module(layer_name)
+
+
+def test_every_planned_key_of_coat_tiny_is_a_reference_key():
+    """The whole name map of a parallel variant, checked against timm's own key list."""
+    reference = timm_model("coat_tiny", img_size=64)
+    model = keras_coat.CoaTTiny(input_shape=(64, 64, 3))
+    planned = {key for _, key, _ in conversion_plan(model)}
+    canonical = {canonical_name(k) for k in reference.state_dict()}
+    assert planned == canonical - {k for k in canonical if k.startswith("norm1.")}
+
+
+def test_a_nested_functional_model_converts(lite_tiny_reference):
+    """A classifier that holds its backbone as a layer (KerasHub's layout), nested twice."""
+    reference, weights = lite_tiny_reference
+    images = keras.Input((64, 64, 3))
+    backbone = keras_coat.CoaTLiteTiny(
+        input_shape=(64, 64, 3), include_top=False, pooling="token", include_preprocessing=False
+    )
+    inner = keras.Model(images, keras.layers.Dense(1000, name="head")(backbone(images)))
+    outer = keras.Model(images, inner(images))
+    assert len(outer.layers) == 2 and isinstance(outer.layers[1], keras.Model)
+    assign_state_dict(outer, weights)
+    x = random_images(2, 64, 64)
+    assert np.abs(_np(outer(x)) - torch_forward(reference, x)).max() <= TOLERANCE
