@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-keras-coat
 # the multi-worker TensorFlow test runs on it as well as on the venv's newest Keras.
 OLDEST_KERAS := .venv-keras38
 
-.PHONY: venv test test-fast test-jax demo demo-detect bench bench-deploy bench-input bench-train clean
+.PHONY: venv test test-fast test-jax test-torch demo demo-detect bench bench-deploy bench-input bench-train clean
 
 # Everything the tests, the demo and the converter need: TensorFlow, JAX (CPU), the reference
 # stack (torch>=2.14, torchvision>=0.29, timm) and the training extras.
@@ -24,14 +24,23 @@ $(OLDEST_KERAS)/.installed: $(STAMP)
 
 venv: $(STAMP) $(OLDEST_KERAS)/.installed
 
-# The whole suite on TensorFlow (slow tests included), then the model tests again on JAX.
+# The whole suite on TensorFlow (slow tests included), then the layer, model, parity and
+# serialization tests again on JAX and on PyTorch (and KerasHub's RetinaNet on PyTorch).
+BACKEND_TESTS := tests/test_layers.py tests/test_models.py tests/test_parity.py \
+	tests/test_serialization.py
+
 test: $(STAMP) $(OLDEST_KERAS)/.installed
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q -p no:cacheprovider
 	$(MAKE) --no-print-directory test-jax
+	$(MAKE) --no-print-directory test-torch
 
 test-jax: $(STAMP)
 	KERAS_BACKEND=jax TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q -p no:cacheprovider \
-		tests/test_layers.py tests/test_models.py tests/test_parity.py
+		$(BACKEND_TESTS)
+
+test-torch: $(STAMP)
+	KERAS_BACKEND=torch TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q -p no:cacheprovider \
+		$(BACKEND_TESTS) tests/test_hub.py::test_retinanet_on_a_coat_backbone_trains_saves_and_loads
 
 test-fast: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q -p no:cacheprovider -m "not slow"

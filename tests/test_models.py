@@ -4,6 +4,7 @@ These tests need no PyTorch; parity with the reference is in test_parity.py.
 """
 
 import inspect
+import re
 
 import keras
 import numpy as np
@@ -39,11 +40,15 @@ def _images(batch, height, width, seed=0):
 
 
 @pytest.mark.parametrize("name", sorted(FACTORIES))
-def test_factory_parameter_counts_equal_the_reference(name):
+def test_factory_parameter_counts_equal_the_reference_and_names_suit_every_backend(name):
     model = FACTORIES[name]()
     assert model.count_params() == keras_coat.MODEL_CONFIGS[name]["params"]
     assert model.name == name
     assert model.output_shape == (None, 1000)
+    # PyTorch refuses "." in parameter names, which Keras builds from the variable paths.
+    dotted = [w.path for w in model.weights if "." in w.path]
+    assert dotted == []
+    assert all(re.fullmatch(r"[a-z0-9_]+", layer.name) for layer in model.backbone.layers)
 
 
 def test_factories_share_the_keras_applications_signature():
@@ -205,6 +210,36 @@ def test_pyramid_outputs_are_channels_last_at_strides_4_to_32(config):
         {"P2": 4, "P3": 8, "P4": 16, "P5": 32}.items(), config["embed_dims"]
     ):
         assert tuple(features[level].shape) == (2, 64 // stride, 96 // stride, dim)
+
+
+@pytest.mark.parametrize("config", [TINY_LITE, TINY_COAT], ids=["lite", "coat"])
+def test_fit_trains_from_the_first_layer_to_the_head_with_stochastic_depth(config):
+    model = keras_coat.CoaT(**config, input_shape=(64, 64, 3), classes=3, drop_path_rate=0.2)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy")
+    # Gradients reach the first layer through every stage, and the last stage's position
+    # encodings (CPE via the image tokens the class token attends to).
+    watched = ("patch_embed1/proj/kernel", "cpe4/proj/kernel", "head/kernel")
+    variables = {w.path: w for w in model.trainable_weights}
+    before = {path: _np(variables[path]).copy() for path in watched}
+    labels = np.array([0, 1, 2, 1, 0, 2, 1, 0])
+    history = model.fit(_images(8, 64, 64), labels, batch_size=8, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+    for path in watched:
+        assert not np.array_equal(_np(variables[path]), before[path]), path
+
+
+@pytest.mark.parametrize("config", [TINY_LITE, TINY_COAT], ids=["lite", "coat"])
+def test_mixed_bfloat16_computes_in_bfloat16_and_keeps_float32_weights(config, dtype_policy):
+    full = keras_coat.CoaT(**config, input_shape=(64, 64, 3), classes=5)
+    dtype_policy("mixed_bfloat16")
+    mixed = keras_coat.CoaT(**config, input_shape=(64, 64, 3), classes=5)
+    mixed.set_weights(full.get_weights())
+    assert {w.dtype for w in mixed.weights} == {"float32"}
+    assert keras.backend.standardize_dtype(mixed.get_layer("head").output.dtype) == "bfloat16"
+    x = _images(2, 64, 64)
+    probabilities = mixed(x)
+    assert keras.backend.standardize_dtype(probabilities.dtype) == "float32"
+    np.testing.assert_allclose(_np(probabilities), _np(full(x)), atol=0.05)
 
 
 def test_drop_path_is_stochastic_in_training_only():
