@@ -1,7 +1,8 @@
 """CoaT models as Keras objects: `.keras` round trips of every variant, `.weights.h5` loading
 into classifiers and backbones, and the one-way import graph of the package.
 
-Run on TensorFlow only (the JAX run repeats test_models.py, whose tiny round trips cover it).
+`make test` runs it on every backend; the round trip of all seven variants (slow) on TensorFlow
+only, the tiny configurations on JAX and PyTorch as well.
 """
 
 import ast
@@ -52,9 +53,9 @@ class Quiet:
         self._warnings = warnings.catch_warnings(record=True)
         self.caught = self._warnings.__enter__()
         warnings.simplefilter("always")
-        # Upstream: Keras' TensorFlow backend converts variables with np.array(x), which NumPy 2
-        # flags (hidden by default) whenever weights are written, as the loader's layout check
-        # does; nothing keras-coat can change.
+        # Upstream: Keras' TensorFlow and torch backends convert variables with np.array(x),
+        # which NumPy 2 flags (hidden by default) whenever weights are written, as the loader's
+        # layout check does; nothing keras-coat can change.
         warnings.filterwarnings(
             "ignore", message="__array__ implementation doesn't accept a copy keyword",
             category=DeprecationWarning,
@@ -291,7 +292,9 @@ def test_the_package_works_without_keras_hub(tmp_path):
         model.save({str(tmp_path / "backbone.keras")!r})
         restored = keras.models.load_model({str(tmp_path / "backbone.keras")!r})
         x = np.zeros((1, 32, 32, 3), "float32")
-        np.testing.assert_array_equal(np.asarray(restored(x)), np.asarray(model(x)))
+        np.testing.assert_array_equal(
+            keras.ops.convert_to_numpy(restored(x)), keras.ops.convert_to_numpy(model(x))
+        )
         assert sorted(restored.pyramid_outputs) == ["P2", "P3", "P4", "P5"]
         assert not any(name.startswith("keras_hub") for name in sys.modules)
     """)
