@@ -3,18 +3,14 @@
 Every random number is derived from the example's seed, so an epoch's augmentation depends only
 on (run seed, epoch, position): parallel `map` stays deterministic and a resumed run sees exactly
 the data an uninterrupted run would. The random-resized crop is torchvision's (timm's) and, for
-JPEGs, decodes only the crop window. The colour jitter (used when RandAugment is off) drives
-Keras preprocessing layers through their public `get_random_transformation(..., seed=)` /
-`transform_images` interface with a `SeedStream`. The recipe's batch-level augmentation
-(RandAugment, random erasing, Mixup/CutMix) is in `training.batch_augment`.
+JPEGs, decodes only the crop window. Everything is plain TensorFlow, so the pipeline runs the
+same under every Keras backend. The recipe's batch-level augmentation (RandAugment, random
+erasing, Mixup/CutMix) is in `training.batch_augment`.
 """
 
 import math
 
-import keras
 import tensorflow as tf
-
-from training.keras_internals import SeedStream
 
 PIXEL_RANGE = (0.0, 255.0)
 
@@ -24,13 +20,6 @@ def fold_in(seed, *data):
     for value in data:
         seed = tf.random.experimental.stateless_fold_in(seed, tf.cast(value, tf.int64))
     return seed
-
-
-def apply_layer(layer, image, seed):
-    """Applies a Keras image-preprocessing layer to one HxWxC image with randomness from `seed`."""
-    batch = image[None]
-    transformation = layer.get_random_transformation(batch, training=True, seed=SeedStream(seed))
-    return layer.transform_images(batch, transformation, training=True)[0]
 
 
 def crop_window(shape, seed, scale, ratio, attempts=10):
@@ -107,23 +96,46 @@ def horizontal_flip(image, seed):
 
 
 class ColorJitter:
-    """Brightness, contrast and saturation jitter of strength `strength` (timm's ColorJitter).
+    """Brightness, contrast and saturation jitter of strength `strength` (timm's ColorJitter),
+    one after the other, each clipped to [0, 255].
 
-    torchvision scales each by a factor in [1 - s, 1 + s]; Keras' brightness is additive (half the
-    range matches at mid-gray) and its saturation factor f scales by f / (1 - f).
+    The draws and arithmetic of Keras' RandomBrightness(s / 2), RandomContrast(s) and
+    RandomSaturation(((1 - s) / (2 - s), (1 + s) / (2 + s))) layers on the TensorFlow backend,
+    bit for bit (tests/test_tf_pipeline.py), in TensorFlow ops so that tf.data runs them under
+    any Keras backend. Keras' brightness is additive (half the range matches torchvision's
+    factor at mid-gray), its contrast factor is drawn from [1, 1 + s] (its factor bounds clip
+    the lower end at 0), and its saturation factor f scales by f / (1 - f).
     """
 
     def __init__(self, strength):
-        s = strength
-        self.layers = [
-            keras.layers.RandomBrightness(factor=s / 2, value_range=PIXEL_RANGE),
-            keras.layers.RandomContrast(factor=s, value_range=PIXEL_RANGE),
-            keras.layers.RandomSaturation(
-                factor=((1 - s) / (2 - s), (1 + s) / (2 + s)), value_range=PIXEL_RANGE
-            ),
-        ]
+        s = float(strength)
+        self.brightness = (-s / 2, s / 2)
+        self.contrast = (1.0, 1.0 + s)
+        self.saturation = ((1 - s) / (2 - s), (1 + s) / (2 + s))
 
     def __call__(self, image, seed):
-        for i, layer in enumerate(self.layers):
-            image = tf.clip_by_value(apply_layer(layer, image, fold_in(seed, i)), *PIXEL_RANGE)
-        return image
+        image = image[None]
+        delta = _layer_uniform((1, 1, 1, 1), fold_in(seed, 0), *self.brightness) * 255.0
+        image = _clip(image + delta)
+        factor = _layer_uniform((1, 1, 1, 1), fold_in(seed, 1), *self.contrast)
+        mean = tf.reduce_mean(tf.reduce_mean(image, axis=-3, keepdims=True), axis=-2, keepdims=True)
+        image = _clip((image - mean) * factor + mean)
+        factor = _layer_uniform((1,), fold_in(seed, 2), *self.saturation)
+        factor = tf.reshape(factor / (1 - factor + 1e-7), (1, 1, 1))
+        hsv = tf.image.rgb_to_hsv(image)
+        saturation = _clip(hsv[..., 1] * factor)
+        image = tf.image.hsv_to_rgb(tf.stack([hsv[..., 0], saturation, hsv[..., 2]], axis=-1))
+        return _clip(image)[0]
+
+
+def _layer_uniform(shape, seed, low, high):
+    """The first draw of a Keras preprocessing layer given a SeedGenerator seeded with `seed`:
+    float32 uniform in [low, high) under the seed `stateless_fold_in(seed, 1)`."""
+    draw = tf.random.experimental.stateless_fold_in(seed, 1)
+    if draw.dtype != tf.int32:  # as Keras' TensorFlow backend casts a seed
+        draw = tf.cast(tf.math.floormod(draw, tf.int32.max - 1), tf.int32)
+    return tf.random.stateless_uniform(shape, draw, minval=low, maxval=high, dtype=tf.float32)
+
+
+def _clip(image):
+    return tf.clip_by_value(image, *PIXEL_RANGE)
