@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-keras-coat
 # the multi-worker TensorFlow test runs on it as well as on the venv's newest Keras.
 OLDEST_KERAS := .venv-keras38
 
-.PHONY: venv test test-fast test-jax test-torch demo demo-detect bench bench-deploy bench-input bench-train clean
+.PHONY: venv test test-fast test-jax test-torch test-train-jax demo demo-detect bench bench-deploy bench-input bench-train clean
 
 # Everything the tests, the demo and the converter need: TensorFlow, JAX (CPU), the reference
 # stack (torch>=2.14, torchvision>=0.29, timm) and the training extras.
@@ -25,18 +25,21 @@ $(OLDEST_KERAS)/.installed: $(STAMP)
 venv: $(STAMP) $(OLDEST_KERAS)/.installed
 
 # The whole suite on TensorFlow (slow tests included), then the layer, model, parity and
-# serialization tests again on JAX and on PyTorch (and KerasHub's RetinaNet on PyTorch). Two
-# slow serialization tests run on TensorFlow only: the round trip of all seven variants (the
-# tiny ones cover the other backends) and the import check without KerasHub.
+# serialization tests again on JAX and on PyTorch (and KerasHub's RetinaNet on PyTorch), then
+# training.train on the JAX engine. Two slow serialization tests run on TensorFlow only: the
+# round trip of all seven variants (the tiny ones cover the other backends) and the import check
+# without KerasHub.
 BACKEND_TESTS := tests/test_layers.py tests/test_models.py tests/test_parity.py \
 	tests/test_serialization.py \
 	--deselect tests/test_serialization.py::test_every_variant_saves_and_loads_as_itself \
 	--deselect tests/test_serialization.py::test_the_package_works_without_keras_hub
 
 test: $(STAMP) $(OLDEST_KERAS)/.installed
-	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q -p no:cacheprovider
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q -p no:cacheprovider \
+		--ignore=tests/test_training_jax.py
 	$(MAKE) --no-print-directory test-jax
 	$(MAKE) --no-print-directory test-torch
+	$(MAKE) --no-print-directory test-train-jax
 
 test-jax: $(STAMP)
 	KERAS_BACKEND=jax TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q -p no:cacheprovider \
@@ -45,6 +48,12 @@ test-jax: $(STAMP)
 test-torch: $(STAMP)
 	KERAS_BACKEND=torch TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q -p no:cacheprovider \
 		$(BACKEND_TESTS) tests/test_hub.py::test_retinanet_on_a_coat_backbone_trains_saves_and_loads
+
+# training.train on the JAX engine: its tf.data pipelines under JAX, then one device, two host
+# devices and two processes on 127.0.0.1 (same weights), a killed process and the resumed rerun.
+test-train-jax: $(STAMP)
+	KERAS_BACKEND=jax TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q -p no:cacheprovider \
+		tests/test_tf_pipeline.py tests/test_training_jax.py
 
 test-fast: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q -p no:cacheprovider -m "not slow"

@@ -119,6 +119,11 @@ class ReseedModelRandomness(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         states = [v for v in self.model.non_trainable_variables if v.name == "seed_generator_state"]
         for index, state in enumerate(states):
-            # [stream, counter]: one stream per generator and run; the counter starts per epoch.
+            # [stream, counter]: one stream per generator and run; the counter starts per epoch
+            # (TensorFlow's int64 states), or a stream per epoch from 0 (JAX's uint32 ones).
             stream = (self.seed * 1_000_003 + index) % (2**31 - 1)
-            state.assign(np.array([stream, epoch << 32], dtype=state.dtype))
+            if np.dtype(state.dtype).itemsize >= 8:
+                value = [stream, epoch << 32]
+            else:
+                value = [(stream * 2_654_435_761 + epoch * 40_503) % 2**31, 0]
+            state.assign(np.array(value, dtype=state.dtype))

@@ -25,8 +25,8 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from keras_coat.imagenet import eval_transform
 from training import augment, batch_augment
+from training.tf_eval_transform import eval_transform
 
 AUTOTUNE = tf.data.AUTOTUNE
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
@@ -326,12 +326,34 @@ def pipeline_options():
     return options
 
 
-def train_dataset(recipe, source, seed, start_epoch=0, max_steps=None):
+def process_slice(batch_size, process_index, num_processes):
+    """(slice size, keep) for the process `process_index` of `num_processes`, which feeds
+    examples [index * size, (index + 1) * size) of every global batch of `batch_size`;
+    `keep(position)` tells whether an example at `position` in the stream is this process's."""
+    if batch_size % num_processes:
+        raise ValueError(
+            f"The global batch size {batch_size} must be a multiple of the number of processes "
+            f"({num_processes})."
+        )
+    size = batch_size // num_processes
+    if num_processes == 1:
+        return size, None
+    return size, lambda position: (position % batch_size) // size == process_index
+
+
+def train_dataset(
+    recipe, source, seed, start_epoch=0, max_steps=None, process_index=0, num_processes=1
+):
     """Batches of (images, one-hot labels) for epochs `start_epoch` .. `recipe.epochs - 1`.
 
     Exactly `steps_per_epoch` batches per epoch; epoch `e` is the same whatever `start_epoch` is.
+    Of `num_processes`, process `process_index` gets its slice of every global batch, decoding
+    and augmenting only its own examples; batch-level augmentation (RandAugment, random erasing,
+    Mixup/CutMix) then works on that slice, with the slice's own seed, as timm's
+    DistributedDataParallel runs do per process.
     """
     steps = steps_per_epoch(recipe, source, max_steps)
+    local_batch, keep = process_slice(recipe.batch_size, process_index, num_processes)
     transform = TrainTransform(recipe, source.num_classes)
     split = source.train
     buffer = min(split.num_examples, SHUFFLE_BUFFER)
@@ -351,30 +373,39 @@ def train_dataset(recipe, source, seed, start_epoch=0, max_steps=None):
                 lambda r: tf.data.Dataset.from_tensors(r).repeat(repeats)
             )
         records = records.take(steps * recipe.batch_size).enumerate()
+        if keep is not None:
+            records = records.filter(lambda i, r: keep(i))
         examples = records.map(
             lambda i, r: transform.example(split, r, augment.fold_in(epoch_seed, 1, i)),
             num_parallel_calls=AUTOTUNE,
             deterministic=True,
         )
-        batches = examples.batch(recipe.batch_size, drop_remainder=True)
+        batches = examples.batch(local_batch, drop_remainder=True)
+        batch_seed = epoch_seed if keep is None else augment.fold_in(epoch_seed, 3, process_index)
         return batches.enumerate().map(
-            lambda i, batch: transform.batch(*batch, augment.fold_in(epoch_seed, 2, i)),
+            lambda i, batch: transform.batch(*batch, augment.fold_in(batch_seed, 2, i)),
             num_parallel_calls=AUTOTUNE,
             deterministic=True,
         )
 
     dataset = tf.data.Dataset.range(start_epoch, recipe.epochs).flat_map(epoch)
+    # Stated, so that Keras knows where the data ends (flat_map and filter hide it).
+    dataset = dataset.apply(
+        tf.data.experimental.assert_cardinality((recipe.epochs - start_epoch) * steps)
+    )
     return dataset.prefetch(AUTOTUNE).with_options(pipeline_options())
 
 
-def eval_dataset(recipe, source, batch_size=None):
+def eval_dataset(recipe, source, batch_size=None, process_index=0, num_processes=1):
     """Batches of (images, one-hot labels, weights) over the whole validation split.
 
     The last batch is padded with zero images of weight 0; real examples weigh
     `padded_count / count`, which makes Keras' batch-size-weighted mean of the loss the exact
-    mean over real examples (weighted metrics are unaffected by the constant factor).
+    mean over real examples (weighted metrics are unaffected by the constant factor). Of
+    `num_processes`, process `process_index` gets its slice of every global batch.
     """
     batch_size = batch_size or recipe.batch_size
+    local_batch, keep = process_slice(batch_size, process_index, num_processes)
     split = source.validation
     count = split.num_examples
     padded = math.ceil(count / batch_size) * batch_size
@@ -386,13 +417,19 @@ def eval_dataset(recipe, source, batch_size=None):
         image = eval_transform(example["image"], size, recipe.eval_crop_pct)
         return image, tf.one_hot(example["label"], source.num_classes), tf.constant(weight)
 
-    examples = split.records.map(transform, num_parallel_calls=AUTOTUNE, deterministic=True)
+    records, padding_count = split.records, padded - count
+    if keep is not None:  # only this process's examples are decoded
+        records = records.enumerate().filter(lambda i, _: keep(i)).map(lambda _, r: r)
+        padding_count = sum(1 for i in range(count, padded) if keep(i))
+    examples = records.map(transform, num_parallel_calls=AUTOTUNE, deterministic=True)
     padding = tf.data.Dataset.from_tensors(
         (
             tf.zeros((size, size, 3)),
             tf.zeros((source.num_classes,)),
             tf.constant(0.0),
         )
-    ).repeat(padded - count)
+    ).repeat(padding_count)
     examples = examples.concatenate(padding)
-    return examples.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE)
+    batches = examples.batch(local_batch, drop_remainder=True)
+    batches = batches.apply(tf.data.experimental.assert_cardinality(padded // batch_size))
+    return batches.prefetch(AUTOTUNE)

@@ -24,7 +24,7 @@ import time
 
 from keras_coat._files import check_can_create_folder
 from training import detection, train
-from training import strategy as strategy_lib
+from training import engine_tf as strategy_lib
 from training.callbacks import write_atomically, write_json
 
 # Multi-worker training would need the classifier's batch-building workaround

@@ -1,4 +1,4 @@
-"""Device set-up: logical CPU replicas, determinism, precision and the tf.distribute strategy.
+"""The TensorFlow engine: logical CPU replicas, determinism and the tf.distribute strategy.
 
 Everything here must run before TensorFlow initializes its devices (before the first op), so the
 entry point calls `configure_devices` first thing.
@@ -10,7 +10,6 @@ import os
 import keras
 import tensorflow as tf
 
-from training.recipes import MIXED_PRECISION_POLICIES
 
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
 
@@ -41,16 +40,6 @@ def configure_devices(cpu_replicas=0, seed=0, deterministic=False):
     keras.utils.set_random_seed(seed)
     if deterministic:
         tf.config.experimental.enable_op_determinism()
-
-
-def set_precision(mixed_precision):
-    """Sets Keras' global dtype policy: "none" (float32), "bfloat16" or "float16" (mixed)."""
-    if mixed_precision not in MIXED_PRECISION_POLICIES:
-        raise ValueError(
-            f"mixed_precision must be one of {sorted(MIXED_PRECISION_POLICIES)}, got "
-            f"{mixed_precision!r}."
-        )
-    keras.mixed_precision.set_global_policy(MIXED_PRECISION_POLICIES[mixed_precision])
 
 
 def _cluster_spec():
@@ -143,3 +132,46 @@ def worker_name(strategy):
     if resolver is None or resolver.task_type is None:
         return "chief"
     return f"{resolver.task_type}-{resolver.task_id}"
+
+
+class Engine:
+    """What the trainer needs to know of the TensorFlow engine's set-up (a tf.distribute
+    strategy); `training.engine_jax.Engine` answers the same questions for JAX."""
+
+    def __init__(self, strategy):
+        self.strategy = strategy
+        self.chief = is_chief(strategy)
+        self.worker_name = worker_name(strategy)
+        self.process_index, self.num_processes = 0, 1  # tf.distribute shards the datasets
+        self.multi_worker = is_multi_worker(strategy)
+
+    @property
+    def replicas(self):
+        return self.strategy.num_replicas_in_sync
+
+    def describe(self):
+        return f"{type(self.strategy).__name__}: {self.replicas} replica(s)"
+
+    def scope(self):
+        return self.strategy.scope()
+
+    # tf.distribute's workers stop and resume together through its own coordination.
+    agree = None
+
+    def check_same_everywhere(self, value, what):
+        """A no-op: each worker resumes from its own backup as tf.distribute expects."""
+
+    def prepare(self, model, val_ds):
+        """Readies a compiled model for `fit` under this strategy."""
+        if self.multi_worker:
+            from training import keras_internals
+
+            keras_internals.patch_multi_worker_fit(model, val_ds.element_spec)
+
+
+def start(args, seed, deterministic=False):
+    """Configures TensorFlow's devices and seeds and returns the `Engine` of `--strategy`."""
+    if args.cpu_replicas < 0:
+        raise ValueError(f"--cpu-replicas must be >= 0, got {args.cpu_replicas}.")
+    configure_devices(args.cpu_replicas, seed, deterministic)
+    return Engine(make_strategy(args.strategy, args.tpu))

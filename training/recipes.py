@@ -349,3 +349,16 @@ def _value_parser(kinds, off):
         raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
 
     return parse
+
+
+def set_precision(mixed_precision):
+    """Sets Keras' global dtype policy on either engine: "none" (float32), "bfloat16" or
+    "float16" (mixed)."""
+    if mixed_precision not in MIXED_PRECISION_POLICIES:
+        raise ValueError(
+            f"mixed_precision must be one of {sorted(MIXED_PRECISION_POLICIES)}, got "
+            f"{mixed_precision!r}."
+        )
+    import keras
+
+    keras.mixed_precision.set_global_policy(MIXED_PRECISION_POLICIES[mixed_precision])

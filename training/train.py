@@ -3,12 +3,14 @@
     python -m training.train --model coat_lite_tiny --dataset NAME --output-dir DIR
 
 One entry point for every setting: a recipe (`--recipe imagenet|finetune|demo`, see
-`training.recipes`) plus command-line overrides, any tf.distribute strategy, mixed precision and
-XLA. Rerunning the same command with the same `--output-dir` resumes an interrupted run from its
-last backup (model, optimizer, schedule step, epoch). A second run on a DIR in use is refused;
-SIGTERM saves a backup after the step in progress and exits with status 75; backups carry SHA-256
-checksums, and a damaged one is reported and replaced by the previous one (training.faults).
-Outputs in DIR:
+`training.recipes`) plus command-line overrides, on either Keras engine: TensorFlow with any
+tf.distribute strategy (`training.engine_tf`), or JAX with keras.distribution data parallelism
+over devices and processes (`training.engine_jax`); KERAS_BACKEND or --backend picks. Mixed
+precision and XLA on both. Rerunning the same command with the same `--output-dir` resumes an
+interrupted run from its last backup (model, optimizer, schedule step, epoch). A second run on a
+DIR in use is refused; SIGTERM saves a backup after the step in progress and exits with status
+75; backups carry SHA-256 checksums, and a damaged one is reported and replaced by the previous
+one (training.faults). Outputs in DIR:
 
   recipe.json        the resolved recipe (a resume must use the same one)
   backup/            the newest two backups (training.faults), removed when the run completes
@@ -16,7 +18,8 @@ Outputs in DIR:
   best.keras         the model of the epoch with the best validation accuracy
   training_log.csv   one row per epoch; logs/ TensorBoard
   metrics.json       val_accuracy, val_loss, epochs_completed, images_per_second, ...
-  export/1/          TensorFlow SavedModel for serving (keras_coat.export)
+  export/1/          TensorFlow SavedModel for serving (keras_coat.export; from JAX through a
+                     TensorFlow-backend subprocess)
 """
 
 import argparse
@@ -27,11 +30,14 @@ import shutil
 import sys
 import time
 
+import keras
+
 from keras_coat._files import check_can_create_folder
 from training import faults
 from training import recipes as recipes_lib
-from training import strategy as strategy_lib
 from training.callbacks import read_json, write_json
+
+BACKENDS = ("tensorflow", "jax")
 
 BACKUP_METADATA = "training_metadata.json"
 
@@ -76,9 +82,19 @@ def parse_args(argv=None):
         help="when no intact backup is left to resume from, start the run over from its first "
         "epoch (the damaged backups are moved aside) instead of stopping",
     )
+    run.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        help="the Keras engine (default: KERAS_BACKEND, else Keras' configured backend)",
+    )
+
+    from training import engine_jax, engine_tf
 
     devices = parser.add_argument_group("devices")
-    strategy_lib.add_device_arguments(devices)
+    engine_tf.add_device_arguments(devices)
+    engine_jax.add_process_arguments(
+        parser.add_argument_group("processes (JAX engine; TensorFlow reads TF_CONFIG)")
+    )
     devices.add_argument(
         "--jit-compile",
         action=argparse.BooleanOptionalAction,
@@ -251,8 +267,41 @@ def refuse_setup_errors():
         raise SystemExit("error: " + " ".join(str(error).split())) from None
 
 
+def select_backend(args, argv):
+    """Runs the command on the backend --backend names: Keras picks its backend once, at import,
+    so a command line that asks for another one is run again with KERAS_BACKEND set."""
+    if args.backend is None or args.backend == keras.backend.backend():
+        return
+    if argv is not None:  # called in process: this interpreter's Keras cannot switch
+        raise SetupError(
+            f"--backend {args.backend}: this process runs Keras on "
+            f"{keras.backend.backend()!r}; set KERAS_BACKEND={args.backend} before Keras is "
+            "imported."
+        )
+    sys.stdout.flush()
+    env = {**os.environ, "KERAS_BACKEND": args.backend}
+    os.execve(sys.executable, [sys.executable, "-m", "training.train", *sys.argv[1:]], env)
+
+
+def start_engine(args):
+    """The engine of the running Keras backend, its devices and processes set up (before
+    anything runs on them)."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        from training import engine_jax as engine_lib
+    elif backend == "tensorflow":
+        from training import engine_tf as engine_lib
+    else:
+        raise SetupError(
+            f"Training runs on the {' or '.join(BACKENDS)} backend; Keras runs on {backend!r}."
+        )
+    return engine_lib.start(args, args.seed, args.deterministic)
+
+
 def main(argv=None):
     args = parse_args(argv)
+    with refuse_setup_errors():
+        select_backend(args, argv)
     with contextlib.ExitStack() as held:  # the output directory's lock, until the run ends
         return _train(args, held)
 
@@ -260,27 +309,24 @@ def main(argv=None):
 def _train(args, held):
     with refuse_setup_errors():
         recipe = resolve_recipe(args)
-        if args.cpu_replicas < 0:
-            raise SetupError(f"--cpu-replicas must be >= 0, got {args.cpu_replicas}.")
         check_can_create_folder(args.output_dir, f"--output-dir {args.output_dir!r}")
 
-        # Devices first: nothing may touch TensorFlow's runtime before this.
-        strategy_lib.configure_devices(args.cpu_replicas, args.seed, args.deterministic)
-        strategy = strategy_lib.make_strategy(args.strategy, args.tpu)
-        strategy_lib.set_precision(recipe.mixed_precision)
-        chief = strategy_lib.is_chief(strategy)
+        # Devices first: nothing may touch the backend's runtime before this.
+        engine = start_engine(args)
+        recipes_lib.set_precision(recipe.mixed_precision)
+        chief = engine.chief
         # Non-chief workers write the same files, to a private directory.
         work_dir = (
             args.output_dir
             if chief
-            else os.path.join(args.output_dir, "workers", strategy_lib.worker_name(strategy))
+            else os.path.join(args.output_dir, "workers", engine.worker_name)
         )
         metrics_path = os.path.join(work_dir, "metrics.json")
         say = print if chief else (lambda *a, **k: None)
         held.enter_context(
             faults.OutputDirLock(
                 args.output_dir,
-                strategy_lib.worker_name(strategy),
+                engine.worker_name,
                 f"--output-dir {args.output_dir!r}",
             )
         )
@@ -299,6 +345,10 @@ def _train(args, held):
             backup_dir, args.restart_on_damaged_backup, (metrics_path, log_path), say
         )
         start_epoch = resume.epoch if resume else 0
+        # Processes that resumed from different steps would wait for each other for ever.
+        engine.check_same_everywhere(
+            [start_epoch, resume.steps if resume else 0], "the backup to resume from"
+        )
         previous = read_run_file(metrics_path)  # set aside if the run starts over
         resuming = resume is not None or bool(previous and previous.get("epochs_completed"))
         recipe_path = os.path.join(work_dir, "recipe.json")
@@ -310,14 +360,15 @@ def _train(args, held):
             recipe.dataset, recipe.image_size, args.data_dir, args.manual_dir
         )
         steps = data.steps_per_epoch(recipe, source, args.steps_per_epoch)
+        shard = dict(process_index=engine.process_index, num_processes=engine.num_processes)
         train_ds = data.train_dataset(
-            recipe, source, args.seed, start_epoch, args.steps_per_epoch
+            recipe, source, args.seed, start_epoch, args.steps_per_epoch, **shard
         )
-        val_ds = data.eval_dataset(recipe, source)
+        val_ds = data.eval_dataset(recipe, source, **shard)
 
-        replicas = strategy.num_replicas_in_sync
+        replicas = engine.replicas
         say(
-            f"{type(strategy).__name__}: {replicas} replica(s), global batch "
+            f"{engine.describe()}, global batch "
             f"{recipe.batch_size} ({recipe.batch_size / replicas:g} per replica), precision "
             f"{recipe.mixed_precision}.\nRecipe {recipe.name}: {recipe.model} at "
             f"{recipe.image_size}px on {source.name} ({source.train.num_examples} train / "
@@ -333,19 +384,16 @@ def _train(args, held):
                 + (", the epoch's steps start over with its weights." if resume.steps else ".")
             )
 
-        with strategy.scope():
+        with engine.scope():
             model = build_model(recipe, source.num_classes, args.model_config)
             compile_model(model, recipe, steps, args.jit_compile)
-            if strategy_lib.is_multi_worker(strategy):
-                from training import keras_internals
-
-                keras_internals.patch_multi_worker_fit(model, val_ds.element_spec)
+            engine.prepare(model, val_ds)
         # Only now, with everything checked, does the run leave files behind.
         os.makedirs(work_dir, exist_ok=True)
         write_json(recipe_path, recorded_recipe)
 
     callbacks, metrics_writer = make_callbacks(
-        recipe, work_dir, recipe.batch_size, steps, metrics_path, args.seed, resume
+        recipe, work_dir, recipe.batch_size, steps, metrics_path, args.seed, resume, engine.agree
     )
     started = time.time()
     try:
@@ -368,18 +416,8 @@ def _train(args, held):
     metrics["train_seconds_this_session"] = round(time.time() - started, 1)
 
     if chief and not args.no_export:
-        from keras_coat.export import export_saved_model
-
         export_dir = os.path.join(args.output_dir, "export")
-        export_saved_model(
-            model,
-            export_dir,
-            version=1,
-            class_names=source.class_names,
-            crop_pct=recipe.eval_crop_pct,
-            overwrite=True,
-        )
-        metrics["export_dir"] = os.path.join(export_dir, "1")
+        metrics["export_dir"] = export(model, work_dir, export_dir, source, recipe)
     write_json(metrics_path, metrics)
     shutil.rmtree(backup_dir, ignore_errors=True)  # the run is complete: nothing to resume
     say(
@@ -388,6 +426,32 @@ def _train(args, held):
         f"images/s. Outputs in {args.output_dir}."
     )
     return metrics
+
+
+def export(model, work_dir, export_dir, source, recipe):
+    """Writes the SavedModel export_dir/1 of the trained model, which is saved as
+    work_dir/last.keras; returns its path."""
+    if keras.backend.backend() == "tensorflow":
+        from keras_coat.export import export_saved_model
+
+        export_saved_model(
+            model,
+            export_dir,
+            version=1,
+            class_names=source.class_names,
+            crop_pct=recipe.eval_crop_pct,
+            overwrite=True,
+        )
+    else:
+        from training.engine_jax import export_saved_model_in_tensorflow
+
+        export_saved_model_in_tensorflow(
+            os.path.join(work_dir, "last.keras"),
+            export_dir,
+            source.class_names,
+            recipe.eval_crop_pct,
+        )
+    return os.path.join(export_dir, "1")
 
 
 if __name__ == "__main__":

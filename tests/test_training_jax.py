@@ -1,0 +1,166 @@
+"""`python -m training.train` on the JAX engine, in subprocesses: one device, two host devices
+and two processes on 127.0.0.1 reach the same weights; a process killed mid-epoch stops its
+peer, and a rerun of both resumes and ends where an uninterrupted run ends.
+
+Host devices (XLA_FLAGS) and JAX's distributed runtime are set up once per process, so every
+run is a fresh process with KERAS_BACKEND=jax. The model is a tiny custom CoaT at 32x32 on
+digits, 2 epochs of 3 steps.
+"""
+
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from tests.test_training_distributed import (
+    COMMON,
+    _env,
+    _free_ports,
+    _max_difference,
+    _start,
+    _weights,
+)
+
+ARGS = COMMON + ["--epochs", "2", "--steps-per-epoch", "3", "--deterministic"]
+# XLA's compilation of the train step dominates these runs (about a minute of CPU each); on a
+# busy machine four of them at once take many minutes.
+TIMEOUT = 1800
+
+# Measured: the three layouts differ only in how XLA sums the gradients of the global batch
+# (one device sums 16 examples, two devices sum 8 each and add the halves), a float32 rounding
+# difference that 6 AdamW steps leave below 1e-6 (README, "Which engine to pick").
+LAYOUT_TOLERANCE = 1e-5
+
+# Process 1 stops answering in the second epoch, after its first step (so after the backup of
+# epoch 1): the test then kills it mid-epoch.
+PAUSING_DRIVER = """
+import sys, time, keras
+from training import train
+make_callbacks = train.make_callbacks
+class PauseInSecondEpoch(keras.callbacks.Callback):
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+    def on_train_batch_end(self, batch, logs=None):
+        if self.epoch == 1:
+            open(sys.argv[1], "w").close()
+            time.sleep(3600)
+def pausing(*args, **kwargs):
+    callbacks, writer = make_callbacks(*args, **kwargs)
+    return callbacks + [PauseInSecondEpoch()], writer
+train.make_callbacks = pausing
+train.main(sys.argv[2:])
+"""
+
+
+def _jax_env(cache_dir):
+    # The persistent compilation cache lets the reruns reuse the layouts' compiled steps.
+    env = _env(
+        KERAS_BACKEND="jax",
+        JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    )
+    for name in ("XLA_FLAGS", "KERAS_DISTRIBUTION_JOB_ADDRESSES",
+                 "KERAS_DISTRIBUTION_NUM_PROCESSES", "KERAS_DISTRIBUTION_PROCESS_ID"):  # fmt: skip
+        env.pop(name, None)
+    return env
+
+
+def _finish(process):
+    output, _ = process.communicate(timeout=TIMEOUT)
+    assert process.returncode == 0, output[-4000:]
+    return output
+
+
+def _two_processes(output_dir, cache_dir, drivers=(None, None), extra=()):
+    port = _free_ports(1)[0]
+    processes = []
+    for index, driver in enumerate(drivers):
+        args = ARGS + list(extra) + [
+            "--output-dir", str(output_dir), "--coordinator-address", f"127.0.0.1:{port}",
+            "--num-processes", "2", "--process-id", str(index),
+        ]  # fmt: skip
+        if driver is not None:
+            args = driver[1] + args
+        processes.append(_start(args, env=_jax_env(cache_dir), driver=driver and driver[0]))
+    return processes
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory):
+    """The same run on one device, on two host devices and in two processes."""
+    root = tmp_path_factory.mktemp("jax-layouts")
+    env = _jax_env(root / "compilation-cache")
+    one = _start(ARGS + ["--output-dir", str(root / "one")], env=env)
+    two = _start(ARGS + ["--cpu-replicas", "2", "--output-dir", str(root / "two")], env=env)
+    processes = _two_processes(root / "processes", root / "compilation-cache")
+    outputs = {
+        "one": _finish(one),
+        "two": _finish(two),
+        "processes": [_finish(p) for p in processes],
+    }
+    return root, outputs
+
+
+@pytest.mark.slow
+def test_one_device_two_devices_and_two_processes_end_with_the_same_weights(layouts):
+    root, outputs = layouts
+    assert "JAX DataParallel: 1 device(s), global batch 16 (16 per replica)" in outputs["one"]
+    assert "JAX DataParallel: 2 device(s), global batch 16 (8 per replica)" in outputs["two"]
+    chief_output = outputs["processes"][0]
+    assert "JAX DataParallel: 2 device(s) in 2 processes, global batch 16 (8" in chief_output
+    assert outputs["processes"][1].strip() == ""  # only process 0 speaks
+    one = _weights(root / "one" / "last.keras")
+    two = _weights(root / "two" / "last.keras")
+    chief = _weights(root / "processes" / "last.keras")
+    other = _weights(root / "processes" / "workers" / "process-1" / "last.keras")
+    assert _max_difference(chief, other) == 0.0  # replicas of one set of weights
+    differences = {"two devices": _max_difference(one, two), "processes": _max_difference(one, chief)}
+    print("largest weight difference from one device:", differences)
+    assert max(differences.values()) < LAYOUT_TOLERANCE, differences
+    assert _max_difference(one, _weights(root / "one" / "best.keras")) >= 0.0
+    for run in ("one", "two", "processes"):
+        metrics = json.loads((root / run / "metrics.json").read_text())
+        assert metrics["status"] == "complete" and metrics["epochs_completed"] == 2
+        log = (root / run / "training_log.csv").read_text().splitlines()
+        assert [line.split(",")[0] for line in log[1:]] == ["0", "1"]
+        assert (root / run / "logs").is_dir() and (root / run / "recipe.json").is_file()
+
+
+@pytest.mark.slow
+def test_a_killed_process_stops_its_peer_and_a_rerun_resumes_to_the_same_weights(
+    layouts, tmp_path
+):
+    root, _ = layouts
+    marker = tmp_path / "paused"
+    cache = root / "compilation-cache"
+    chief, paused = _two_processes(
+        tmp_path / "run", cache, drivers=(None, (PAUSING_DRIVER, [str(marker)])),
+        extra=["--heartbeat-timeout", "20"],
+    )  # fmt: skip
+    deadline = time.time() + TIMEOUT
+    while not marker.exists():
+        assert paused.poll() is None, paused.communicate()[0][-4000:]
+        assert time.time() < deadline, "process 1 never reached its second epoch"
+        time.sleep(0.2)
+    os.kill(paused.pid, signal.SIGKILL)
+    killed_at = time.time()
+    paused.wait()
+    output, _ = chief.communicate(timeout=TIMEOUT)
+    stopped_after = time.time() - killed_at
+    print(f"process 0 stopped {stopped_after:.1f} s after process 1 was killed")
+    assert chief.returncode not in (0, None), output[-4000:]
+    assert stopped_after < 60, output[-4000:]
+    backup = tmp_path / "run" / "backup" / "000001" / "training_metadata.json"
+    assert json.loads(backup.read_text()) == {"epoch": 1, "steps": 0}
+
+    outputs = [_finish(p) for p in _two_processes(tmp_path / "run", cache)]
+    assert "Resuming from epoch 1" in outputs[0]
+    assert "Epoch 1/2" not in outputs[0] and "Epoch 2/2" in outputs[0]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["status"] == "complete" and metrics["epochs_completed"] == 2
+    difference = _max_difference(
+        _weights(tmp_path / "run" / "last.keras"), _weights(root / "processes" / "last.keras")
+    )
+    assert difference == 0.0
