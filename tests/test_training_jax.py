@@ -110,7 +110,7 @@ def test_one_device_two_devices_and_two_processes_end_with_the_same_weights(layo
     assert "JAX DataParallel: 2 device(s), global batch 16 (8 per replica)" in outputs["two"]
     chief_output = outputs["processes"][0]
     assert "JAX DataParallel: 2 device(s) in 2 processes, global batch 16 (8" in chief_output
-    assert outputs["processes"][1].strip() == ""  # only process 0 speaks
+    assert "Epoch 1/2" not in outputs["processes"][1]  # only process 0 reports
     one = _weights(root / "one" / "last.keras")
     two = _weights(root / "two" / "last.keras")
     chief = _weights(root / "processes" / "last.keras")
@@ -119,7 +119,6 @@ def test_one_device_two_devices_and_two_processes_end_with_the_same_weights(layo
     differences = {"two devices": _max_difference(one, two), "processes": _max_difference(one, chief)}
     print("largest weight difference from one device:", differences)
     assert max(differences.values()) < LAYOUT_TOLERANCE, differences
-    assert _max_difference(one, _weights(root / "one" / "best.keras")) >= 0.0
     for run in ("one", "two", "processes"):
         metrics = json.loads((root / run / "metrics.json").read_text())
         assert metrics["status"] == "complete" and metrics["epochs_completed"] == 2
