@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import os
 import sys
-import tempfile
 
 # TensorFlow's C++ start-up chatter would bury the converter's own report.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -33,6 +32,7 @@ with contextlib.suppress(ImportError):
     import timm  # noqa: F401
 
 from keras_coat import MODEL_CONFIGS  # noqa: E402
+from keras_coat.utils.files import write_atomically  # noqa: E402
 
 VARIANTS = tuple(MODEL_CONFIGS)
 
@@ -93,22 +93,9 @@ def save_weights_atomically(model, path):
         created.append(parent)
         parent = os.path.dirname(parent)
     os.makedirs(folder, exist_ok=True)
-    temporary = None
     try:
-        handle, temporary = tempfile.mkstemp(
-            prefix=".converting-", suffix=".weights.h5", dir=folder
-        )
-        os.close(handle)
-        model.save_weights(temporary, overwrite=True)
-        # mkstemp creates the file 0600; the published file gets the umask's permissions, as a
-        # plain open() would give it.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
-        os.replace(temporary, path)
+        write_atomically(path, lambda temporary: model.save_weights(temporary, overwrite=True))
     except BaseException:
-        if temporary and os.path.exists(temporary):
-            os.remove(temporary)
         for directory in created:  # deepest first
             try:
                 os.rmdir(directory)
@@ -170,7 +157,7 @@ def main(argv=None):
         sys.exit(f"error: {target!r} exists; pass --overwrite to replace it")
     if not os.path.isfile(args.source):
         sys.exit(f"error: the checkpoint {args.source!r} does not exist or is not a file")
-    from keras_coat._files import check_can_create_folder
+    from keras_coat.utils.files import check_can_create_folder
 
     try:
         check_can_create_folder(os.path.dirname(os.path.abspath(target)), repr(target))

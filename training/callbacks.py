@@ -2,41 +2,17 @@
 
 import json
 import os
-import tempfile
 import time
 
 import keras
 import numpy as np
 
-
-def write_atomically(path, write):
-    """Calls `write(temporary)` for a temporary file next to `path` (same name ending, e.g.
-    `.keras`), flushes it to disk and renames it to `path`: a reader sees the old or the new file,
-    never half of one. On failure the temporary file is removed and `path` is untouched."""
-    folder, name = os.path.split(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=f"-{name}", dir=folder)
-    os.close(handle)
-    try:
-        write(temporary)
-        os.chmod(temporary, 0o644)  # mkstemp's 0o600 would make outputs private
-        with open(temporary, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-    return path
+from keras_coat.utils.files import write_text_atomically
 
 
 def write_json(path, data):
     """Writes `data` to `path` atomically."""
-
-    def write(temporary):
-        with open(temporary, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-
-    write_atomically(path, write)
+    write_text_atomically(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def read_json(path):

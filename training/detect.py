@@ -22,10 +22,10 @@ import os
 import sys
 import time
 
-from keras_coat._files import check_can_create_folder
+from keras_coat.utils.files import check_can_create_folder, write_atomically
 from training import detection, train
 from training import engine_tf as strategy_lib
-from training.callbacks import write_atomically, write_json
+from training.callbacks import write_json
 
 # Multi-worker training would need the classifier's batch-building workaround
 # (strategy.prepare_multi_worker_fit) adapted to dict targets; it is not offered here.

@@ -478,7 +478,7 @@ def draw_detections(path, images, true_boxes, true_labels, detections, min_score
     that digit overlaps it by IoU >= 0.5). Written atomically."""
     from PIL import Image, ImageDraw, ImageFont
 
-    from training.callbacks import write_atomically
+    from keras_coat.utils.files import write_atomically
 
     min_score = PICTURE_MIN_SCORE if min_score is None else min_score
     if len(images) == 0:

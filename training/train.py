@@ -32,7 +32,7 @@ import time
 
 import keras
 
-from keras_coat._files import check_can_create_folder
+from keras_coat.utils.files import check_can_create_folder
 from training import faults
 from training import recipes as recipes_lib
 from training.callbacks import read_json, write_json

@@ -1,0 +1,1 @@
+"""Helpers shared by keras_coat, its command lines, training and conversion."""
