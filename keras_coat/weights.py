@@ -44,14 +44,18 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 import time
 import urllib.parse
 import urllib.request
 import uuid
 
+import keras
+
 from keras_coat.checkpoint import SUPPORTED_EXTENSIONS, read_state_dict
 from keras_coat.presets import BASE_URL, PRESETS
+from keras_coat.utils.files import publish
 
 __all__ = [
     "BASE_URL",
@@ -247,8 +251,11 @@ def _cache_is_valid(target, entry, cache_format=CACHE_FORMAT):
     The record beside it holds the full SHA-256 of the verified checkpoint and of the converted
     file. The file is hashed again on every hit: a flipped bit, a truncated file or another
     checkpoint's conversion under this name (e.g. a manifest pinning a different full digest
-    with the same first 8 hex digits) fails the check and is rebuilt.
+    with the same first 8 hex digits) fails the check and is rebuilt, and so does an entry that
+    is no regular file (a folder, a symlink, a FIFO) or cannot be read.
     """
+    if not (_is_regular_file(target) and _is_regular_file(_record_path(target))):
+        return False
     try:
         with open(_record_path(target), encoding="utf-8") as f:
             record = json.load(f)
@@ -314,8 +321,8 @@ def ensure_converted_weights(checkpoint_name, converter, max_bytes=DEFAULT_MAX_D
                 "cache_format": CACHE_FORMAT,
             })  # fmt: skip
             # The weights first: killed in between, they have no record and are rebuilt.
-            os.replace(temporary, target)
-            os.replace(record, _record_path(target))
+            publish(temporary, target)
+            publish(record, _record_path(target))
         finally:
             _remove(temporary)
             _remove(record)
@@ -355,12 +362,15 @@ def _fetch_verified(entry, folder, max_bytes):
     """
     extension = _extension(entry.url)
     verified = os.path.join(folder, _stem(entry) + extension)
-    if os.path.isfile(verified):
+    if _is_regular_file(verified):
         # Left by a process killed while converting; check it again.
-        digest = _sha256(verified)
-        if digest.startswith(entry.sha256):
+        try:
+            digest = _sha256(verified)
+        except OSError:  # unreadable: fetched again
+            digest = ""
+        if digest and digest.startswith(entry.sha256):
             return verified, digest
-        _remove(verified)
+    _remove(verified)  # damaged, or no regular file
     temporary = _temporary_name(folder, entry, extension)
     try:
         _download(entry, temporary, max_bytes)
@@ -373,7 +383,7 @@ def _fetch_verified(entry, folder, max_bytes):
                 f"moved or changed the file, point {MANIFEST_ENV} at a manifest giving a "
                 "trusted URL and hash."
             )
-        os.replace(temporary, verified)
+        publish(temporary, verified)
     finally:
         _remove(temporary)
     return verified, actual
@@ -391,7 +401,11 @@ class _RedirectHandler(urllib.request.HTTPRedirectHandler):
 
 
 def _download(entry, path, max_bytes):
-    """Copies `entry.url` to the new file `path`, within `max_bytes` and the time budget."""
+    """Copies `entry.url` to the new file `path`, within `max_bytes` and the time budget.
+
+    Shows its progress as `keras.utils.get_file` does: a `keras.utils.Progbar` of the bytes
+    received (of the declared size, when the server declares one) and the rate in MB/s.
+    """
     advice = (
         f"Check the network connection and retry; to use a mirror or a local copy, set "
         f"{MANIFEST_ENV} to a JSON manifest "
@@ -407,11 +421,17 @@ def _download(entry, path, max_bytes):
                     f"{entry.url} declares {int(declared)} bytes, more than the {max_bytes} a "
                     f"{entry.name!r} checkpoint can take; refused before reading it."
                 )
+            total = int(declared) if declared is not None and declared.strip().isdigit() else None
+            print(f"Downloading the {entry.name} weights from {entry.url}")
+            progress = keras.utils.Progbar(total, unit_name="B", stateful_metrics=["MB/s"])
+            started = time.monotonic()
             received = 0
             while True:
                 # read1: what one read returns, so that a trickle still meets the deadline check.
                 block = response.read1(1 << 20)
                 if not block:
+                    if total is None or received < total:  # else the bar has ended itself
+                        progress.update(received, finalize=True)
                     break
                 received += len(block)
                 if received > max_bytes:
@@ -420,6 +440,8 @@ def _download(entry, path, max_bytes):
                         f"{entry.name!r} checkpoint can take; stopped and deleted."
                     )
                 f.write(block)
+                elapsed = max(time.monotonic() - started, 1e-6)
+                progress.update(received, [("MB/s", received / elapsed / 1e6)])
                 if time.monotonic() > deadline:
                     raise WeightsDownloadError(
                         f"Downloading {entry.url} took longer than {DOWNLOAD_TIME_BUDGET:.0f} s "
@@ -470,13 +492,25 @@ def _remove_temporaries(folder, entry):
             _remove(os.path.join(folder, name))
 
 
+def _is_regular_file(path):
+    """Whether `path` is a regular file itself (not a symlink, folder, FIFO or device)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
 def _remove(path):
-    """Deletes a file, or a directory where a file should be (a damaged cache entry)."""
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path, ignore_errors=True)
+    """Deletes whatever is at `path` (a folder with its contents; a symlink, not its target)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
         return
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(path)
+    if stat.S_ISDIR(mode):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
 
 
 @contextlib.contextmanager

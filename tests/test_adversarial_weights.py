@@ -199,7 +199,47 @@ def _record_of_another_checkpoint(path):
     _record(path).write_text(json.dumps(record))
 
 
+def _a_folder(path):
+    path.unlink()
+    path.mkdir()
+    (path / "inside").write_bytes(b"x")
+
+
+def _a_symlink(path):
+    """A link to an intact copy elsewhere: the cache holds only files it wrote itself."""
+    copy = path.with_name("elsewhere.bin")
+    copy.write_bytes(path.read_bytes())
+    path.unlink()
+    path.symlink_to(copy)
+
+
+def _a_dangling_symlink(path):
+    path.unlink()
+    path.symlink_to(path.with_name("missing.bin"))
+
+
+def _a_fifo(path):
+    """Reading a FIFO with no writer would block forever."""
+    path.unlink()
+    os.mkfifo(path)
+
+
+def _unreadable(path):
+    path.chmod(0)
+
+
+def _record_a_folder(path):
+    _record(path).unlink()
+    _record(path).mkdir()
+
+
 CACHE_DAMAGE = {
+    "folder": _a_folder,
+    "symlink": _a_symlink,
+    "dangling_symlink": _a_dangling_symlink,
+    "fifo": _a_fifo,
+    "unreadable": _unreadable,
+    "record_is_a_folder": _record_a_folder,
     "flipped_bit": _flip_a_bit,
     "truncated": _truncate,
     "another_checkpoints_file": _another_checkpoints_file,
@@ -216,6 +256,8 @@ def test_damaged_cache_is_rebuilt_not_loaded(damage, tmp_path, monkeypatch):
     import h5py
     import numpy as np
 
+    if damage == "unreadable" and os.geteuid() == 0:
+        pytest.skip("root reads files whatever their permissions")
     source = _good_checkpoint(tmp_path)
     with FileServer() as server:
         url = server.serve("/w.pth", source)
@@ -232,9 +274,53 @@ def test_damaged_cache_is_rebuilt_not_loaded(damage, tmp_path, monkeypatch):
         assert path.read_bytes() == intact
         with h5py.File(path, "r") as f:
             np.testing.assert_array_equal(f["w"][()], np.arange(6.0))
-        leftovers = [n for n in _cache_files(tmp_path) if not n.endswith(".lock")]
+        assert path.is_file() and not path.is_symlink() and _record(path).is_file()
+        leftovers = [
+            n for n in _cache_files(tmp_path) if not n.endswith(".lock") and n != "elsewhere.bin"
+        ]
         assert leftovers == sorted([path.name, _record(path).name])
 
         # And an intact cache is used as is: no network, no conversion.
         weights.ensure_converted_weights(NAME, fake_converter(calls))
         assert len(calls) == 2 and len(server.requests) == 2
+
+
+def test_unreadable_cache_is_rebuilt_not_loaded(tmp_path, monkeypatch):
+    """Reads of the cached file fail (what chmod 0 does to a user other than root)."""
+    source = _good_checkpoint(tmp_path)
+    with FileServer() as server:
+        url = server.serve("/w.pth", source)
+        use_manifest(monkeypatch, tmp_path, {NAME: {"url": url, "sha256": sha256_of(source)}})
+        calls = []
+        path = weights.ensure_converted_weights(NAME, fake_converter(calls))
+        real_open = open
+
+        def unreadable(file, *args, **kwargs):
+            if os.fspath(file) == path:
+                raise PermissionError(13, "Permission denied", file)
+            return real_open(file, *args, **kwargs)
+
+        with monkeypatch.context() as patch:
+            patch.setattr("builtins.open", unreadable)
+            assert weights.ensure_converted_weights(NAME, fake_converter(calls)) == path
+        assert len(calls) == 2 and len(server.requests) == 2  # rebuilt
+        weights.ensure_converted_weights(NAME, fake_converter(calls))
+        assert len(calls) == 2  # and intact again
+
+
+@pytest.mark.parametrize("damage", ["folder", "fifo", "symlink"])
+def test_damaged_downloaded_checkpoint_is_fetched_again(damage, tmp_path, monkeypatch):
+    """A checkpoint left beside the cache by a killed process, damaged, is downloaded again."""
+    source = _good_checkpoint(tmp_path)
+    with FileServer() as server:
+        url = server.serve("/w.pth", source)
+        use_manifest(monkeypatch, tmp_path, {NAME: {"url": url, "sha256": sha256_of(source)}})
+        entry = weights.resolve(NAME)
+        folder = pathlib.Path(weights.cache_dir())
+        left = folder / f"{NAME}-{entry.sha256[:8]}.pth"
+        left.write_bytes(source.read_bytes())
+        {"folder": _a_folder, "fifo": _a_fifo, "symlink": _a_symlink}[damage](left)
+        calls = []
+        weights.ensure_converted_weights(NAME, fake_converter(calls))
+        assert len(calls) == 1 and server.requests == ["/w.pth"]
+        assert not os.path.lexists(left)

@@ -543,3 +543,26 @@ def test_model_checks_before_any_download(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="Unknown CoaT preset"):
         load_imagenet_weights(ten_classes, "coat_lite_huge")
     assert _cache_is_clean(tmp_path)
+
+
+# ------------------------------------------------------------------ download progress
+
+
+def test_a_download_shows_its_progress_once_and_a_cached_load_is_quiet(
+    monkeypatch, tmp_path, server, small_checkpoint, capsys
+):
+    url = server.serve("/w/coat_lite_tiny.pth", small_checkpoint)
+    use_manifest(
+        monkeypatch, tmp_path, {"coat_lite_tiny": {"url": url, "sha256": sha256_of(small_checkpoint)}}
+    )
+    size = os.path.getsize(small_checkpoint)
+    weights.ensure_converted_weights("coat_lite_tiny", fake_converter([]))
+    out = capsys.readouterr().out
+    assert out.count(f"Downloading the coat_lite_tiny weights from {url}") == 1
+    # keras.utils.Progbar's line: bytes received of the declared size, and the rate.
+    assert f"{size}/{size}" in out and "MB/s" in out
+    assert out.count("\n") == 2  # the heading and one finished bar, not a line per block
+
+    weights.ensure_converted_weights("coat_lite_tiny", fake_converter([]))
+    assert capsys.readouterr().out == ""  # cached: nothing printed, nothing fetched
+    assert server.requests == ["/w/coat_lite_tiny.pth"]
