@@ -47,17 +47,17 @@ def export_saved_model(model, directory, version=1, **kwargs):
     See `keras_coat.export.export_saved_model`; TensorFlow is imported only when this is called,
     so the package itself runs on any Keras backend.
     """
-    from keras_coat import export
+    from keras_coat.export.saved_model import export_saved_model as export
 
-    return export.export_saved_model(model, directory, version=version, **kwargs)
+    return export(model, directory, version=version, **kwargs)
 
 
 def export_model(model, path, format="saved_model", **kwargs):
     """Exports `model` as a SavedModel, LiteRT, ONNX or OpenVINO file, verified in its runtime.
 
-    See `keras_coat.export_formats.export_model`; TensorFlow and the format's converter are
+    See `keras_coat.export.export_model`; TensorFlow and the format's converter are
     imported only when this is called.
     """
-    from keras_coat import export_formats
+    from keras_coat.export.exporter import export_model as export
 
-    return export_formats.export_model(model, path, format, **kwargs)
+    return export(model, path, format, **kwargs)

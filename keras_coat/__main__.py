@@ -222,9 +222,10 @@ def _info(args):
 
 
 def _add_export_command(subparsers):
-    """Registers ``export`` (SavedModel for serving) when `keras_coat.export` is present.
+    """Registers ``export`` (SavedModel for serving, LiteRT, ONNX, OpenVINO) when
+    `keras_coat.export` is present.
 
-    The export module (TensorFlow only) is imported when the command runs, so
+    The export package (TensorFlow only) is imported when the command runs, so
     the other commands never pay for it.
     """
     if importlib.util.find_spec("keras_coat.export") is None:
@@ -311,60 +312,120 @@ def _export(args):
     if not args.output:
         _error("the export needs --output DIR")
         return 2
-    weights = None if args.weights.lower() == "none" else args.weights
-    if args.format != "saved_model":
-        return _export_file(args, weights)
-    if args.precision != "float32" or args.calibration_data:
-        print("error: a SavedModel is float32; --precision and --calibration-data apply to "
-              "--format litert and openvino", file=sys.stderr)
+    if args.format == "saved_model" and (args.precision != "float32" or args.calibration_data):
+        _error("a SavedModel is float32; --precision and --calibration-data apply to "
+               "--format litert and openvino")
         return 2
-    from keras_coat.export import export_command
+    if args.format != "saved_model":
+        from keras_coat.export.exporter import PRECISIONS
 
-    # Bad arguments, an existing version, unreadable files: main() reports them in one line.
-    export_command(
-        args.model,
-        weights,
+        misplaced = [flag for flag, value in (("--version", args.version), ("--top", args.top))
+                     if value is not None]
+        if misplaced:
+            _error(f"{' and '.join(misplaced)} apply to --format saved_model only")
+            return 2
+        if args.precision not in PRECISIONS[args.format]:
+            _error(f"--format {args.format} offers --precision "
+                   f"{', '.join(PRECISIONS[args.format])}; received {args.precision}")
+            return 2
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        _error(f"the export writes TensorFlow graphs; run it with KERAS_BACKEND=tensorflow "
+               f"(the current backend is {keras.backend.backend()})")
+        return 2
+    weights = None if args.weights.lower() == "none" else args.weights
+    # Bad arguments, existing files, a failed verification: main() reports them in one line.
+    model, class_names = build_export_model(
+        args.model, weights, args.image_size, args.class_names
+    )
+    if args.format == "saved_model":
+        _export_saved_model(args, model, class_names)
+    else:
+        _export_file(args, model, class_names)
+    return 0
+
+
+def build_export_model(model_name, weights, image_size=None, class_names_file=None):
+    """The classifier the export command writes: ``(model, class names or None)``.
+
+    ``weights``: ``"imagenet"``, a weights file or None (random weights). ``class_names_file``:
+    UTF-8 text, one class name per line; its length sets the number of classes (default: the
+    1000 ImageNet classes).
+    """
+    from keras_coat.applications import create_model
+    from keras_coat.imagenet import NUM_CLASSES
+
+    class_names = None
+    classes = NUM_CLASSES
+    if class_names_file is not None:
+        with open(class_names_file, encoding="utf-8") as f:
+            class_names = [line.rstrip("\r\n") for line in f if line.strip()]
+        classes = len(class_names)
+    input_shape = None if image_size is None else (image_size, image_size, 3)
+    model = create_model(
+        model_name, weights=weights, input_shape=input_shape, classes=classes, include_top=True
+    )
+    return model, class_names
+
+
+def _export_saved_model(args, model, class_names):
+    """``export`` (SavedModel): prints its signatures and how to serve it."""
+    from keras_coat.export.saved_model import (
+        describe_saved_model,
+        export_saved_model,
+        serving_instructions,
+    )
+
+    path = export_saved_model(
+        model,
         args.output,
         version=1 if args.version is None else args.version,
-        image_size=args.image_size,
-        class_names_file=args.class_names,
+        class_names=class_names,
         top_k=5 if args.top is None else args.top,
         overwrite=args.overwrite,
     )
-    return 0
+    print(f"Exported {args.model} to {path}\n")
+    print(describe_saved_model(path))
+    print(serving_instructions(args.output, args.model))
 
 
-def _export_file(args, weights):
-    """``export --format litert|onnx|openvino``."""
-    from keras_coat.export_formats import PRECISIONS
+def _export_file(args, model, class_names):
+    """``export --format litert|onnx|openvino``: prints the verification and how to run it."""
+    from keras_coat.export.calibration import load_calibration_images
+    from keras_coat.export.exporter import FORMAT_MODULES, export_model
 
-    misplaced = [flag for flag, value in (("--version", args.version), ("--top", args.top))
-                 if value is not None]
-    if misplaced:
-        print(f"error: {' and '.join(misplaced)} apply to --format saved_model only",
-              file=sys.stderr)
-        return 2
-    if args.precision not in PRECISIONS[args.format]:
-        print(f"error: --format {args.format} offers --precision "
-              f"{', '.join(PRECISIONS[args.format])}; received {args.precision}",
-              file=sys.stderr)
-        return 2
-    from keras_coat.export_formats import export_file_command
-
-    # Bad combinations, existing files, a failed verification: main() reports them in one line.
-    export_file_command(
-        args.model,
-        weights,
+    calibration = held_out = None
+    if args.calibration_data:
+        size = tuple(int(side) for side in model.inputs[0].shape[1:3])
+        calibration, held_out = load_calibration_images(
+            args.calibration_data, size, args.calibration_images
+        )
+    result = export_model(
+        model,
         args.output,
         args.format,
         precision=args.precision,
-        image_size=args.image_size,
-        class_names_file=args.class_names,
-        calibration_data=args.calibration_data,
+        calibration_data=calibration,
         calibration_images=args.calibration_images,
+        held_out_data=held_out,
+        class_names=class_names,
         overwrite=args.overwrite,
     )
-    return 0
+    print(f"Exported {args.model} ({args.format}, {args.precision}) to {', '.join(result.files)}")
+    if result.max_abs_diff is not None:
+        print(f"Largest probability difference from Keras: {result.max_abs_diff:.3g}")
+    if result.top1_agreement is not None:
+        print(
+            f"Top-1 agreement with the float Keras model: {result.top1_agreement:.2%} of "
+            f"{result.held_out} held-out images"
+        )
+    runtime = FORMAT_MODULES[args.format].run_instructions(result.path, args.precision)
+    print(
+        "\nInput: float32 RGB pixels in [0, 255], [batch, height, width, 3]; output: "
+        "probabilities [batch, classes]; class names one per line in the .labels.txt file.\n\n"
+        f"  {runtime}\n"
+    )
 
 
 if __name__ == "__main__":

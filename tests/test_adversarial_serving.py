@@ -21,7 +21,7 @@ import tensorflow as tf
 from PIL import Image
 
 import keras_coat
-from keras_coat import export as export_lib
+from keras_coat.export import serving
 from keras_coat.export import export_saved_model
 
 pytestmark = pytest.mark.adversarial
@@ -234,7 +234,7 @@ def test_crop_only_resize_matches_full_resize():
     pixels = rng.integers(0, 256, (37, 300, 3), dtype=np.uint8)
     data = _encode(pixels, "PNG")
     for height, width in ((32, 32), (32, 64)):
-        window = export_lib._eval_resize_and_crop(tf.constant(data), height, width, 0.875)
+        window = serving.eval_resize_and_crop(tf.constant(data), height, width, 0.875)
         new_h, new_w, top, left = (
             int(v) for v in imagenet.eval_geometry(37, 300, (height, width), 0.875)
         )

@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from keras_coat import export as export_lib
+from keras_coat.export import serving
 from keras_coat import imagenet
 from training import data as data_lib
 from training import recipes
@@ -48,7 +48,7 @@ def _serving_bytes_pixels(encoded, height, width):
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string)], autograph=False)
     def transform(image_bytes):
         return tf.map_fn(
-            lambda data: export_lib._eval_resize_and_crop(data, height, width, CROP_PCT),
+            lambda data: serving.eval_resize_and_crop(data, height, width, CROP_PCT),
             image_bytes,
             fn_output_signature=tf.TensorSpec((height, width, 3), tf.float32),
         )

@@ -20,9 +20,10 @@ import tensorflow as tf
 from PIL import Image
 
 import keras_coat
-from keras_coat import export as export_lib
+from keras_coat.export import serving
 from keras_coat import imagenet
 from keras_coat.export import export_saved_model
+from keras_coat.utils.files import publish_directory
 
 CROP_PCT = 224 / 256
 PY_FUNC_OPS = {"PyFunc", "PyFuncStateless", "EagerPyFunc"}
@@ -419,15 +420,15 @@ def test_output_kind_is_read_from_the_model():
         input_shape=(64, 64, 3), classes=3, classifier_activation=None,
         include_preprocessing=False,
     )
-    assert export_lib._needs_softmax(probabilities, "auto") is False
-    assert export_lib._needs_softmax(logits, "auto") is True
-    assert export_lib._needs_normalization(probabilities, "auto") is False
-    assert export_lib._needs_normalization(logits, "auto") is True
+    assert serving.needs_softmax(probabilities, "auto") is False
+    assert serving.needs_softmax(logits, "auto") is True
+    assert serving.needs_normalization(probabilities, "auto") is False
+    assert serving.needs_normalization(logits, "auto") is True
 
 
 def test_default_class_names():
-    assert export_lib._resolve_class_names(None, 1000) == imagenet.class_names()
-    assert export_lib._resolve_class_names(None, 3) == ["class_0", "class_1", "class_2"]
+    assert serving.resolve_class_names(None, 1000) == imagenet.class_names()
+    assert serving.resolve_class_names(None, 3) == ["class_0", "class_1", "class_2"]
 
 
 @pytest.mark.slow
@@ -512,7 +513,7 @@ def test_publish_restores_the_old_version_when_the_swap_fails(tmp_path, monkeypa
 
     monkeypatch.setattr(os, "rename", rename)
     with pytest.raises(OSError, match="simulated"):
-        export_lib._publish(str(staging), str(target), overwrite=True)
+        publish_directory(str(staging), str(target), overwrite=True)
     assert (target / "old").read_text() == "old"
     assert sorted(os.listdir(tmp_path)) == [".1.partial-x", "1"]  # the caller removes staging
 

@@ -1,4 +1,4 @@
-"""LiteRT, ONNX and OpenVINO exports (keras_coat.export_formats), each run in its own runtime.
+"""LiteRT, ONNX and OpenVINO exports (keras_coat.export), each run in its own runtime.
 
 A small CoaT-Lite Tiny (64x64, 5 classes, logits out, normalization inside) is exported once per
 format; every test runs the file in its runtime here, independently of the export's own check,
@@ -15,8 +15,8 @@ import pytest
 import tensorflow as tf
 
 import keras_coat
-from keras_coat import export_formats
-from keras_coat.export_formats import export_model
+from keras_coat.export import exporter, load_calibration_images, serving
+from keras_coat.export.exporter import export_model
 from tensorflow.lite.python import schema_py_generated as litert_schema
 
 SIZE, CLASSES = 64, 5
@@ -52,7 +52,7 @@ def exports(model, tmp_path_factory):
     folder = tmp_path_factory.mktemp("exports")
     return {
         fmt: export_model(model, folder / f"tiny{suffix}", fmt, class_names=NAMES)
-        for fmt, suffix in export_formats.SUFFIXES.items()
+        for fmt, suffix in exporter.SUFFIXES.items()
     }
 
 
@@ -173,8 +173,26 @@ def test_only_the_published_files_are_left_in_the_folder(exports):
         (
             "litert",
             "m.tflite",
-            {"precision": "int8", "calibration_data": "imagenet"},
-            "Unknown calibration source",
+            {"precision": "int8", "calibration_data": "digits"},
+            "received the string 'digits'",
+        ),
+        (
+            "litert",
+            "m.tflite",
+            {"precision": "int8", "calibration_data": 3.0},
+            "an array or an iterable of images",
+        ),
+        (
+            "litert",
+            "m.tflite",
+            {"precision": "int8", "calibration_data": [np.zeros((64, 64, 3)), np.zeros((8, 8, 3))]},
+            "received shapes",
+        ),
+        (
+            "litert",
+            "m.tflite",
+            {"precision": "dynamic_int8", "held_out_data": np.full((2, 64, 64, 3), np.nan)},
+            "finite numbers",
         ),
         ("onnx", "m.onnx", {"class_names": ["a\nb", "c", "d", "e", "f"]}, "spans lines"),
     ],
@@ -198,7 +216,7 @@ def test_an_existing_file_is_not_replaced_without_overwrite(model, tmp_path):
 def test_a_failed_verification_leaves_nothing_behind(tmp_path, monkeypatch):
     (tmp_path / "m.tflite").write_bytes(b"previous export")
     # No export can match within a negative tolerance: verification fails after the write.
-    monkeypatch.setattr(export_formats.saved_model_export, "_VERIFY_ATOL", -1.0)
+    monkeypatch.setattr(serving, "VERIFY_ATOL", -1.0)
     with pytest.raises(ValueError, match="differs from the Keras model"):
         export_model(_toy_classifier(), tmp_path / "m.tflite", "litert", overwrite=True)
     assert os.listdir(tmp_path) == ["m.tflite"]
@@ -264,13 +282,15 @@ def digits_model(tmp_path_factory):
 def test_full_integer_int8_digits_keeps_top1_agreement_with_float(digits_model, tmp_path):
     from training import data
 
+    calibration, held_out = load_calibration_images("digits", 32, count=64)
+    assert calibration.shape == (64, 32, 32, 3) and held_out.shape == (360, 32, 32, 3)
     result = export_model(
         digits_model,
         tmp_path / "digits.tflite",
         "litert",
         precision="int8",
-        calibration_data="digits",
-        calibration_images=64,
+        calibration_data=calibration,
+        held_out_data=held_out,
         class_names=[str(d) for d in range(10)],
     )
     held_out = data.load_source("digits", 32).validation
@@ -278,6 +298,8 @@ def test_full_integer_int8_digits_keeps_top1_agreement_with_float(digits_model, 
     images = np.stack([e["image"] for e in examples]).astype(np.float32)
     labels = np.array([e["label"] for e in examples])
     assert len(images) == 360
+    # The command line's digits source is training's held-out split, image for image.
+    np.testing.assert_array_equal(held_out, images)
     _, quantized = _litert_run(result.path, images)
     reference = digits_model.predict(images, verbose=0)
     agreement = np.mean(quantized.argmax(-1) == reference.argmax(-1))
@@ -293,6 +315,34 @@ def test_full_integer_int8_digits_keeps_top1_agreement_with_float(digits_model, 
     interpreter, _ = _litert_run(result.path, images[:1])
     types = {d["dtype"] for d in interpreter.get_tensor_details()}
     assert np.int8 in types
+
+
+def test_calibration_sources_are_read_as_pixel_arrays(tmp_path):
+    from PIL import Image
+
+    with pytest.raises(ValueError, match="Unknown calibration source 'imagenet'"):
+        load_calibration_images("imagenet", 32)
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        load_calibration_images(f"folder:{tmp_path / 'absent'}", 32)
+    rng = np.random.default_rng(0)
+    for i in range(20):  # a flat folder, nested at any depth: a fixed tenth is held out
+        folder = tmp_path / "flat" / ("a" if i % 2 else "b")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (40, 50, 3), np.uint8)).save(folder / f"{i}.png")
+    (tmp_path / "flat" / "notes.txt").write_text("not an image")
+    calibration, held_out = load_calibration_images(f"folder:{tmp_path / 'flat'}", 32, count=5)
+    assert calibration.shape == (5, 32, 32, 3) and held_out.shape == (2, 32, 32, 3)
+    assert calibration.dtype == np.float32 and 0 <= calibration.min() <= calibration.max() <= 255
+    again, _ = load_calibration_images(f"folder:{tmp_path / 'flat'}", 32, count=5)
+    np.testing.assert_array_equal(calibration, again)  # a fixed choice
+    for split, count in (("train", 3), ("val", 2)):  # train/ calibrates, val/ measures
+        (tmp_path / "split" / split).mkdir(parents=True)
+        for i in range(count):
+            Image.fromarray(np.full((20, 20, 3), i, np.uint8)).save(
+                tmp_path / "split" / split / f"{i}.jpg"
+            )
+    calibration, held_out = load_calibration_images(f"folder:{tmp_path / 'split'}", 16)
+    assert calibration.shape == (3, 16, 16, 3) and held_out.shape == (2, 16, 16, 3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,7 +363,7 @@ def test_cli_rejects_bad_combinations_before_building_a_model(capsys, tmp_path):
 
 
 def test_cli_exports_a_verified_litert_file(capsys, tmp_path, monkeypatch):
-    from keras_coat import export as saved_model_export
+    from keras_coat import __main__ as cli
     from keras_coat.__main__ import main
 
     built = {}
@@ -324,7 +374,7 @@ def test_cli_exports_a_verified_litert_file(capsys, tmp_path, monkeypatch):
         built.update(model=model_name, weights=weights, image_size=image_size)
         return _toy_classifier(), open(class_names_file).read().split()
 
-    monkeypatch.setattr(saved_model_export, "build_command_model", build_toy)
+    monkeypatch.setattr(cli, "build_export_model", build_toy)
     names = tmp_path / "names.txt"
     names.write_text("apple\npear\nplum\n")
     out = tmp_path / "fruit.tflite"

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_coat import export as export_lib
+from keras_coat.export import serving
 from training import keras_internals as internals
 
 
@@ -176,7 +176,7 @@ class _SubclassedClassifier(keras.Model):
     ],
 )
 def test_output_kind_is_read_through_public_api(build, needs_softmax):
-    assert export_lib._needs_softmax(build(), "auto") is needs_softmax
+    assert serving.needs_softmax(build(), "auto") is needs_softmax
 
 
 class _CallOnly(keras.Model):
@@ -194,4 +194,4 @@ class _CallOnly(keras.Model):
 )
 def test_unknown_output_kinds_ask_for_model_output(build):
     with pytest.raises(ValueError, match="model_output='probabilities' or 'logits'"):
-        export_lib._needs_softmax(build(), "auto")
+        serving.needs_softmax(build(), "auto")
