@@ -136,7 +136,8 @@ def _add_predict_command(subparsers):
 def _predict(args):
     import numpy as np
 
-    from keras_coat import create_model, presets
+    from keras_coat import presets
+    from keras_coat.applications import create_model
     from keras_coat.imagenet import NUM_CLASSES, decode_predictions, load_image
 
     if args.top > NUM_CLASSES:
