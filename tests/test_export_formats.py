@@ -293,8 +293,7 @@ def test_full_integer_int8_digits_keeps_top1_agreement_with_float(digits_model, 
         held_out_data=held_out,
         class_names=[str(d) for d in range(10)],
     )
-    held_out = data.load_source("digits", 32).validation
-    examples = list(held_out.records.as_numpy_iterator())
+    examples = list(data.load_source("digits", 32).validation.records.as_numpy_iterator())
     images = np.stack([e["image"] for e in examples]).astype(np.float32)
     labels = np.array([e["label"] for e in examples])
     assert len(images) == 360
