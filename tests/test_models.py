@@ -204,7 +204,7 @@ def test_headless_outputs_and_pooling(config):
 def test_pyramid_outputs_are_channels_last_at_strides_4_to_32(config):
     model = keras_coat.CoaT(**config, input_shape=(64, 96, 3))
     assert list(model.pyramid_outputs) == ["P2", "P3", "P4", "P5"]
-    extractor = keras.Model(model.inputs, model.pyramid_outputs)
+    extractor = keras.Model(model.input, model.pyramid_outputs)
     features = extractor(_images(2, 64, 96))
     for (level, stride), dim in zip(
         {"P2": 4, "P3": 8, "P4": 16, "P5": 32}.items(), config["embed_dims"]
@@ -255,14 +255,14 @@ def test_keras_file_roundtrip_keeps_class_outputs_pyramid_and_weight_sharing(con
     model = keras_coat.CoaT(**config, input_shape=(64, 96, 3), classes=6)
     x = _images(2, 64, 96)
     expected = _np(model(x))
-    expected_pyramid = keras.Model(model.inputs, model.pyramid_outputs)(x)
+    expected_pyramid = keras.Model(model.input, model.pyramid_outputs)(x)
     path = tmp_path / "model.keras"
     model.save(path)
     restored = keras.models.load_model(path)
     assert type(restored) is keras_coat.CoaTImageClassifier
     assert type(restored.backbone) is keras_coat.CoaTBackbone
     np.testing.assert_array_equal(_np(restored(x)), expected)
-    pyramid = keras.Model(restored.inputs, restored.pyramid_outputs)(x)
+    pyramid = keras.Model(restored.input, restored.pyramid_outputs)(x)
     for level in ("P2", "P3", "P4", "P5"):
         np.testing.assert_array_equal(_np(pyramid[level]), _np(expected_pyramid[level]))
     assert restored.count_params() == model.count_params()
@@ -291,7 +291,7 @@ def test_weights_h5_roundtrip_and_loading_into_a_headless_model(tmp_path):
 
     backbone = keras_coat.CoaT(**TINY_COAT, input_shape=(64, 64, 3), include_top=False,
                                pooling="token", weights=path)
-    full_features = keras.Model(model.inputs, model.get_layer("aggregate").output)
+    full_features = keras.Model(model.input, model.get_layer("aggregate").output)
     np.testing.assert_allclose(_np(backbone(x)), _np(full_features(x)), atol=1e-6)
 
     other = dict(TINY_COAT, serial_depths=(2, 1, 1, 1))

@@ -79,7 +79,7 @@ def test_pyramid_features_equal_the_reference_intermediate_outputs(name):
     )
     model = keras_coat.create_model(name, input_shape=(224, 256, 3), include_preprocessing=False)
     assign_state_dict(model, weights)
-    extractor = keras.Model(model.inputs, model.pyramid_outputs)
+    extractor = keras.Model(model.input, model.pyramid_outputs)
     images = random_images(1, 224, 256, seed=2)
     expected = torch_forward(features_reference, images)
     features = extractor.predict(images, verbose=0)
