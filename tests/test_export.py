@@ -631,3 +631,59 @@ for export, path in ((export_saved_model, {str(tmp_path / "sm")!r}),
     assert result.returncode == 2 and "KERAS_BACKEND=tensorflow" in result.stderr
     assert "Traceback" not in result.stderr
     assert sorted(os.listdir(tmp_path)) == []
+
+
+def _toy(input_size=(8, 8)):
+    inputs = keras.Input((*input_size, 3))
+    x = keras.layers.GlobalAveragePooling2D()(inputs)
+    return keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(x))
+
+
+def test_the_contract_reads_the_models_preprocessing_and_class_names():
+    from types import SimpleNamespace
+
+    model = _toy()
+    default = serving.serving_contract(model)
+    assert default.class_names == ("class_0", "class_1", "class_2")
+    assert default.crop_pct == imagenet.DEFAULT_CROP_PCT and default.mean == imagenet.IMAGENET_MEAN
+    assert default.normalize and not default.softmax  # no normalization layer; softmax output
+
+    model.class_names = ["cat", "dog", "bird"]
+    model.preprocessing = SimpleNamespace(
+        image_size=(8, 8), crop_pct=0.95, interpolation="bicubic", mean=(0.5, 0.5, 0.5),
+        std=[0.25, 0.25, 0.25],
+    )
+    carried = serving.serving_contract(model)
+    assert carried.class_names == ("cat", "dog", "bird") and carried.crop_pct == 0.95
+    assert carried.mean == (0.5, 0.5, 0.5) and carried.std == (0.25, 0.25, 0.25)
+    # The graph normalizes with the model's own mean and std.
+    pixels = tf.fill((1, 8, 8, 3), 191.25)  # (191.25 - 127.5) / 63.75 == 1
+    expected = model(tf.ones((1, 8, 8, 3))).numpy()
+    np.testing.assert_allclose(carried.probabilities_fn(model)(pixels).numpy(), expected, atol=1e-6)
+    # Explicit arguments win.
+    explicit = serving.serving_contract(model, class_names=["a", "b", "c"], crop_pct=0.5)
+    assert explicit.class_names == ("a", "b", "c") and explicit.crop_pct == 0.5
+    # A dict works as well, and a wrong value is named.
+    model.preprocessing = {"crop_fraction": 0.8, "mean": (0.1, 0.2)}
+    with pytest.raises(ValueError, match=re.escape("`preprocessing.mean` must be three")):
+        serving.serving_contract(model)
+    model.preprocessing = {"crop_fraction": 0.8, "interpolation": "bilinear"}
+    with pytest.raises(ValueError, match="'bilinear' interpolation"):
+        serving.serving_contract(model)
+    model.preprocessing = {"crop_fraction": 0.8}
+    assert serving.serving_contract(model).crop_pct == 0.8
+    model.class_names = ["only one"]
+    with pytest.raises(ValueError, match="1 names but the model has 3"):
+        serving.serving_contract(model)
+
+
+def test_a_model_of_any_input_size_is_served_at_its_preprocessing_size():
+    from types import SimpleNamespace
+
+    model = _toy(input_size=(None, None))
+    with pytest.raises(ValueError, match="pass `image_size`"):
+        serving.serving_contract(model)
+    model.preprocessing = SimpleNamespace(image_size=(32, 48))
+    contract = serving.serving_contract(model)
+    assert (contract.height, contract.width) == (32, 48)
+    assert serving.serving_contract(model, image_size=16).height == 16

@@ -96,11 +96,16 @@ def serving_contract(
 
     ``class_names`` default: ``model.class_names`` if the model carries them, else the ImageNet
     names for 1000 classes, ``"class_<i>"`` otherwise. ``crop_pct`` default: the crop fraction
-    of ``model.preprocessing`` if the model carries one, else ``DEFAULT_CROP_PCT``. The other
-    arguments are those of `keras_coat.export.export_saved_model`.
+    of ``model.preprocessing`` if the model carries one, else ``DEFAULT_CROP_PCT``;
+    ``image_size`` default for a model without a fixed input size: its
+    ``model.preprocessing.image_size``. The other arguments are those of
+    `keras_coat.export.export_saved_model`.
     """
-    height, width, classes = check_model_shapes(model, image_size)
     preprocessing = getattr(model, "preprocessing", None)
+    if image_size is None and _has_free_input_size(model):
+        image_size = _preprocessing_value(preprocessing, ("image_size",))
+        image_size = tuple(image_size) if isinstance(image_size, list) else image_size
+    height, width, classes = check_model_shapes(model, image_size)
     if crop_pct is None:
         crop_pct = _preprocessing_value(preprocessing, ("crop_pct", "crop_fraction"))
         crop_pct = DEFAULT_CROP_PCT if crop_pct is None else crop_pct
@@ -135,6 +140,11 @@ def serving_contract(
         normalize=needs_normalization(model, model_input),
         softmax=needs_softmax(model, model_output),
     )
+
+
+def _has_free_input_size(model):
+    shape = getattr(model, "inputs", None) and tuple(model.inputs[0].shape)
+    return bool(shape) and len(shape) == 4 and None in shape[1:3]
 
 
 def _preprocessing_value(preprocessing, names):
