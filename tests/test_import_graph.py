@@ -31,7 +31,6 @@ LAYERS = {
     "keras_coat.utils": 0,
     "keras_coat.layers": 0,
     "keras_coat.blocks": 0,
-    "keras_coat._keras_internals": 0,  # used by training only: it moves to training/
     # What identifies a checkpoint, and the ImageNet conventions (classes, evaluation transform).
     "keras_coat.presets": 1,
     "keras_coat.imagenet": 1,

@@ -79,6 +79,17 @@ BLOCKS = {
 }
 
 
+# Blocks that still warn, and why; strict: the test fails once they no longer do, so that the
+# entry goes.
+KNOWN_WARNINGS = {
+    "detector.fit(train.shuffle(1000).batch(8, drop_remainder=True), epochs=20)": (
+        "fit warns three times: Keras notes that fit's default shuffle=True does not apply to a "
+        "tf.data.Dataset, and the optimizer finds no gradients for the backbone's final "
+        "LayerNorm (norm4), which the RetinaNet does not read (the backbone's, to fix there)"
+    ),
+}
+
+
 def readme_blocks():
     """``[(line, code)]`` of every ```python block of README.md."""
     text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
@@ -103,6 +114,8 @@ def _cases():
     for line, code in readme_blocks():
         key = _key(code)
         marks = [pytest.mark.slow] if BLOCKS[key][2] else []
+        if key in KNOWN_WARNINGS:
+            marks.append(pytest.mark.xfail(reason=KNOWN_WARNINGS[key], strict=True))
         yield pytest.param(line, code, key, id=f"README.md:{line}", marks=marks)
 
 

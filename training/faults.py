@@ -28,8 +28,11 @@ import signal
 import socket
 import sys
 import tempfile
+import uuid
 
 import keras
+
+from keras_coat.utils.files import publish_directory
 
 from training.callbacks import write_json
 
@@ -384,7 +387,9 @@ class CheckedBackupAndRestore(keras.callbacks.BackupAndRestore):
         os.makedirs(self.backup_dir, exist_ok=True)
         _remove_unpublished(self.backup_dir)
         number = int(os.path.basename(newest[0])) + 1 if newest else 1
-        temporary = tempfile.mkdtemp(prefix=".tmp-", dir=self.backup_dir)
+        # mkdir, not mkdtemp: the backup gets the umask's permissions, as every published file.
+        temporary = os.path.join(self.backup_dir, f".tmp-{uuid.uuid4().hex}")
+        os.mkdir(temporary)
         try:
             self.model.save_weights(os.path.join(temporary, WEIGHTS_FILE))
             with open(os.path.join(temporary, METADATA_FILE), "w") as f:
@@ -397,10 +402,8 @@ class CheckedBackupAndRestore(keras.callbacks.BackupAndRestore):
                 f.write(sums)
             for name in (WEIGHTS_FILE, METADATA_FILE, CHECKSUMS_FILE, ""):
                 _fsync(os.path.join(temporary, name))
-            os.chmod(temporary, 0o755)  # mkdtemp's 0o700 would make the backup private
             path = os.path.join(self.backup_dir, f"{number:06d}")
-            os.rename(temporary, path)
-            _fsync(self.backup_dir)
+            publish_directory(temporary, path)
         finally:
             shutil.rmtree(temporary, ignore_errors=True)
         for old in _published_backups(self.backup_dir)[KEPT_BACKUPS:]:
