@@ -70,7 +70,7 @@ Args:
 
 The returned model's `pyramid_outputs` property holds the multi-scale features (strides 4, 8, 16,
 32) as a dict keyed `"P2"`..`"P5"` of channels-last maps, as KerasHub backbones do: build a
-feature extractor with `keras.Model(model.inputs, model.pyramid_outputs)`. `model.backbone` is
+feature extractor with `keras.Model(model.input, model.pyramid_outputs)`. `model.backbone` is
 the `CoaTBackbone` it holds; `model.preprocessing` the evaluation transform of the checkpoint
 and `model.class_names` its classes.
 

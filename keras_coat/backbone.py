@@ -272,7 +272,7 @@ class CoaTBackbone(keras.Model):
         self.image_shape = (height, width, channels)
         self.drop_path_rate = drop_path_rate
         # A plain dict, set past Keras' attribute tracking: a tracked dict is no longer a dict
-        # that JAX accepts as the outputs of `keras.Model(model.inputs, model.pyramid_outputs)`.
+        # that JAX accepts as the outputs of `keras.Model(model.input, model.pyramid_outputs)`.
         object.__setattr__(self, "_pyramid_outputs", pyramid)
 
     @property

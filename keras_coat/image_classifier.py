@@ -68,7 +68,7 @@ class CoaTImageClassifier(keras.Model):
         name: the model's name.
 
     `pyramid_outputs`: the backbone's feature maps `"P2"`..`"P5"` as tensors of this model's
-    graph, so `keras.Model(model.inputs, model.pyramid_outputs)` extracts them from the model's
+    graph, so `keras.Model(model.input, model.pyramid_outputs)` extracts them from the model's
     own inputs.
     """
 
