@@ -24,6 +24,10 @@ $(OLDEST_KERAS)/.installed: $(STAMP)
 
 venv: $(STAMP) $(OLDEST_KERAS)/.installed
 
+# Two pytest workers (pytest-xdist), a test file each at a time: CI has 2 cores, and many tests
+# wait on subprocesses or I/O while the other worker computes.
+PYTEST := $(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
+
 # The whole suite on TensorFlow (slow tests included), then the layer, model, parity and
 # serialization tests again on JAX and on PyTorch (and KerasHub's RetinaNet on PyTorch), then
 # training.train on the JAX engine. Two slow serialization tests run on TensorFlow only: the
@@ -35,28 +39,26 @@ BACKEND_TESTS := tests/test_layers.py tests/test_models.py tests/test_parity.py 
 	--deselect tests/test_serialization.py::test_the_package_works_without_keras_hub
 
 test: $(STAMP) $(OLDEST_KERAS)/.installed
-	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q -p no:cacheprovider \
-		--ignore=tests/test_training_jax.py
+	TF_CPP_MIN_LOG_LEVEL=2 $(PYTEST) --ignore=tests/test_training_jax.py
 	$(MAKE) --no-print-directory test-jax
 	$(MAKE) --no-print-directory test-torch
 	$(MAKE) --no-print-directory test-train-jax
 
 test-jax: $(STAMP)
-	KERAS_BACKEND=jax TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q -p no:cacheprovider \
-		$(BACKEND_TESTS)
+	KERAS_BACKEND=jax TF_CPP_MIN_LOG_LEVEL=2 $(PYTEST) $(BACKEND_TESTS)
 
 test-torch: $(STAMP)
-	KERAS_BACKEND=torch TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q -p no:cacheprovider \
-		$(BACKEND_TESTS) tests/test_hub.py::test_retinanet_on_a_coat_backbone_trains_saves_and_loads
+	KERAS_BACKEND=torch TF_CPP_MIN_LOG_LEVEL=2 $(PYTEST) $(BACKEND_TESTS) \
+		tests/test_hub.py::test_retinanet_on_a_coat_backbone_trains_saves_and_loads
 
 # training.train on the JAX engine: its tf.data pipelines under JAX, then one device, two host
 # devices and two processes on 127.0.0.1 (same weights), a killed process and the resumed rerun.
 test-train-jax: $(STAMP)
-	KERAS_BACKEND=jax TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q -p no:cacheprovider \
+	KERAS_BACKEND=jax TF_CPP_MIN_LOG_LEVEL=2 $(PYTEST) \
 		tests/test_tf_pipeline.py tests/test_training_jax.py
 
 test-fast: $(STAMP)
-	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q -p no:cacheprovider -m "not slow"
+	TF_CPP_MIN_LOG_LEVEL=2 $(PYTEST) -m "not slow"
 
 # Trains CoaT-Lite Tiny on scikit-learn's handwritten digits, exports it as a SavedModel and
 # classifies held-out digits through the export.
