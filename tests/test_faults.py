@@ -168,7 +168,9 @@ def test_backups_are_whole_checksummed_and_the_newest_two_kept(tmp_path):
         digest, name = line.split("  ")
         assert hashlib.sha256((newest / name).read_bytes()).hexdigest() == digest
     assert [line.split("  ")[1] for line in lines] == ["model.weights.h5", "training_metadata.json"]
-    assert json.loads((newest / "training_metadata.json").read_text()) == {"epoch": 3, "steps": 0}
+    assert json.loads((newest / "training_metadata.json").read_text()) == {
+        "epoch": 3, "steps": 0, "random_states": []
+    }
 
     messages = []
     backup = faults.find_backup(str(tmp_path / "backup"), say=messages.append)
@@ -276,18 +278,39 @@ def test_sigterm_saves_a_backup_after_the_step_in_progress_and_stops(tmp_path):
         "command to continue from it."
     )
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handler restored
-    assert json.loads((backup / "training_metadata.json").read_text()) == {"epoch": 1, "steps": 2}
+    metadata = json.loads((backup / "training_metadata.json").read_text())
+    assert metadata == {"epoch": 1, "steps": 2, "random_states": []}  # the model draws none
     resume = faults.find_backup(str(tmp_path / "backup"))
-    assert (resume.epoch, resume.steps) == (1, 2)
+    assert (resume.epoch, resume.steps, resume.random_states) == (1, 2, [])
     assert resume.position_text() == "after step 2 of epoch 2"
     shutil.copytree(tmp_path / "backup", tmp_path / "copy")
     resumed = _model()
     history, _ = _fit(resumed, tmp_path / "backup", epochs=1, resume=resume)
     assert history.history == {} and _same(resumed.get_weights(), seen["weights"])
-    # The epoch in progress starts over with those weights.
-    copy = faults.find_backup(str(tmp_path / "copy"))
-    history, _ = _fit(_model(), tmp_path / "copy", epochs=3, resume=copy)
-    assert len(history.history["loss"]) == 2
+
+
+def test_a_run_resumed_within_an_epoch_ends_as_an_uninterrupted_one(tmp_path):
+    def signal_in_epoch_2(epoch, batch, model):
+        if (epoch, batch) == (1, 1):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(faults.Preempted):
+        _fit(_model(), tmp_path / "backup", epochs=3, action=signal_in_epoch_2)
+    _, uninterrupted = _fit(_model(), tmp_path / "reference", epochs=3)
+    resume = faults.find_backup(str(tmp_path / "backup"))
+    model = _model()
+    backup = faults.CheckedBackupAndRestore(str(tmp_path / "backup"), resume=resume)
+    positions = []
+    recorder = _Call(lambda epoch, batch, model: positions.append(backup._steps_in_epoch))
+    x, y = _data()
+    rest = slice(resume.steps * 8, None)  # the epoch's remaining batches, then whole epochs
+    for data, first, end in [((x[rest], y[rest]), 1, 2), ((x, y), 2, 3)]:
+        model.fit(
+            *data, batch_size=8, initial_epoch=first, epochs=end, shuffle=False, verbose=0,
+            callbacks=[backup, recorder],
+        )  # fmt: skip
+    assert positions == [3, 4, 1, 2, 3, 4]  # steps of the epoch, counted from the backup's
+    assert _same(model.get_weights(), uninterrupted.epoch_weights[3])
 
 
 def test_processes_stop_at_the_same_step_when_any_of_them_is_asked(tmp_path):

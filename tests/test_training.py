@@ -161,6 +161,18 @@ def test_training_pipeline_is_static_and_a_function_of_seed_and_epoch(digits):
     assert not np.array_equal(full[0][0], _batches(recipe, digits, 0, 1, seed=1)[0][0])
 
 
+def test_a_run_resumed_within_an_epoch_sees_the_rest_of_its_batches(digits):
+    recipe = recipes.override(recipes.get_recipe("demo"), {"epochs": 3, "batch_size": 8})
+    full = _batches(recipe, digits, 0, 6)
+    ds = data.train_dataset(recipe, digits, 0, 1, max_steps=2, start_step=1, end_epoch=2)
+    rest_of_epoch = [tuple(t.numpy() for t in batch) for batch in ds]
+    assert len(rest_of_epoch) == 1 == ds.cardinality()
+    np.testing.assert_array_equal(rest_of_epoch[0][0], full[3][0])
+    np.testing.assert_array_equal(rest_of_epoch[0][1], full[3][1])
+    with pytest.raises(ValueError, match=r"start_step 2 of 2 steps per epoch"):
+        data.train_dataset(recipe, digits, 0, 1, max_steps=2, start_step=2)
+
+
 def test_imagenet_augmentation_stack_on_digits(digits):
     recipe = recipes.override(
         recipes.get_recipe("imagenet"),

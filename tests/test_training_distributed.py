@@ -190,7 +190,7 @@ def test_killed_run_resumes_from_its_backup_and_matches_an_uninterrupted_one(tmp
     pausing.wait()
     assert pausing.returncode == -signal.SIGKILL
     backup = json.loads((interrupted / "backup" / "000001" / "training_metadata.json").read_text())
-    assert backup == {"epoch": 1, "steps": 0}
+    assert (backup["epoch"], backup["steps"]) == (1, 0)
     assert (interrupted / ".lock-chief").exists()  # left by the killed run, but not held
     assert json.loads((interrupted / "metrics.json").read_text())["epochs_completed"] == 1
 
@@ -224,6 +224,42 @@ def _wait_for(marker, process):
 
 
 @pytest.mark.slow
+def test_a_run_stopped_by_sigterm_within_an_epoch_resumes_at_its_next_step(tmp_path):
+    # Every per-step random draw of the recipe: drop-path masks (the model's seed generators),
+    # Mixup (per batch) and augmentation (per example); EMA swaps at each epoch's end.
+    args = COMMON + [
+        "--epochs", "2", "--steps-per-epoch", "3", "--drop-path", "0.1", "--mixup", "0.5",
+        "--ema", "0.9", "--deterministic",
+    ]  # fmt: skip
+    out, reference, marker = tmp_path / "run", tmp_path / "reference", tmp_path / "waiting"
+    first = _start([str(marker)] + args + ["--output-dir", str(out)], driver=WAITING_DRIVER)
+    uninterrupted = _start(args + ["--output-dir", str(reference)])
+    _wait_for(marker, first)
+    os.kill(first.pid, signal.SIGTERM)
+    stopped, _ = first.communicate(timeout=TIMEOUT)
+    assert first.returncode == 75, stopped[-4000:]
+    position = json.loads((out / "backup" / "000002" / "training_metadata.json").read_text())
+    assert (position["epoch"], position["steps"]) == (1, 1) and position["random_states"]
+
+    resumed = _finish(_start(args + ["--output-dir", str(out)]))
+    _finish(uninterrupted)
+    assert (
+        f"Resuming from epoch 1: backup {out}/backup/000002 (after step 1 of epoch 2, SHA-256 "
+        "verified); epoch 2 continues at step 2 of 3." in resumed
+    ), resumed[-4000:]
+    assert "Epoch 1/2" not in resumed and "Epoch 2/2" in resumed
+    log = (out / "training_log.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in log[1:]] == ["0", "1"]
+    for name in ("last.keras", "best.keras"):
+        assert _max_difference(_weights(out / name), _weights(reference / name)) == 0.0, name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["status"] == "complete" and metrics["epochs_completed"] == 2
+    assert metrics["val_accuracy"] == json.loads((reference / "metrics.json").read_text())[
+        "val_accuracy"
+    ]
+
+
+@pytest.mark.slow
 def test_a_run_in_use_is_refused_sigterm_saves_and_a_damaged_backup_gives_way(tmp_path):
     out, marker = tmp_path / "run", tmp_path / "waiting"
     args = COMMON + ["--epochs", "3", "--steps-per-epoch", "3", "--output-dir", str(out)]
@@ -251,7 +287,8 @@ def test_a_run_in_use_is_refused_sigterm_saves_and_a_damaged_backup_gives_way(tm
         f"Stopped by SIGTERM after step 1 of epoch 2; backup saved in {backup}. Rerun the same "
         "command to continue from it." in stopped
     )
-    assert json.loads((backup / "training_metadata.json").read_text()) == {"epoch": 1, "steps": 1}
+    position = json.loads((backup / "training_metadata.json").read_text())
+    assert (position["epoch"], position["steps"]) == (1, 1)
 
     weights = backup / "model.weights.h5"
     size = weights.stat().st_size

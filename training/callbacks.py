@@ -30,7 +30,7 @@ class MetricsWriter(keras.callbacks.Callback):
     `previous` is the file of an interrupted session, so the best result survives a resume.
     """
 
-    def __init__(self, path, epochs, global_batch, steps_per_epoch, previous=None):
+    def __init__(self, path, epochs, global_batch, previous=None):
         super().__init__()
         self.path = path
         previous = previous or {}
@@ -41,22 +41,24 @@ class MetricsWriter(keras.callbacks.Callback):
             "best_val_accuracy": previous.get("best_val_accuracy"),
             "best_epoch": previous.get("best_epoch"),
         }
-        self.images_per_epoch = global_batch * steps_per_epoch
+        self.global_batch = global_batch
         self._epoch_start = None
         self._last_step_end = None
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch_start = time.perf_counter()
+        self._steps_run = 0
 
     def on_train_batch_end(self, batch, logs=None):
         self._last_step_end = time.perf_counter()
+        self._steps_run = batch + 1  # fewer than steps_per_epoch in an epoch resumed within
 
     def on_epoch_end(self, epoch, logs=None):
         logs = {k: float(v) for k, v in (logs or {}).items()}
         seconds = self._last_step_end - self._epoch_start
         self.metrics.update(
             epochs_completed=epoch + 1,
-            images_per_second=self.images_per_epoch / seconds,
+            images_per_second=self.global_batch * self._steps_run / seconds,
             train_loss=logs.get("loss"),
             train_accuracy=logs.get("accuracy"),
             val_loss=logs.get("val_loss"),
@@ -80,20 +82,40 @@ class MetricsWriter(keras.callbacks.Callback):
         return dict(self.metrics)
 
 
+def random_states(model):
+    """The model's random-number states (Keras `SeedGenerator` variables, e.g. stochastic
+    depth's), in a fixed order; `save_weights` does not save them."""
+    return [v for v in model.non_trainable_variables if v.name == "seed_generator_state"]
+
+
 class ReseedModelRandomness(keras.callbacks.Callback):
     """Sets the model's random-number states (stochastic depth) from (seed, epoch) at the start
     of every epoch.
 
     Keras keeps them in `SeedGenerator` variables that backups do not save; re-deriving them per
-    epoch makes a resumed run draw the same drop-path masks as an uninterrupted one.
+    epoch makes a resumed run draw the same drop-path masks as an uninterrupted one. A run
+    resumed within epoch `resume_epoch` starts that epoch with `resume_states` instead (the
+    values of `random_states` that the backup recorded after its last step).
     """
 
-    def __init__(self, seed):
+    def __init__(self, seed, resume_epoch=None, resume_states=None):
         super().__init__()
         self.seed = seed
+        self.resume_epoch = resume_epoch
+        self.resume_states = resume_states
 
     def on_epoch_begin(self, epoch, logs=None):
-        states = [v for v in self.model.non_trainable_variables if v.name == "seed_generator_state"]
+        states = random_states(self.model)
+        if epoch == self.resume_epoch and self.resume_states is not None:
+            if len(self.resume_states) != len(states):
+                raise ValueError(
+                    f"The backup records {len(self.resume_states)} random-number states; the "
+                    f"model has {len(states)}. Resume with the model the run started with."
+                )
+            for state, value in zip(states, self.resume_states):
+                state.assign(np.array(value, dtype=state.dtype))
+            self.resume_epoch = self.resume_states = None
+            return
         for index, state in enumerate(states):
             # [stream, counter]: one stream per generator and run; the counter starts per epoch
             # (TensorFlow's int64 states), or a stream per epoch from 0 (JAX's uint32 ones).

@@ -342,11 +342,23 @@ def process_slice(batch_size, process_index, num_processes):
 
 
 def train_dataset(
-    recipe, source, seed, start_epoch=0, max_steps=None, process_index=0, num_processes=1
+    recipe,
+    source,
+    seed,
+    start_epoch=0,
+    max_steps=None,
+    process_index=0,
+    num_processes=1,
+    start_step=0,
+    end_epoch=None,
 ):
-    """Batches of (images, one-hot labels) for epochs `start_epoch` .. `recipe.epochs - 1`.
+    """Batches of (images, one-hot labels) for epochs `start_epoch` .. `end_epoch - 1` (default:
+    the recipe's last), the first of them from its batch `start_step` on.
 
-    Exactly `steps_per_epoch` batches per epoch; epoch `e` is the same whatever `start_epoch` is.
+    Exactly `steps_per_epoch` batches per epoch; epoch `e` is the same whatever `start_epoch` is,
+    and its batches from `start_step` on are the same whatever `start_step` is (a run resumed
+    within an epoch sees the batches an uninterrupted one would). The examples of the
+    `start_step` batches skipped are neither decoded nor augmented.
     Of `num_processes`, process `process_index` gets its slice of every global batch, decoding
     and augmenting only its own examples; batch-level augmentation (RandAugment, random erasing,
     Mixup/CutMix) then works on that slice, with the slice's own seed, as timm's
@@ -360,7 +372,15 @@ def train_dataset(
     repeats = recipe.repeated_augmentations
     run_seed = tf.constant([seed, 0], tf.int64)
 
-    def epoch(index):
+    end_epoch = recipe.epochs if end_epoch is None else end_epoch
+    if not 0 <= start_step < steps or not start_epoch + bool(start_step) <= end_epoch:
+        raise ValueError(
+            f"train_dataset: start_step {start_step} of {steps} steps per epoch, epochs "
+            f"{start_epoch}..{end_epoch}; allowed: 0 <= start_step < steps per epoch, "
+            "start_epoch <= end_epoch (< with a start_step)."
+        )
+
+    def epoch(index, skipped_steps):
         # Pin this function graph's seed: with a global seed of 0, TF's get_seed compares the
         # tensor op seed below with 0 as a Python bool and fails.
         tf.random.set_seed(1)
@@ -372,7 +392,11 @@ def train_dataset(
             records = records.flat_map(
                 lambda r: tf.data.Dataset.from_tensors(r).repeat(repeats)
             )
+        # Positions count from the epoch's first example, skipped or not: each example's
+        # augmentation is a function of (seed, epoch, position).
         records = records.take(steps * recipe.batch_size).enumerate()
+        if skipped_steps:
+            records = records.skip(skipped_steps * recipe.batch_size)
         if keep is not None:
             records = records.filter(lambda i, r: keep(i))
         examples = records.map(
@@ -382,16 +406,20 @@ def train_dataset(
         )
         batches = examples.batch(local_batch, drop_remainder=True)
         batch_seed = epoch_seed if keep is None else augment.fold_in(epoch_seed, 3, process_index)
-        return batches.enumerate().map(
+        return batches.enumerate(start=skipped_steps).map(
             lambda i, batch: transform.batch(*batch, augment.fold_in(batch_seed, 2, i)),
             num_parallel_calls=AUTOTUNE,
             deterministic=True,
         )
 
-    dataset = tf.data.Dataset.range(start_epoch, recipe.epochs).flat_map(epoch)
+    whole_from = start_epoch + 1 if start_step else start_epoch
+    dataset = tf.data.Dataset.range(whole_from, max(whole_from, end_epoch)).flat_map(lambda i: epoch(i, 0))
+    if start_step:
+        rest_of_first = tf.data.Dataset.range(start_epoch, start_epoch + 1)
+        dataset = rest_of_first.flat_map(lambda i: epoch(i, start_step)).concatenate(dataset)
     # Stated, so that Keras knows where the data ends (flat_map and filter hide it).
     dataset = dataset.apply(
-        tf.data.experimental.assert_cardinality((recipe.epochs - start_epoch) * steps)
+        tf.data.experimental.assert_cardinality((end_epoch - start_epoch) * steps - start_step)
     )
     return dataset.prefetch(AUTOTUNE).with_options(pipeline_options())
 

@@ -96,8 +96,7 @@ def train_detector(recipe, args, work_dir, strategy, metrics_path):
     if start_epoch:
         print(f"Resuming from epoch {start_epoch} (backup in {backup_dir}).")
     writer = MetricsWriter(
-        metrics_path, recipe.epochs, recipe.batch_size, recipe.steps_per_epoch,
-        train.read_run_file(metrics_path),
+        metrics_path, recipe.epochs, recipe.batch_size, train.read_run_file(metrics_path),
     )
     callbacks = [
         # First, so that the restored epoch and weights are in place for everyone else.

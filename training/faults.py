@@ -34,7 +34,7 @@ import keras
 
 from keras_coat.utils.files import publish_directory
 
-from training.callbacks import write_json
+from training.callbacks import random_states, write_json
 
 # EX_TEMPFAIL (sysexits.h): a temporary failure, the command may be retried. A run stopped by
 # SIGTERM exits with it after saving its backup; rerunning the same command continues the run.
@@ -186,10 +186,13 @@ class OutputDirLock:
 class Backup:
     """One published backup: its folder and the training position it holds."""
 
-    def __init__(self, path, epoch, steps):
+    def __init__(self, path, epoch, steps, random_states=None):
         self.path = path
         self.epoch = epoch  # epochs completed before it
         self.steps = steps  # steps of epoch `epoch` (0-based) completed after those
+        # The model's random-number states after those steps (lists of ints; None when the
+        # backup has none recorded): a run resumed within an epoch continues from them.
+        self.random_states = random_states
 
     def position_text(self):
         if self.steps:
@@ -257,7 +260,10 @@ def check_backup(path):
     try:
         with open(os.path.join(path, METADATA_FILE)) as f:
             metadata = json.load(f)
-        return Backup(path, int(metadata["epoch"]), int(metadata["steps"]))
+        states = metadata.get("random_states")
+        if states is not None:
+            states = [[int(x) for x in state] for state in states]
+        return Backup(path, int(metadata["epoch"]), int(metadata["steps"]), states)
     except (OSError, ValueError, KeyError, TypeError) as error:  # checksummed, yet not ours
         raise damaged(f"{METADATA_FILE} holds no training position ({error!r})") from None
 
@@ -334,8 +340,13 @@ class CheckedBackupAndRestore(keras.callbacks.BackupAndRestore):
     optimizer), `training_metadata.json` (epochs completed, steps into the next) and `SHA256SUMS`;
     it is written under a temporary name, flushed to disk and renamed, so a reader sees whole
     backups only. The newest `KEPT_BACKUPS` are kept. Restoring loads the backup that
-    `find_backup` chose before training (`resume`). As with Keras' callback, a backup taken
-    within an epoch resumes at the start of that epoch with the weights it holds.
+    `find_backup` chose before training (`resume`).
+
+    A backup taken within an epoch (after step k) also records the model's random-number states.
+    The `fit` that restores it must be fed the rest of that epoch only (its steps k+1.. of that
+    epoch, e.g. `training.data.train_dataset(..., start_step=k, end_epoch=epoch + 1)`): this
+    callback counts that fit's first steps from k + 1, and the trainer passes the states to
+    `training.callbacks.ReseedModelRandomness`. Keras' own callback restarts the epoch instead.
 
     Args:
         backup_dir: the folder of the backups (nothing else may write there).
@@ -350,6 +361,7 @@ class CheckedBackupAndRestore(keras.callbacks.BackupAndRestore):
         super().__init__(backup_dir, save_freq=save_freq, delete_checkpoint=delete_checkpoint)
         self.resume = resume
         self._steps_in_epoch = 0
+        self._steps_before = 0  # steps of the current epoch trained before this fit
         self._saved_at = None
 
     def on_train_begin(self, logs=None):
@@ -361,19 +373,27 @@ class CheckedBackupAndRestore(keras.callbacks.BackupAndRestore):
         model.load_weights(os.path.join(self.resume.path, WEIGHTS_FILE))
         model._initial_epoch = self.resume.epoch  # what Keras' BackupAndRestore sets
         self._current_epoch = self.resume.epoch
+        self._steps_before = self.resume.steps
         self._saved_at = (self.resume.epoch, self.resume.steps)
+        self.resume = None  # restored: a later `fit` (the next epochs) continues from here
 
     def on_epoch_begin(self, epoch, logs=None):
         self._current_epoch = epoch
-        self._steps_in_epoch = 0
+        self._steps_in_epoch = self._steps_before
 
     def on_train_batch_end(self, batch, logs=None):
-        self._steps_in_epoch = batch + 1
+        self._steps_in_epoch = self._steps_before + batch + 1
         super().on_train_batch_end(batch, logs)
 
     def on_epoch_end(self, epoch, logs=None):
-        self._steps_in_epoch = 0
+        self._steps_in_epoch = self._steps_before = 0
         super().on_epoch_end(epoch, logs)
+
+    def on_train_end(self, logs=None):
+        # Keras' fit starts at `_initial_epoch` whenever it is set: only the fit that restored
+        # the backup may, not the one that continues after it.
+        self.model._initial_epoch = None
+        super().on_train_end(logs)
 
     def save_now(self):
         """Publishes a backup of the current position (unless it is already the newest)."""
@@ -393,7 +413,13 @@ class CheckedBackupAndRestore(keras.callbacks.BackupAndRestore):
         try:
             self.model.save_weights(os.path.join(temporary, WEIGHTS_FILE))
             with open(os.path.join(temporary, METADATA_FILE), "w") as f:
-                json.dump({"epoch": position[0], "steps": position[1]}, f)
+                states = [
+                    keras.ops.convert_to_numpy(state).tolist()
+                    for state in random_states(self.model)
+                ]
+                json.dump(
+                    {"epoch": position[0], "steps": position[1], "random_states": states}, f
+                )
             sums = "".join(
                 f"{_sha256(os.path.join(temporary, name))}  {name}\n"
                 for name in (WEIGHTS_FILE, METADATA_FILE)

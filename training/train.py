@@ -230,13 +230,18 @@ def make_callbacks(
 
     previous = read_json(metrics_path) or {}
     best = previous.get("best_val_accuracy")
-    metrics_writer = MetricsWriter(metrics_path, recipe.epochs, global_batch, steps, previous)
+    metrics_writer = MetricsWriter(metrics_path, recipe.epochs, global_batch, previous)
     # First, so that the restored epoch and weights are in place for everyone else.
     # Kept after fit until the run's outputs are written (main removes it).
     backup = faults.CheckedBackupAndRestore(
         os.path.join(work_dir, "backup"), recipe.backup_every, resume, delete_checkpoint=False
     )
-    callbacks = [backup, faults.StopOnSignal(backup, agree=agree), ReseedModelRandomness(seed)]
+    reseed = (
+        ReseedModelRandomness(seed, resume.epoch, resume.random_states)
+        if resume is not None and resume.steps
+        else ReseedModelRandomness(seed)
+    )
+    callbacks = [backup, faults.StopOnSignal(backup, agree=agree), reseed]
     if recipe.ema_momentum is not None:
         # Validation and the epoch's checkpoints see the EMA weights, as the reference evaluates
         # its EMA model. After BackupAndRestore, so backups keep the raw weights to resume from.
@@ -361,9 +366,31 @@ def _train(args, held):
         )
         steps = data.steps_per_epoch(recipe, source, args.steps_per_epoch)
         shard = dict(process_index=engine.process_index, num_processes=engine.num_processes)
-        train_ds = data.train_dataset(
-            recipe, source, args.seed, start_epoch, args.steps_per_epoch, **shard
-        )
+        # A backup taken within an epoch (after step k) resumes in two `fit` calls: the rest of
+        # that epoch (its batches k+1.., `steps - k` steps), then the epochs after it. One
+        # dataset of (rest, whole epochs) in a single fit cannot do it: Keras' epochs all have
+        # `steps_per_epoch` steps, so every later epoch would end k steps into the next one's
+        # data, with validation, checkpoints, EMA swaps and the log rows at the wrong places.
+        # Two fits keep Keras' epoch numbering (initial_epoch) and every callback's per-epoch
+        # work; the callbacks carry their state from one fit to the next.
+        within_epoch = resume.steps if resume else 0
+        fits = [  # (dataset, first epoch, end epoch, steps per epoch)
+            (
+                data.train_dataset(
+                    recipe, source, args.seed, start_epoch, args.steps_per_epoch, **shard,
+                    start_step=within_epoch, end_epoch=start_epoch + 1,
+                ),
+                start_epoch, start_epoch + 1, steps - within_epoch,
+            )
+        ] if within_epoch else []  # fmt: skip
+        first_whole = start_epoch + 1 if within_epoch else start_epoch
+        # Called even with no epoch left when it is the only fit: its start restores the backup
+        # (a run stopped after its last epoch, before evaluation and export).
+        if first_whole < recipe.epochs or not fits:
+            whole_epochs = data.train_dataset(
+                recipe, source, args.seed, first_whole, args.steps_per_epoch, **shard
+            )
+            fits.append((whole_epochs, first_whole, recipe.epochs, steps))
         val_ds = data.eval_dataset(recipe, source, **shard)
 
         replicas = engine.replicas
@@ -381,7 +408,11 @@ def _train(args, held):
             say(
                 f"Resuming from epoch {start_epoch}: backup {resume.path} "
                 f"({resume.position_text()}, SHA-256 verified)"
-                + (", the epoch's steps start over with its weights." if resume.steps else ".")
+                + (
+                    f"; epoch {start_epoch + 1} continues at step {resume.steps + 1} of {steps}."
+                    if resume.steps
+                    else "."
+                )
             )
 
         with engine.scope():
@@ -397,15 +428,17 @@ def _train(args, held):
     )
     started = time.time()
     try:
-        model.fit(
-            train_ds,
-            epochs=recipe.epochs,
-            steps_per_epoch=steps,
-            validation_data=val_ds,
-            callbacks=callbacks,
-            shuffle=False,  # the pipeline shuffles, per epoch and seed
-            verbose=args.verbose if chief else 0,
-        )
+        for train_ds, first_epoch, end_epoch, fit_steps in fits:
+            model.fit(
+                train_ds,
+                initial_epoch=first_epoch,
+                epochs=end_epoch,
+                steps_per_epoch=fit_steps,
+                validation_data=val_ds,
+                callbacks=callbacks,
+                shuffle=False,  # the pipeline shuffles, per epoch and seed
+                verbose=args.verbose if chief else 0,
+            )
     except faults.Preempted as stop:
         say(stop)
         raise SystemExit(faults.PREEMPTED_EXIT_STATUS) from None
