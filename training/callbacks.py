@@ -43,19 +43,19 @@ class MetricsWriter(keras.callbacks.Callback):
         }
         self.global_batch = global_batch
         self._epoch_start = None
-        self._last_step_end = None
+        self.last_step_end = None  # time.perf_counter() at the end of the latest step
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch_start = time.perf_counter()
         self._steps_run = 0
 
     def on_train_batch_end(self, batch, logs=None):
-        self._last_step_end = time.perf_counter()
+        self.last_step_end = time.perf_counter()
         self._steps_run = batch + 1  # fewer than steps_per_epoch in an epoch resumed within
 
     def on_epoch_end(self, epoch, logs=None):
         logs = {k: float(v) for k, v in (logs or {}).items()}
-        seconds = self._last_step_end - self._epoch_start
+        seconds = self.last_step_end - self._epoch_start
         self.metrics.update(
             epochs_completed=epoch + 1,
             images_per_second=self.global_batch * self._steps_run / seconds,

@@ -161,6 +161,11 @@ class Engine:
     def check_same_everywhere(self, value, what):
         """A no-op: each worker resumes from its own backup as tf.distribute expects."""
 
+    def lost_process_message(self, error, seconds_since_step=None):
+        """None: TensorFlow's collective errors already name the lost worker; they are left as
+        they are."""
+        return None
+
     def prepare(self, model, val_ds):
         """Readies a compiled model for `fit` under this strategy."""
         if self.multi_worker:

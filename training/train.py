@@ -303,6 +303,10 @@ def start_engine(args):
     return engine_lib.start(args, args.seed, args.deterministic)
 
 
+class LostProcess(Exception):
+    """Another process of the job stopped, so this one cannot go on; the message says so."""
+
+
 def main(argv=None):
     args = parse_args(argv)
     with refuse_setup_errors():
@@ -442,6 +446,14 @@ def _train(args, held):
     except faults.Preempted as stop:
         say(stop)
         raise SystemExit(faults.PREEMPTED_EXIT_STATUS) from None
+    except Exception as error:
+        last = metrics_writer.last_step_end
+        lost = engine.lost_process_message(
+            error, None if last is None else time.perf_counter() - last
+        )
+        if lost is None:
+            raise
+        raise LostProcess(lost) from error
     # With EMA, fit ends with the averaged weights in the model: measure, save and export those.
     final = model.evaluate(val_ds, verbose=0, return_dict=True)
     model.save(os.path.join(work_dir, "last.keras"))
@@ -488,5 +500,12 @@ def export(model, work_dir, export_dir, source, recipe):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except LostProcess as lost:
+        sys.stdout.flush()
+        print(lost, file=sys.stderr, flush=True)
+        # Not SystemExit: at exit JAX's distributed runtime would wait in its shutdown barrier
+        # for the lost process until the heartbeat timeout, then abort with a C++ stack trace.
+        os._exit(1)
     sys.exit(0)
