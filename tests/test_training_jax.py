@@ -158,9 +158,9 @@ def test_a_killed_process_stops_its_peer_and_a_rerun_resumes_to_the_same_weights
     (line,) = [line for line in output.splitlines() if line.startswith("error:")]
     assert re.fullmatch(
         r"error: another process of this job stopped \((process 1|a process) of 2, according to "
-        r"JAX's distributed runtime; this process's last training step ended \d+\.\d s before\), "
-        r"so process 0 stopped too\. Rerun the same command on every process to resume from the "
-        r"last backup\. JAX's error:",
+        r"JAX's distributed runtime; this process's last training step ended \d+\.\d s before the "
+        r"error\), so process 0 stopped too\. Rerun the same command on every process to resume "
+        r"from the last backup\. JAX's error:",
         line,
     ), output[-4000:]
     assert "Traceback" not in output, output[-4000:]
@@ -211,7 +211,7 @@ def test_the_error_of_a_lost_process_says_what_happened_and_what_to_do():
     )  # what JAX 0.10 raised in the survivor of two processes on CPUs
     assert engine.lost_process_message(gloo, 12.34) == (
         "error: another process of this job stopped (a process of 2, according to JAX's "
-        "distributed runtime; this process's last training step ended 12.3 s before), so "
+        "distributed runtime; this process's last training step ended 12.3 s before the error), so "
         "process 0 stopped too. Rerun the same command on every process to resume from the last "
         f"backup. JAX's error:\n{gloo}"
     )

@@ -126,7 +126,8 @@ class Engine:
         found = LOST_PEER_INDEX.search(text)
         who = f"process {found.group(1) or found.group(2)}" if found else "a process"
         when = (
-            f"; this process's last training step ended {seconds_since_step:.1f} s before"
+            f"; this process's last training step ended {seconds_since_step:.1f} s before the "
+            "error"
             if seconds_since_step is not None
             else ", before this process's first training step"
         )
