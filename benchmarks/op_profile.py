@@ -42,7 +42,10 @@ _LAYOUT_OPS = {"StridedSlice", "ConcatV2", "SplitV", "Split", "Pad", "Transpose"
 def _group(node_name, op_type):
     """Which part of CoaT a runtime op belongs to, from its layer name and op type."""
     parts = node_name.split("/")
-    layer = parts[1] if len(parts) > 1 else parts[0]
+    # The classifier holds its backbone, so a layer's ops sit under `<model>/<backbone>/<layer>/`:
+    # the layer is the first path part below the models.
+    inner = [p for p in parts[1:-1] if "_backbone" not in p] or parts[1:] or parts
+    layer = inner[0]
     if op_type in _DENSE_OPS:
         if "_mlp" in layer and ("Gelu" in node_name or "fc1" in node_name):
             return _DENSE_GELU

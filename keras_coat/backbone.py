@@ -249,7 +249,7 @@ class CoaTBackbone(keras.Model):
             )(final_tokens, sizes[1:])
         if parallel_depth:
             for level, tokens, size in zip(PYRAMID_LEVELS[1:], final_tokens, sizes[1:]):
-                pyramid[level] = TokensToFeatureMap(name=f"parallel_{level}_feature_map")(
+                pyramid[level] = TokensToFeatureMap(name=f"parallel_{level.lower()}_feature_map")(
                     tokens, size=size
                 )
 
