@@ -20,6 +20,7 @@ import keras_coat
 from keras_coat import preset_io, presets, weights
 from keras_coat.backbone import VARIANTS
 from keras_coat.presets import ImagePreprocessing, PresetError
+from keras_coat.utils.files import sha256
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPAT = os.path.join(REPO_ROOT, "tests", "data", "compat_0_1")
@@ -109,6 +110,13 @@ def test_preset_directory_has_keras_hub_file_names(saved_preset):
         assert json.load(f)["registered_name"] == "keras_coat>CoaTBackbone"
     with open(os.path.join(folder, "image_converter.json")) as f:
         assert json.load(f)["crop_pct"] == 0.9
+    with open(os.path.join(folder, "metadata.json")) as f:
+        metadata = json.load(f)
+    # The release that wrote it (also when run from a source tree), and every file's digest.
+    assert metadata["keras_coat_version"] == keras_coat.__version__ == "0.2.0"
+    assert set(metadata["files"]) == files - {"metadata.json"}
+    for name, digest in metadata["files"].items():
+        assert sha256(os.path.join(folder, name)) == digest
     assert not [name for name in os.listdir(os.path.dirname(folder)) if name.startswith(".")]
 
 
@@ -162,7 +170,7 @@ def test_a_failed_write_leaves_the_old_preset_and_no_temporary(tmp_path, monkeyp
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(preset_io, "_publish_directory", crash)
+    monkeypatch.setattr(preset_io, "publish_directory", crash)
     with pytest.raises(OSError, match="disk full"):
         model.with_new_head(2).save_to_preset(folder)
     assert {name: (folder / name).read_bytes() for name in os.listdir(folder)} == before
