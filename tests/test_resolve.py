@@ -16,7 +16,6 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -251,26 +250,34 @@ loader._hub_download = lambda handle: args["hub_snapshot"]
 expected = np.load(args["expected"])
 tiny = dict(embed_dims=(16, 32, 32, 32), serial_depths=(1, 1, 1, 1), mlp_ratios=(2, 2, 2, 2),
             parallel_depth=2)
+small = (64, 64, 3)  # the built-in at 64x64 too: its weights fit every size, and it is faster
 for kind, reference in args["references"].items():
     builtin = kind == "builtin"
-    images, want = expected[kind + "_images"], expected[kind]
-    factory = (keras_coat.CoaTLiteTiny(weights=reference) if builtin else
-               keras_coat.CoaT(**tiny, input_shape=(64, 64, 3), classes=3, weights=reference))
-    recipe = dataclasses.replace(recipes.get_recipe("demo"), image_size=224 if builtin else 64,
-                                 init_weights=reference)
+    classes = 1000 if builtin else 3
+    factory = (keras_coat.CoaTLiteTiny(weights=reference, input_shape=small) if builtin else
+               keras_coat.CoaT(**tiny, input_shape=small, classes=3, weights=reference))
+    recipe = dataclasses.replace(recipes.get_recipe("demo"), image_size=64, init_weights=reference)
     models = {
-        "from_preset": keras_coat.CoaTImageClassifier.from_preset(reference),
+        "from_preset": keras_coat.CoaTImageClassifier.from_preset(reference, image_shape=small),
         "factory": factory,
-        "load_model": keras_coat.load_model(reference),
-        "train": train.build_model(recipe, 1000 if builtin else 3),
+        "train": train.build_model(recipe, classes),
     }
-    for entry, model in models.items():
+    as_saved = keras_coat.load_model(reference)  # at the preset's own size
+    for model in (as_saved, models["from_preset"], factory):
+        assert model.class_names == args["names"][kind], (kind, model.class_names[:3])
+        assert model.preprocessing.crop_pct == (224 / 256 if builtin else 0.9)
+    checks = [(model, expected[kind + "_64"], name) for name, model in models.items()]
+    checks.append((as_saved, expected[kind], "load_model"))
+    for model, want, entry in checks:
+        size = model.input_shape[1]
+        images = expected[kind + "_images"] if size != 64 else expected["images_64"]
         got = np.asarray(keras.ops.convert_to_numpy(model(images)))
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=0, err_msg=f"{kind} {entry}")
     backbone = keras_coat.CoaTBackbone.from_preset(reference)
-    for a, b in zip(backbone.weights, models["from_preset"].backbone.weights):
+    for a, b in zip(backbone.weights, as_saved.backbone.weights):
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))
-    assert cli(["predict", args["image"], "--model", reference, "--json"]) == 0
+    assert cli(["predict", args["image"], "--model", reference, "--image-size", "64",
+                "--json"]) == 0
     print("checked", kind, keras.backend.backend())
 """
 
@@ -278,12 +285,17 @@ for kind, reference in args["references"].items():
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["jax", "torch"])
 def test_every_reference_on_another_backend(world, backend, tmp_path):
-    arrays = {}
+    arrays = {"images_64": world["directory"].images}
     for kind in KINDS:
         arrays[kind], arrays[kind + "_images"] = world[kind].expected, world[kind].images
+        # TensorFlow's outputs at 64x64 (the built-in's are checked against timm at 224 above).
+        model = keras_coat.CoaTImageClassifier.from_preset(world[kind].reference,
+                                                           image_shape=(64, 64, 3))
+        arrays[kind + "_64"] = _np(model(arrays["images_64"]))
     np.savez(tmp_path / "expected.npz", **arrays)
     args = {
         "references": {kind: world[kind].reference for kind in KINDS},
+        "names": {kind: world[kind].names for kind in KINDS},
         "hub_snapshot": str(world["root"] / "hub_snapshot"),
         "expected": str(tmp_path / "expected.npz"),
         "image": _image(world, 64),
