@@ -107,8 +107,11 @@ def resolve(reference):
             f"{reference!r} is neither a preset directory nor a .keras file{hint}; weights files "
             f"must end with {', '.join(WEIGHT_FILE_SUFFIXES)}. {ACCEPTED}"
         )
-    if os.sep in reference or reference.startswith(".") or reference.endswith(".keras"):
-        raise PresetError(f"The preset {reference!r} does not exist. {ACCEPTED}")
+    if os.sep in reference or "." in reference:  # a path, not a name
+        raise PresetError(
+            f"{reference!r} does not exist (no such preset directory or .keras file; a weights "
+            f"file's name must end with {', '.join(WEIGHT_FILE_SUFFIXES)}). {ACCEPTED}"
+        )
     raise PresetError(f"Unknown CoaT preset {reference!r}. {ACCEPTED}")
 
 
@@ -297,7 +300,9 @@ def load_model(reference, compile=True):
         try:
             return keras.saving.load_model(resolved.path, compile=compile)
         except (ValueError, OSError, KeyError, TypeError) as e:
-            raise PresetError(f"The .keras file {resolved.path!r} is unreadable: {e}") from None
+            hint = " (compile=False skips its training configuration)" if compile else ""
+            raise PresetError(f"The .keras file {resolved.path!r} is unreadable{hint}: {e}") \
+                from None
     if os.path.lexists(os.path.join(resolved.path, preset_io.TASK_CONFIG_FILE)):
         return load_classifier(classifier_cls, resolved)
     return load_backbone(classifier_cls.backbone_cls, resolved)

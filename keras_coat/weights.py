@@ -1,37 +1,31 @@
 """The published CoaT checkpoints in the weights cache: fetched, verified and converted once.
 
-`ensure_preset(name, write)` (called by `keras_coat.loader.resolve` for built-in names) returns
-the preset directory ``$KERAS_HOME/models/keras_coat/<name>-<sha8>/`` (``KERAS_HOME`` defaulting
-to ``~/.keras``):
+`ensure_preset(name, write)` returns the preset directory ``$KERAS_HOME/models/keras_coat/
+<name>-<sha8>/`` (``KERAS_HOME`` defaults to ``~/.keras``) of a built-in checkpoint:
 
-1. the checkpoint's URL and SHA-256 come from `keras_coat.presets`, or from the JSON manifest
-   named by the ``KERAS_COAT_WEIGHTS_MANIFEST`` environment variable, which replaces the table
-   (for mirrors, local copies and offline machines)::
+1. its URL and SHA-256 come from `keras_coat.presets`, or from the JSON manifest named by
+   ``KERAS_COAT_WEIGHTS_MANIFEST``, which replaces the table (mirrors, offline machines)::
 
-       {"coat_lite_tiny": {"url": "file:///mirror/coat_lite_tiny.pth",
-                           "sha256": "e88e96b0"}, ...}
+       {"coat_lite_tiny": {"url": "file:///mirror/coat_lite_tiny.pth", "sha256": "e88e96b0"}}
 
-   ``url`` is ``http://``, ``https://`` or ``file://`` and ends in ``.pth``, ``.pt``, ``.bin``
-   or ``.safetensors``; ``sha256`` is the full hex digest or a prefix of at least 8 hex digits;
-2. an intact directory is returned as it is, with no network access at all. Intact: its
-   ``metadata.json`` names this checkpoint with a full SHA-256 matching the table, and lists
-   every other file with its SHA-256, which is checked again on every load. A damaged entry (a
-   flipped bit, a missing or extra file, a folder or FIFO in a file's place, another
-   checkpoint's conversion under this name) is rebuilt;
-3. otherwise the checkpoint is downloaded to a temporary file beside the cache (within a size
-   cap and a time budget), its SHA-256 checked, read without running anything from it
-   (`keras_coat.checkpoint`) and handed to the caller's `write`, which writes the preset files
-   into a hidden directory that is then renamed into place. An intact cache entry of
-   keras-coat 0.1 (`keras_coat.legacy.cache_entry`) is converted instead, without a download,
-   and deleted once its preset directory exists.
+   (``http://``, ``https://`` or ``file://`` URLs of ``.pth``, ``.pt``, ``.bin`` or
+   ``.safetensors`` files; the full digest or a prefix of at least 8 hex digits);
+2. an intact directory is returned with no network access: its ``metadata.json`` names the
+   checkpoint and its full SHA-256, and the SHA-256 of every other file, hashed again on every
+   load. A damaged entry (a changed, missing or extra file, a folder or FIFO in a file's place,
+   another checkpoint's conversion) is rebuilt;
+3. otherwise the checkpoint is downloaded beside the cache (size cap, time budget), its SHA-256
+   checked, read without running anything from it (`keras_coat.checkpoint`) and handed to the
+   caller's `write`, which writes the preset into a hidden directory then renamed into place.
+   An intact cache entry of keras-coat 0.1 (`keras_coat.legacy`) is converted instead, without
+   a download, and deleted.
 
-A lock file serializes processes building the same entry, and nothing appears under its final
-name before it is complete and verified, so concurrent or interrupted loads never leave a broken
-cache: the next call simply retries.
+A lock file serializes processes building the same entry; nothing appears under its final name
+before it is complete, so interrupted loads never leave a broken cache.
 """
 
+import collections
 import contextlib
-import dataclasses
 import http.client
 import json
 import os
@@ -76,13 +70,8 @@ DOWNLOAD_TIME_BUDGET = 1800.0
 _MAX_REDIRECTS = 5
 
 
-@dataclasses.dataclass(frozen=True)
-class WeightsEntry:
-    """Where a checkpoint lives and the (prefix of its) SHA-256 digest."""
-
-    name: str
-    url: str
-    sha256: str
+# Where a checkpoint lives and the (prefix of its) SHA-256 digest.
+WeightsEntry = collections.namedtuple("WeightsEntry", "name url sha256")
 
 
 # The published checkpoints' sources, as `keras_coat.presets` gives them.
@@ -293,7 +282,8 @@ def _fetch_verified(entry, folder, max_bytes):
 
     Returns the path of the verified file and its full SHA-256.
     """
-    extension = _extension(entry.url)
+    path = urllib.parse.urlsplit(entry.url).path.lower()
+    extension = next(e for e in SUPPORTED_EXTENSIONS if path.endswith(e))  # checked in the table
     verified = os.path.join(folder, _stem(entry) + extension)
     if _is_regular_file(verified):
         # Left by a process killed while converting; check it again.
@@ -387,17 +377,6 @@ def _download(entry, path, max_bytes):
             f"Could not download the {entry.name!r} weights from {entry.url} "
             f"(expected SHA-256 {entry.sha256}) into {os.path.dirname(path)}: {e}. {advice}"
         ) from e
-
-
-def _extension(url):
-    path = urllib.parse.urlsplit(url).path.lower()
-    for extension in SUPPORTED_EXTENSIONS:
-        if path.endswith(extension):
-            return extension
-    raise ManifestError(
-        f"Cannot tell the checkpoint format of {url!r}: it should end in "
-        f"{', '.join(SUPPORTED_EXTENSIONS)}."
-    )
 
 
 def _remove_temporaries(folder, stem):
