@@ -333,3 +333,14 @@ def test_training_starts_a_new_label_set_from_the_preset_features(offline_coat_l
     for got, expected in zip(model.backbone.weights, pretrained.weights):
         np.testing.assert_array_equal(_np(got), _np(expected))
     assert model.output_shape == (None, 10) and model.backbone.drop_path_rate == 0.1
+
+
+def test_the_version_has_one_source():
+    import tomllib
+
+    with open(os.path.join(REPO_ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)
+    assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {
+        "attr": "keras_coat.version.__version__"}
+    assert keras_coat.__version__ == keras_coat.version.__version__ == "0.2.0"
