@@ -201,6 +201,10 @@ def _build(where, factory, *args, **kwargs):
         raise PresetError(f"{where} does not describe a valid model: {e}") from None
 
 
+def _named(reference):
+    return reference.reference if isinstance(reference, ResolvedPreset) else reference
+
+
 def _check_overrides(overrides, allowed):
     unknown = set(overrides) - set(allowed)
     if unknown:
@@ -213,7 +217,7 @@ def load_backbone(cls, reference, load_weights=True, **overrides):
     """`cls` (a `CoaTBackbone`) from a reference; `overrides`: `BACKBONE_OVERRIDES`."""
     _check_overrides(overrides, BACKBONE_OVERRIDES)
     resolved, config, _ = preset_configs(reference, fetch=load_weights)
-    backbone = _build(f"The preset {reference!r}", cls, **{**config, **overrides})
+    backbone = _build(f"The preset {_named(reference)!r}", cls, **{**config, **overrides})
     if resolved is not None:
         _load_preset_weights(backbone, resolved, [])
     return backbone
@@ -224,7 +228,7 @@ def load_classifier(cls, reference, load_weights=True, **overrides):
     and `CLASSIFIER_OVERRIDES` (another `num_classes` gives a fresh head)."""
     _check_overrides(overrides, BACKBONE_OVERRIDES + CLASSIFIER_OVERRIDES)
     resolved, backbone_config, saved = preset_configs(reference, fetch=load_weights)
-    where = f"The preset {reference!r}"
+    where = f"The preset {_named(reference)!r}"
     backbone_overrides = {k: overrides.pop(k) for k in BACKBONE_OVERRIDES if k in overrides}
     backbone = _build(where, cls.backbone_cls, **{**backbone_config, **backbone_overrides})
     if "preprocessing" in saved and "image_shape" in backbone_overrides:
