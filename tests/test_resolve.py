@@ -472,3 +472,22 @@ def test_a_built_in_checkpoint_of_another_variant_leaves_nothing_in_the_cache(
         assert url in str(info.value)
     assert [n for n in _cache(world) if not n.endswith(".lock")] == \
         [n for n in before if not n.endswith(".lock")]
+
+
+def test_an_oversized_built_in_download_is_refused_before_reading_it(world, tmp_path, monkeypatch):
+    def declares_4_gib(handler, server):
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(4 * 2**30))
+        handler.end_headers()
+        server.send(handler, bytes(1 << 16))
+
+    world["server"].behaviours["/huge.pth"] = declares_4_gib
+    monkeypatch.setenv(weights.MANIFEST_ENV, write_manifest(tmp_path / "m.json", {
+        "coat_lite_mini": {"url": world["server"].url("/huge.pth"), "sha256": "0" * 64}}))
+    before = _cache(world)
+    with pytest.raises(weights.WeightsDownloadError, match="declares 4294967296 bytes, more than "
+                                                           "the .* checkpoint can take; refused "
+                                                           "before reading it"):
+        keras_coat.CoaTImageClassifier.from_preset("coat_lite_mini")
+    assert [n for n in _cache(world) if not n.endswith(".lock")] == \
+        [n for n in before if not n.endswith(".lock")]
