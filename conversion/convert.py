@@ -31,10 +31,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 with contextlib.suppress(ImportError):
     import timm  # noqa: F401
 
-from keras_coat import MODEL_CONFIGS  # noqa: E402
+from keras_coat.presets import VARIANTS as _VARIANTS  # noqa: E402
 from keras_coat.utils.files import write_atomically  # noqa: E402
 
-VARIANTS = tuple(MODEL_CONFIGS)
+VARIANTS = tuple(_VARIANTS)
 
 
 def _input_size(text):

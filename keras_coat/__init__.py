@@ -12,13 +12,12 @@ from keras_coat.applications import (
     create_model,
     load_model,
 )
-from keras_coat.applications import MODEL_CONFIGS
 from keras_coat.backbone import CoaTBackbone
 from keras_coat.image_classifier import CoaTImageClassifier
 from keras_coat.imagenet import decode_predictions, preprocess_input
-from keras_coat.presets import ImagePreprocessing
-
-__version__ = "0.1.0"
+from keras_coat.legacy import MODEL_CONFIGS
+from keras_coat.presets import ImagePreprocessing, PresetError
+from keras_coat.version import __version__
 __all__ = [
     "CoaT",
     "CoaTBackbone",
@@ -32,6 +31,7 @@ __all__ = [
     "CoaTTiny",
     "ImagePreprocessing",
     "MODEL_CONFIGS",
+    "PresetError",
     "create_model",
     "decode_predictions",
     "export_model",

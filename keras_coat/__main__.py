@@ -2,8 +2,13 @@
 
     python -m keras_coat predict cat.jpg dog.png --model coat_lite_small --top 5
     python -m keras_coat predict photo.jpg --model coat_lite_medium --image-size 384
-    python -m keras_coat predict photo.jpg --weights my_finetune.weights.h5
+    python -m keras_coat predict photo.jpg --model runs/flowers/preset
+    python -m keras_coat predict photo.jpg --model hf://me/coat-flowers
     python -m keras_coat info
+    python -m keras_coat info --model runs/flowers/best.keras
+
+``--model`` takes any preset reference (`keras_coat.loader`): a built-in name, a preset
+directory, a `.keras` file or a hub handle; the class names and the preprocessing come from it.
 
 Each subcommand is one ``_add_<name>_command(subparsers)`` function that
 declares its arguments and sets ``handler``, a function of the parsed
@@ -16,7 +21,6 @@ import json
 import sys
 
 DEFAULT_MODEL = "coat_lite_small"
-DEFAULT_IMAGE_SIZE = 224
 
 
 def main(argv=None):
@@ -51,10 +55,40 @@ def build_parser():
     return parser
 
 
-def _variants():
-    from keras_coat.backbone import VARIANTS
+def _add_model_argument(parser, default=DEFAULT_MODEL):
+    parser.add_argument(
+        "--model",
+        default=default,
+        metavar="REFERENCE",
+        help="a preset reference: a built-in name (coat_lite_tiny, ..., coat_small; see "
+        "`info`), a preset directory, a .keras file, hf://owner/repo[@revision] or "
+        "kaggle://owner/model/framework/variation" + (f" (default {default})" if default else ""),
+    )
 
-    return list(VARIANTS)
+
+def _reference(model, image_size):
+    """`--model`, or for a built-in variant name with another --image-size the variant's
+    checkpoint for that size when there is one (coat_lite_medium at 384)."""
+    from keras_coat import presets
+
+    if image_size is None or model not in presets.VARIANTS:
+        return model
+    return presets.checkpoint_for(model, (image_size, image_size)).name
+
+
+def _load_classifier(reference, weights, image_size, **overrides):
+    """The classifier `reference` holds, with the weights file `weights` instead of its own
+    (None: random weights; "imagenet": its own) and `image_size` as its input size."""
+    from keras_coat import loader
+    from keras_coat.image_classifier import CoaTImageClassifier
+
+    if image_size is not None:
+        overrides["image_shape"] = (image_size, image_size, 3)
+    own = weights is not None and weights.lower() == "imagenet"
+    model = CoaTImageClassifier.from_preset(reference, load_weights=own, **overrides)
+    if weights is not None and not own:
+        loader.load_weights_file(model, weights)
+    return model
 
 
 def _positive_int(text):
@@ -94,39 +128,37 @@ def _crop_pct(text):
 def _add_predict_command(subparsers):
     parser = subparsers.add_parser(
         "predict",
-        help="classify images with an ImageNet-1k CoaT",
-        description="Classify images into the 1000 ImageNet classes. Images get the reference "
-        "evaluation transform (bicubic resize to size/crop_pct, center crop).",
+        help="classify images with a CoaT preset",
+        description="Classify images with a CoaT classifier (default: the ImageNet-1k "
+        "coat_lite_small), printing its own class names. Images get the preset's evaluation "
+        "transform (bicubic resize to size/crop_pct, center crop).",
     )
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
-    parser.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        choices=_variants(),
-        help=f"variant (default {DEFAULT_MODEL})",
-    )
+    _add_model_argument(parser)
     parser.add_argument(
         "--weights",
         default="imagenet",
-        help="'imagenet' (default: download, verify and cache the authors' checkpoint) or a "
-        "weights file: .weights.h5, .pth/.pt or .safetensors (1000-class head)",
+        help="'imagenet' (default: the preset's own weights; a built-in checkpoint is "
+        "downloaded, verified and cached once) or a weights file of the same head: "
+        ".weights.h5, .pth/.pt or .safetensors",
     )
     parser.add_argument(
         "--image-size",
         type=_input_size,
-        default=DEFAULT_IMAGE_SIZE,
-        help="input resolution (default 224; the preset of a variant at this size, such as "
-        "coat_lite_medium_384, is used when there is one)",
+        default=None,
+        help="input resolution (default: the preset's; for a built-in variant name, its "
+        "checkpoint at this size is used when there is one, such as coat_lite_medium_384)",
     )
     parser.add_argument(
         "--crop-pct",
         type=_crop_pct,
         default=None,
-        help="center-crop share of the resized image (default: the checkpoint's preset, "
-        "224/256 for the authors' checkpoints)",
+        help="center-crop share of the resized image (default: the preset's, 224/256 for the "
+        "authors' checkpoints)",
     )
     parser.add_argument(
-        "--top", type=_positive_int, default=5, help="classes per image (default 5)"
+        "--top", type=_positive_int, default=None,
+        help="classes per image (default 5, or all when the model has fewer)",
     )
     parser.add_argument("--batch-size", type=_positive_int, default=8, help="images per batch")
     parser.add_argument("--json", action="store_true", help="print one JSON object per image")
@@ -136,15 +168,24 @@ def _add_predict_command(subparsers):
 def _predict(args):
     import numpy as np
 
-    from keras_coat import presets
-    from keras_coat.applications import create_model
-    from keras_coat.imagenet import NUM_CLASSES, decode_predictions, load_image
+    from keras_coat import loader
+    from keras_coat.imagenet import class_names as imagenet_names
+    from keras_coat.imagenet import class_wnids, load_image
+    from keras_coat.presets import ImagePreprocessing
 
-    if args.top > NUM_CLASSES:
-        _error(f"--top must be at most {NUM_CLASSES}")
+    reference = _reference(args.model, args.image_size)
+    # Before any weights are read: a built-in name's configs come from the table.
+    resolved, backbone, saved = loader.preset_configs(reference, fetch=False)
+    classes = saved["num_classes"]
+    if classes is None:
+        _error(f"--model {args.model} holds a backbone without a classifier head")
+        return 1
+    if args.top is not None and args.top > classes:
+        _error(f"--top must be at most {classes}, the classes of {args.model}")
         return 2
-    size = (args.image_size, args.image_size)
-    preprocessing = presets.checkpoint_for(args.model, size).preprocessing.resized(size)
+    top = min(5, classes) if args.top is None else args.top
+    preprocessing = saved.get("preprocessing") or ImagePreprocessing(backbone["image_shape"][:2])
+    size = preprocessing.image_size if args.image_size is None else (args.image_size,) * 2
     crop_pct = preprocessing.crop_pct if args.crop_pct is None else args.crop_pct
     images = []
     for path in args.images:
@@ -154,29 +195,29 @@ def _predict(args):
             named = path in str(e)  # Pillow's and load_image's messages usually name it
             _error(f"cannot read image: {e}" if named else f"cannot read image {path!r}: {e}")
             return 1
-    model = create_model(
-        args.model,
-        weights=args.weights,
-        input_shape=(args.image_size, args.image_size, 3),
-        classifier_activation="softmax",
-    )
+    model = _load_classifier(resolved or reference, args.weights, args.image_size,
+                             activation="softmax")
+    names = model.class_names or [f"class {i}" for i in range(classes)]
+    wnids = class_wnids() if names == imagenet_names() else None
     for start in range(0, len(images), args.batch_size):
-        batch = np.stack(images[start : start + args.batch_size])
-        probabilities = model.predict(batch, verbose=0)
-        decoded = decode_predictions(probabilities, top=args.top)
-        for path, predictions in zip(args.images[start:], decoded):
-            _print_predictions(path, predictions, as_json=args.json)
+        probabilities = model.predict(np.stack(images[start : start + args.batch_size]), verbose=0)
+        for path, row in zip(args.images[start:], probabilities):
+            best = np.argsort(-row, kind="stable")[:top]  # ties: the lower index first
+            rows = [{"class": names[i], "probability": float(row[i])} for i in best]
+            if wnids is not None:
+                rows = [{"wnid": wnids[i], **r} for i, r in zip(best, rows)]
+            _print_predictions(path, rows, as_json=args.json)
     return 0
 
 
-def _print_predictions(path, predictions, as_json):
+def _print_predictions(path, rows, as_json):
     if as_json:
-        rows = [{"wnid": w, "class": c, "probability": p} for w, c, p in predictions]
         print(json.dumps({"image": path, "predictions": rows}))
         return
     print(path)
-    for rank, (wnid, name, probability) in enumerate(predictions, start=1):
-        print(f"  {rank:>2}. {100 * probability:6.2f}%  {name} ({wnid})")
+    for rank, row in enumerate(rows, start=1):
+        wnid = f" ({row['wnid']})" if "wnid" in row else ""
+        print(f"  {rank:>2}. {100 * row['probability']:6.2f}%  {row['class']}{wnid}")
 
 
 # -------------------------------------------------------------------------------- info
@@ -185,10 +226,12 @@ def _print_predictions(path, predictions, as_json):
 def _add_info_command(subparsers):
     parser = subparsers.add_parser(
         "info",
-        help="list the variants and their ImageNet checkpoints",
-        description="List the CoaT variants, their size and accuracy (paper), and where their "
-        "ImageNet checkpoints come from and are cached.",
+        help="list the built-in presets, or describe one preset",
+        description="Without --model: list the built-in presets (variant, size and accuracy "
+        "from the paper), where their checkpoints come from and whether they are cached. With "
+        "--model: describe that preset (variant, classes, preprocessing, metrics, source).",
     )
+    _add_model_argument(parser, default=None)
     parser.set_defaults(handler=_info)
 
 
@@ -197,6 +240,8 @@ def _info(args):
 
     from keras_coat import presets, weights
 
+    if args.model is not None:
+        return _describe(args.model)
     manifest = os.environ.get(weights.MANIFEST_ENV)
     table = weights.checkpoint_table()  # a bad manifest: main() reports it in one line
     print(f"{'preset':<21} {'variant':<17} {'size':>4} {'params':>11} {'GFLOPs':>7} "
@@ -204,7 +249,7 @@ def _info(args):
     for name, preset in presets.PRESETS.items():
         if name not in table:
             state = "not in manifest"
-        elif os.path.isfile(weights.cached_weights_path(name)):
+        elif os.path.isdir(weights.cached_preset_path(name)):
             state = "cached"
         else:
             state = "not downloaded"
@@ -216,6 +261,51 @@ def _info(args):
     source = f"manifest {manifest} ({weights.MANIFEST_ENV})" if manifest else "built-in table"
     print(f"weights source: {source}")
     print(f"weights cache:  {weights.cache_dir()}")
+    return 0
+
+
+def _describe(reference):
+    """``info --model``: one preset, without reading its weights (a built-in is not fetched)."""
+    import os
+
+    from keras_coat import loader, presets, weights
+
+    resolved, backbone, saved = loader.preset_configs(reference, fetch=False)
+    metadata = resolved.metadata() if resolved is not None else {}
+    fields = dict(zip(loader.ARCHITECTURE_FIELDS, loader.architecture(backbone)))
+    rows = [
+        ("preset", reference),
+        ("variant", loader.variant_of(backbone) or "custom"),
+        ("architecture", ", ".join(f"{k}={v}" for k, v in fields.items())),
+        ("input", "x".join(str(side) for side in backbone["image_shape"])),
+    ]
+    classes, names = saved["num_classes"], saved.get("class_names")
+    if classes is None:
+        rows.append(("classes", "none (a backbone)"))
+    else:
+        shown = "" if not names else ": " + ", ".join(names[:5]) + (", ..." if classes > 5 else "")
+        rows.append(("classes", f"{classes}{shown}"))
+    preprocessing = saved.get("preprocessing")
+    if preprocessing is not None:
+        rows.append(("preprocessing", ", ".join(f"{k}={v}" for k, v in
+                                                vars(preprocessing).items())))
+    metrics = metadata.get("metrics")
+    if isinstance(metrics, dict) and metrics:
+        rows.append(("metrics", ", ".join(f"{k}={v}" for k, v in metrics.items())))
+    if resolved is None:
+        preset = presets.PRESETS[reference]
+        entry = weights.checkpoint_entry(reference)
+        cached = os.path.isdir(weights.cached_preset_path(reference))
+        rows.append(("metrics", f"top-1 {preset.top1}% on ImageNet-1k (paper)"))
+        rows.append(("source", f"{entry.url} (SHA-256 {entry.sha256}), "
+                               + ("cached" if cached else "not downloaded")))
+    else:
+        rows.append(("source", resolved.source))
+        if "keras_coat_version" in metadata:
+            rows.append(("written by", f"keras-coat {metadata['keras_coat_version']}, "
+                                       f"Keras {metadata.get('keras_version')}"))
+    for key, value in rows:
+        print(f"{key + ':':<15} {value}")
     return 0
 
 
@@ -274,12 +364,12 @@ def _add_export_command(subparsers):
         help="calibration images for --precision int8 (default 200)",
     )
     parser.add_argument("output", nargs="?", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    parser.add_argument("--model", default=DEFAULT_MODEL, choices=_variants())
+    _add_model_argument(parser)
     parser.add_argument(
         "--weights",
         default="imagenet",
-        help="'imagenet' (default), 'none' (random weights) or a weights file "
-        "(.weights.h5, .pth/.pt, .safetensors)",
+        help="'imagenet' (default: the preset's own weights), 'none' (random weights) or a "
+        "weights file (.weights.h5, .pth/.pt, .safetensors)",
     )
     parser.add_argument(
         "--version", type=_positive_int, default=None, help="SavedModel version (default 1)"
@@ -288,14 +378,14 @@ def _add_export_command(subparsers):
         "--image-size",
         type=_input_size,
         default=None,
-        help="input resolution, a multiple of 32 (default 224; 384 with coat_lite_medium "
-        "selects its 384 checkpoint)",
+        help="input resolution, a multiple of 32 (default: the preset's; 384 with "
+        "coat_lite_medium selects its 384 checkpoint)",
     )
     parser.add_argument(
         "--class-names",
         default=None,
-        help="text file, one class name per line; sets the number of classes (default: the "
-        "1000 ImageNet classes)",
+        help="text file, one class name per line (default: the preset's class names); with "
+        "the preset's own weights it must name as many classes as its head has",
     )
     parser.add_argument(
         "--top",
@@ -347,27 +437,34 @@ def _export(args):
     return 0
 
 
-def build_export_model(model_name, weights, image_size=None, class_names_file=None):
+def build_export_model(reference, weights, image_size=None, class_names_file=None):
     """The classifier the export command writes: ``(model, class names or None)``.
 
-    ``weights``: ``"imagenet"``, a weights file or None (random weights). ``class_names_file``:
-    UTF-8 text, one class name per line; its length sets the number of classes (default: the
-    1000 ImageNet classes).
+    ``weights``: ``"imagenet"`` (the preset's own), a weights file or None (random weights).
+    ``class_names_file``: UTF-8 text, one class name per line; it relabels the preset's head,
+    or sets the number of classes of a random or weights-file model (default: the preset's).
     """
-    from keras_coat.applications import create_model
-    from keras_coat.imagenet import NUM_CLASSES
+    from keras_coat import loader
+    from keras_coat.presets import PresetError
 
+    reference = _reference(reference, image_size)
+    overrides = {"activation": "softmax"}
     class_names = None
-    classes = NUM_CLASSES
     if class_names_file is not None:
         with open(class_names_file, encoding="utf-8") as f:
             class_names = [line.rstrip("\r\n") for line in f if line.strip()]
-        classes = len(class_names)
-    input_shape = None if image_size is None else (image_size, image_size, 3)
-    model = create_model(
-        model_name, weights=weights, input_shape=input_shape, classes=classes, include_top=True
-    )
-    return model, class_names
+        overrides.update(num_classes=len(class_names), class_names=class_names)
+        if weights is not None and weights.lower() == "imagenet":
+            resolved, _, saved = loader.preset_configs(reference)
+            if saved["num_classes"] != len(class_names):
+                raise PresetError(
+                    f"--class-names names {len(class_names)} classes, but the head of "
+                    f"{reference!r} has {saved['num_classes']}; a new head would be untrained. "
+                    "Relabel it with as many names, or export --weights none or a weights file "
+                    "of that many classes."
+                )
+            reference = resolved
+    return _load_classifier(reference, weights, image_size, **overrides), class_names
 
 
 def _export_saved_model(args, model, class_names):
@@ -388,7 +485,7 @@ def _export_saved_model(args, model, class_names):
     )
     print(f"Exported {args.model} to {path}\n")
     print(describe_saved_model(path))
-    print(serving_instructions(args.output, args.model))
+    print(serving_instructions(args.output, model.name))
 
 
 def _export_file(args, model, class_names):

@@ -3,15 +3,16 @@
 Each factory checks the arguments that only the factories take (`weights`, `input_tensor`,
 `include_top` with `pooling`), builds a `CoaTBackbone` and a `CoaTImageClassifier` around it
 (headless with ``include_top=False``), which check their own, and loads the requested weights:
-``"imagenet"`` is the published checkpoint that `keras_coat.presets` names for the variant at
-that input size.
+``"imagenet"`` is the built-in preset that `keras_coat.presets` names for the variant at that
+input size; any other preset reference loads through `CoaTImageClassifier.from_preset` once its
+architecture and head are found to fit.
 """
 
 import os
 
 import keras
 
-from keras_coat import loading, preset_io, presets
+from keras_coat import imagenet, loader, presets
 from keras_coat.backbone import (
     DEFAULT_CRPE_WINDOWS,
     VARIANTS,
@@ -21,25 +22,8 @@ from keras_coat.backbone import (
     variant_config,
 )
 from keras_coat.image_classifier import CoaTImageClassifier
-from keras_coat.loading import WEIGHT_FILE_SUFFIXES
-
-
-def _model_configs():
-    """`{variant: architecture and the paper's figures}`, for readers of the old table."""
-    table = {}
-    for preset in presets.PRESETS.values():
-        if preset.variant == preset.name:
-            table[preset.name] = {
-                **VARIANTS[preset.variant],
-                "params": preset.params,
-                "gflops": preset.gflops,
-                "top1": preset.top1,
-            }
-    return table
-
-
-# Kept for code written against keras-coat 0.1; `keras_coat.presets.PRESETS` is the source.
-MODEL_CONFIGS = _model_configs()
+from keras_coat.loader import WEIGHT_FILE_SUFFIXES
+from keras_coat.presets import PresetError
 
 BASE_DOCSTRING = """Instantiates the {title} architecture.
 
@@ -50,8 +34,10 @@ Args:
     include_top: whether to include the classifier (final LayerNorm(s), class-token pooling and
         the linear head). Defaults to `True`.
     weights: `None` (random initialization), `"imagenet"` (the authors' ImageNet-1k weights),
-        or the path to a weights file: a Keras `.weights.h5`, or a PyTorch checkpoint (`.pth`,
-        the authors' or timm's layout) or `.safetensors` file, converted on load.
+        the path to a weights file: a Keras `.weights.h5`, or a PyTorch checkpoint (`.pth`,
+        the authors' or timm's layout) or `.safetensors` file, converted on load; or any
+        preset reference of this architecture (a built-in name, a preset directory, a `.keras`
+        file, `hf://owner/repo`): its weights, preprocessing and, with its head, class names.
     input_tensor: optional Keras tensor (output of `keras.Input()`) to use as image input.
     input_shape: optional `(height, width, channels)`; height and width must be multiples of
         32 (224, 384, 256x320, ...). Defaults to `(224, 224, 3)`.
@@ -59,7 +45,7 @@ Args:
         `[batch, H/32, W/32, C]`; `"token"` the class token (as the classifier sees it),
         `"avg"`/`"max"` the mean/max over the final image tokens.
     classes: number of classes to classify images into, only with `include_top=True`; must be
-        1000 with `weights="imagenet"`.
+        1000 with `weights="imagenet"`, the preset's number with a preset reference.
     classifier_activation: activation of the top layer, or `None` to return logits.
     include_preprocessing: if `True`, the model takes RGB pixels in [0, 255] and applies the
         ImageNet normalization itself; if `False`, it takes normalized inputs (the reference's
@@ -82,22 +68,14 @@ Returns:
 
 
 def _validate_weights(weights):
-    if weights is None or weights == "imagenet":
-        return weights
+    """`weights` as None, "imagenet", a weights file path or a preset reference."""
     if isinstance(weights, os.PathLike):
         weights = os.fspath(weights)
-    if not isinstance(weights, str):
+    if weights is not None and not isinstance(weights, (str, loader.ResolvedPreset)):
         raise ValueError(
-            "The `weights` argument should be None, 'imagenet', or the path to a weights file; "
-            f"received weights={weights!r}."
+            "The `weights` argument should be None, 'imagenet', the path to a weights file or a "
+            f"preset reference; received weights={weights!r}."
         )
-    if not weights.endswith(WEIGHT_FILE_SUFFIXES):
-        raise ValueError(
-            f"Cannot load weights from {weights!r}: the file name must end with one of "
-            f"{', '.join(WEIGHT_FILE_SUFFIXES)} (or pass weights='imagenet' or None)."
-        )
-    if not os.path.isfile(weights):
-        raise ValueError(f"The weights file {weights!r} does not exist.")
     return weights
 
 
@@ -192,10 +170,10 @@ def CoaT(
     if patch_size != 4:
         raise ValueError(f"CoaT's first patch embedding uses patch_size=4; received {patch_size}.")
 
-    backbone = CoaTBackbone(
-        embed_dims,
-        serial_depths,
-        mlp_ratios,
+    backbone_config = dict(
+        embed_dims=embed_dims,
+        serial_depths=serial_depths,
+        mlp_ratios=mlp_ratios,
         parallel_depth=parallel_depth,
         num_heads=num_heads,
         crpe_windows=crpe_windows,
@@ -203,31 +181,29 @@ def CoaT(
         drop_path_rate=drop_path_rate,
         name=f"{name}_backbone",
     )
-    head = {"num_classes": classes, "pooling": "token"} if include_top else {
-        "num_classes": None, "pooling": pooling
-    }
-    checkpoint = (
-        presets.checkpoint_for(architecture, (height, width)) if architecture else None
-    )
-    extra = {}
-    if checkpoint is not None:
-        extra["preprocessing"] = checkpoint.preprocessing.resized((height, width))
-        if include_top and classes == checkpoint.num_classes:
-            extra["class_names"] = preset_io.builtin_classifier_config(checkpoint.name)[
-                "class_names"
-            ]
-    model = CoaTImageClassifier(
-        backbone,
-        activation=classifier_activation,
-        include_preprocessing=include_preprocessing,
-        name=name,
-        **head,
-        **extra,
-    )
+    head = {"num_classes": classes} if include_top else {"num_classes": None, "pooling": pooling}
+    head.update(activation=classifier_activation, include_preprocessing=include_preprocessing,
+                name=name)
     if weights == "imagenet":
-        preset_io.load_builtin_weights(model, checkpoint.name)
-    elif weights is not None:
-        loading.load_weights_file(model, weights)
+        checkpoint = presets.checkpoint_for(architecture, (height, width)).name
+        model = CoaTImageClassifier.from_preset(
+            checkpoint, image_shape=(height, width, channels), drop_path_rate=drop_path_rate,
+            **head,
+        )
+    elif weights is not None and not str(weights).endswith(WEIGHT_FILE_SUFFIXES):
+        model = _from_reference(weights, backbone_config, head)
+    else:
+        extra = {}
+        if architecture is not None:  # a published variant: its checkpoint's conventions
+            checkpoint = presets.checkpoint_for(architecture, (height, width))
+            extra["preprocessing"] = checkpoint.preprocessing.resized((height, width))
+            if classes == checkpoint.num_classes and include_top:
+                extra["class_names"] = imagenet.class_names()
+        model = CoaTImageClassifier(
+            CoaTBackbone(**backbone_config), **{"pooling": "token", **head}, **extra
+        )
+        if weights is not None:
+            loader.load_weights_file(model, weights)
     if input_tensor is not None:
         if _is_model_input(input_tensor):
             return keras.Model(input_tensor, model(input_tensor), name=name)
@@ -236,32 +212,40 @@ def CoaT(
     return model
 
 
-def load_model(path, compile=True):
-    """Loads a CoaT `.keras` file, also one written by keras-coat 0.1.
+def _describe_architecture(config):
+    variant = loader.variant_of(config)
+    if variant is not None:
+        return f"a {variant}"
+    fields = zip(loader.ARCHITECTURE_FIELDS, loader.architecture(config))
+    return "a custom CoaT (" + ", ".join(f"{k}={v}" for k, v in fields) + ")"
 
-    Files of this version load with `keras.models.load_model` as well. keras-coat 0.1 built its
-    classifier and backbone as one flat graph, with normalization and pooling in the backbone;
-    its files are rebuilt here as the `CoaTImageClassifier` around a `CoaTBackbone` that
-    computes the same outputs (a 0.1 backbone becomes a headless classifier), and their weights
-    are mapped from the flat layout (`keras_coat.loading`).
-    """
-    path = os.fspath(path)
-    config = preset_io.read_keras_archive_config(path)
-    if not preset_io.is_legacy_model_config(config):
-        return keras.models.load_model(path, compile=compile)
-    inner = config.get("config", {})
-    if config.get("registered_name") == preset_io.CLASSIFIER_NAME:
-        model = preset_io.legacy_classifier(CoaTImageClassifier, inner)
-    else:
-        backbone_config, legacy = preset_io.split_legacy(inner)
-        name = backbone_config.pop("name", None)
-        backbone_config.pop("trainable", None)
-        model = preset_io.legacy_headless_model(
-            CoaTImageClassifier, CoaTBackbone(**backbone_config), legacy, name
+
+def _from_reference(reference, backbone_config, head):
+    """The factory's model with the weights of a preset reference, once the preset is found to
+    have this architecture (and, with a head, this number of classes)."""
+    resolved, saved_backbone, saved = loader.preset_configs(reference)
+    if loader.architecture(saved_backbone) != loader.architecture(backbone_config):
+        raise PresetError(
+            f"weights={reference!r} holds {_describe_architecture(saved_backbone)}; this model "
+            f"is {_describe_architecture(backbone_config)}. Build the preset's variant, or load "
+            "it with CoaTImageClassifier.from_preset."
         )
-    with preset_io.extracted_weights(path) as weights_path:
-        loading.load_keras_weights(model, weights_path)
-    return model
+    if head["num_classes"] is not None and head["num_classes"] != saved["num_classes"]:
+        raise PresetError(
+            f"weights={reference!r} has a head of {saved['num_classes']} classes; the model "
+            f"asks for classes={head['num_classes']}. Pass classes={saved['num_classes']}, or "
+            "include_top=False (and add your own head)."
+        )
+    image_shape, drop_path_rate = backbone_config["image_shape"], backbone_config["drop_path_rate"]
+    return CoaTImageClassifier.from_preset(
+        resolved, image_shape=image_shape, drop_path_rate=drop_path_rate, **head
+    )
+
+
+def load_model(reference, compile=True):
+    """The model a preset reference holds, as saved (see `keras_coat.loader.load_model`): a
+    `.keras` file (keras-coat 0.1's too), a preset directory, a built-in name or a hub handle."""
+    return loader.load_model(reference, compile=compile)
 
 
 def create_model(variant, **kwargs):

@@ -7,7 +7,7 @@ import numbers
 
 import keras
 
-from keras_coat import preset_io, presets
+from keras_coat import legacy, loader, preset_io, presets
 from keras_coat.blocks import BLOCK_NORM_EPSILON, ParallelBlock, SerialBlock
 from keras_coat.layers import (
     ClassToken,
@@ -17,39 +17,8 @@ from keras_coat.layers import (
     TokenLayerNormalization,
     TokensToFeatureMap,
 )
+from keras_coat.presets import VARIANTS
 
-# The architecture of each published variant (paper, Table 1). What else identifies a checkpoint
-# (weights, preprocessing, the paper's figures) is in `keras_coat.presets`.
-VARIANTS = {
-    "coat_lite_tiny": dict(
-        embed_dims=(64, 128, 256, 320), serial_depths=(2, 2, 2, 2), mlp_ratios=(8, 8, 4, 4),
-        parallel_depth=0,
-    ),
-    "coat_lite_mini": dict(
-        embed_dims=(64, 128, 320, 512), serial_depths=(2, 2, 2, 2), mlp_ratios=(8, 8, 4, 4),
-        parallel_depth=0,
-    ),
-    "coat_lite_small": dict(
-        embed_dims=(64, 128, 320, 512), serial_depths=(3, 4, 6, 3), mlp_ratios=(8, 8, 4, 4),
-        parallel_depth=0,
-    ),
-    "coat_lite_medium": dict(
-        embed_dims=(128, 256, 320, 512), serial_depths=(3, 6, 10, 8), mlp_ratios=(4, 4, 4, 4),
-        parallel_depth=0,
-    ),
-    "coat_tiny": dict(
-        embed_dims=(152, 152, 152, 152), serial_depths=(2, 2, 2, 2), mlp_ratios=(4, 4, 4, 4),
-        parallel_depth=6,
-    ),
-    "coat_mini": dict(
-        embed_dims=(152, 216, 216, 216), serial_depths=(2, 2, 2, 2), mlp_ratios=(4, 4, 4, 4),
-        parallel_depth=6,
-    ),
-    "coat_small": dict(
-        embed_dims=(152, 320, 320, 320), serial_depths=(2, 2, 2, 2), mlp_ratios=(4, 4, 4, 4),
-        parallel_depth=6,
-    ),
-}
 STAGE_STRIDES = (4, 8, 16, 32)
 PYRAMID_LEVELS = ("P2", "P3", "P4", "P5")
 DEFAULT_CRPE_WINDOWS = ((3, 2), (5, 3), (7, 3))
@@ -181,8 +150,8 @@ class CoaTBackbone(keras.Model):
         drop_path_rate: stochastic depth rate of every block (training only).
         name: the model's name.
 
-    `CoaTBackbone.from_preset("coat_lite_small")` builds a published variant with its weights;
-    `CoaTBackbone.presets` lists the built-in names.
+    `CoaTBackbone.from_preset(reference)` builds one from a preset reference (a built-in name of
+    `CoaTBackbone.presets`, a preset directory, a `.keras` file or a hub handle) with its weights.
     """
 
     presets = presets.PRESETS
@@ -306,8 +275,8 @@ class CoaTBackbone(keras.Model):
 
     @classmethod
     def from_config(cls, config):
-        if preset_io.is_legacy_backbone_config({"config": config}):
-            raise preset_io.legacy_error("CoaTBackbone")
+        if legacy.is_legacy_backbone({"config": config}):
+            raise legacy.legacy_error("CoaTBackbone")
         return cls(**config)
 
     @classmethod
@@ -317,12 +286,13 @@ class CoaTBackbone(keras.Model):
 
     @classmethod
     def from_preset(cls, preset, load_weights=True, **kwargs):
-        """A backbone from a built-in preset name (`CoaTBackbone.presets`) or a preset directory.
+        """A backbone from a preset reference (see `keras_coat.loader`): a built-in name
+        (`CoaTBackbone.presets`), a preset directory, a `.keras` file or a hub handle.
 
         `kwargs` override the saved configuration: `image_shape` (any multiple of 32; the
         weights fit every size) and `drop_path_rate`.
         """
-        return preset_io.load_backbone(cls, preset, load_weights=load_weights, **kwargs)
+        return loader.load_backbone(cls, preset, load_weights=load_weights, **kwargs)
 
     def save_to_preset(self, preset_dir):
         """Writes `config.json`, `model.weights.h5` and `metadata.json` (atomically)."""

@@ -31,6 +31,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from keras_coat.presets import PresetError
+
 __all__ = [
     "CheckpointError",
     "UnsafeCheckpointError",
@@ -71,7 +73,7 @@ MAX_OUTPUT_RATIO = 4
 _OUTPUT_ALLOWANCE = 2**20
 
 
-class CheckpointError(ValueError):
+class CheckpointError(PresetError):
     """The file is not a checkpoint this module can read."""
 
 

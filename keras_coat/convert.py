@@ -1,6 +1,6 @@
 """PyTorch (authors' and timm's) names and layouts -> Keras weights of a CoaT model.
 
-Needs numpy only (no torch): `keras_coat.loading` uses it at run time and `conversion/` on the
+Needs numpy only (no torch): `keras_coat.loader` uses it at run time and `conversion/` on the
 command line. It maps names and layouts onto the layers of a model it is given (it knows the layer
 classes, not the models), walking nested models: a classifier that holds its backbone as a layer
 converts like one whose layers are the backbone's.
@@ -33,9 +33,10 @@ from keras_coat.layers import (
     QueryKeyValue,
     ScaleAggregation,
 )
+from keras_coat.presets import PresetError
 
 
-class ConversionError(ValueError):
+class ConversionError(PresetError):
     """A checkpoint does not fit the model: missing, unexpected or mis-shaped tensors."""
 
 

@@ -5,7 +5,7 @@ import numbers
 import keras
 from keras import layers
 
-from keras_coat import preset_io, presets
+from keras_coat import legacy, loader, preset_io, presets
 from keras_coat.backbone import _PACKAGE, CoaTBackbone
 from keras_coat.layers import ScaleAggregation, TokenPooling, TokensToFeatureMap, _TRUNC_NORMAL
 from keras_coat.presets import ImagePreprocessing
@@ -196,34 +196,23 @@ class CoaTImageClassifier(keras.Model):
         config = dict(config)
         if isinstance(config.get("backbone"), dict):
             backbone_config = config["backbone"]
-            if preset_io.is_legacy_backbone_config(backbone_config):
-                raise preset_io.legacy_error("CoaTImageClassifier")
+            if legacy.is_legacy_backbone(backbone_config):
+                raise legacy.legacy_error("CoaTImageClassifier")
             config["backbone"] = keras.layers.deserialize(backbone_config)
         return cls(**config)
 
     @classmethod
     def from_preset(cls, preset, load_weights=True, **kwargs):
-        """A classifier from a built-in preset name (`CoaTImageClassifier.presets`) or a preset
-        directory, with its preprocessing and class names.
+        """A classifier from a preset reference (see `keras_coat.loader`): a built-in name
+        (`CoaTImageClassifier.presets`), a preset directory, a `.keras` file or a hub handle
+        (``hf://owner/repo``, ``kaggle://...``), with its preprocessing and class names.
 
         `kwargs` override the saved configuration: `image_shape` and `drop_path_rate` (the
         backbone's), `num_classes` (another number gives a fresh head on the pretrained
         features; None a headless model), `pooling`, `activation`, `include_preprocessing`,
-        `class_names`.
+        `class_names`, `name`.
         """
-        return preset_io.load_classifier(cls, preset, load_weights=load_weights, **kwargs)
-
-    @classmethod
-    def _write_checkpoint_weights(cls, name, source, path):
-        """Writes the published checkpoint `name` as the `.weights.h5` of its classifier (the
-        weights cache's copy), from its state dict or a keras-coat 0.1 cache entry."""
-        preset = presets.get_preset(name)
-        backbone = cls.backbone_cls.from_variant(
-            preset.variant, image_shape=(*preset.preprocessing.image_size, 3)
-        )
-        classifier = cls(backbone, num_classes=preset.num_classes)
-        preset_io.convert_checkpoint(classifier, name, source)
-        classifier.save_weights(path)
+        return loader.load_classifier(cls, preset, load_weights=load_weights, **kwargs)
 
     def save_to_preset(self, preset_dir):
         """Writes the KerasHub preset layout (atomically): `config.json` and `model.weights.h5`

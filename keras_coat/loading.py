@@ -1,22 +1,16 @@
-"""Weights files into CoaT models, strictly: what a file holds is checked against what the model
-needs before Keras reads anything, so nothing is skipped silently and no warning is watched.
+"""Keras `.weights.h5` files into CoaT models, strictly: what a file holds is checked against what
+the model needs before Keras reads anything, so nothing is skipped silently and no warning is
+watched.
 
 A Keras `.weights.h5` addresses arrays by layer class and position (Keras' saving_lib), not by
-layer name. This module knows the three layouts a CoaT file can have and maps each onto the
-model it is loading:
-
-- a `CoaTImageClassifier`'s (the backbone nested under ``layers/coa_t_backbone``);
-- a `CoaTBackbone`'s (its layers at the top);
-- keras-coat 0.1's flat layout (classifier and backbone layers side by side, as its models
-  shared one graph).
-
-A classifier's file loads into its backbone and into a headless classifier (the head is left
-out); a backbone's file loads into a classifier whose only weights beyond the backbone's are
-none (CoaT-Lite, or a headless model). A file that fits none of these is refused with a
-`ConversionError` naming the arrays it lacks, and the model keeps its weights.
-
-PyTorch checkpoints (`.pth`, `.pt`, `.safetensors`) are read without running anything from them
-(`keras_coat.checkpoint`) and mapped by name (`keras_coat.convert`).
+layer name. `load_keras_weights` maps a file onto the model it loads from the layouts a CoaT file
+can have: the model's own, a `CoaTImageClassifier`'s (the backbone nested under
+``layers/coa_t_backbone``) read by a backbone, a `CoaTBackbone`'s read by a classifier, and any
+layouts the caller adds (`keras_coat.legacy`'s, for files of keras-coat 0.1). A classifier's
+file loads into a headless classifier (the head is left out); a backbone's file loads into a
+classifier whose only weights beyond the backbone's are none (CoaT-Lite, or a headless model).
+A file that fits no layout is refused with a `ConversionError` naming the arrays it lacks, and
+the model keeps its weights.
 """
 
 import os
@@ -27,21 +21,9 @@ import h5py
 import keras
 import numpy as np
 
-from keras_coat import convert
-from keras_coat.checkpoint import read_state_dict
+from keras_coat.convert import ConversionError
 
-__all__ = ["WEIGHT_FILE_SUFFIXES", "file_arrays", "load_keras_weights", "load_weights_file"]
-
-WEIGHT_FILE_SUFFIXES = (".weights.h5", ".pth", ".pt", ".safetensors")
-
-
-def load_weights_file(model, path):
-    """Loads a `.weights.h5`, `.pth`/`.pt` or `.safetensors` file into a CoaT model."""
-    path = os.fspath(path)
-    if path.endswith(".weights.h5"):
-        load_keras_weights(model, path)
-    else:
-        convert.assign_state_dict(model, read_state_dict(path))
+__all__ = ["file_arrays", "group_names", "load_keras_weights", "rename"]
 
 
 def _snake(name):
@@ -51,7 +33,7 @@ def _snake(name):
     return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
 
 
-def _group_names(layers):
+def group_names(layers):
     """`{id(layer): group name}` as Keras names a list of layers in a weights file."""
     used, names = {}, {}
     for layer in layers:
@@ -63,10 +45,6 @@ def _group_names(layers):
             used[name] = 0
         names[id(layer)] = name
     return names
-
-
-def _is_backbone(model):
-    return not hasattr(model, "backbone")
 
 
 def file_arrays(path):
@@ -93,7 +71,7 @@ def _model_arrays(model, objects_to_skip=None):
         return file_arrays(path)
 
 
-def _rename(arrays, renames):
+def rename(arrays, renames):
     """Maps dataset paths by their leading group: `renames` is `{old prefix: new prefix}`."""
     mapped = {}
     for path, shape in arrays.items():
@@ -105,50 +83,21 @@ def _rename(arrays, renames):
     return mapped
 
 
-def _candidates(model, arrays):
+def _candidates(model, arrays, layouts):
     """Ways to read the file's arrays as `model`'s: `({model path: file path}, absent)`, where
     `absent` are the path prefixes of model layers that the file's model did not have."""
     identity = {path: path for path in arrays}
     yield identity, ()
-    backbone = model if _is_backbone(model) else model.backbone
-    nested = f"layers/{_group_names(model.layers)[id(backbone)]}" if backbone is not model else ""
-    if _is_backbone(model):
-        # A classifier's file: its backbone's group.
-        for path in arrays:
-            if path.startswith("layers/coa_t_backbone/"):
-                prefix = "layers/coa_t_backbone/"
-                yield {
-                    p[len(prefix):]: p for p in arrays if p.startswith(prefix)
-                }, ()
-                break
-    else:
-        # A backbone's file: the nested backbone's group.
+    backbone = getattr(model, "backbone", model)
+    nested = f"layers/{group_names(model.layers)[id(backbone)]}" if backbone is not model else ""
+    if backbone is model:  # a classifier's file: its backbone's group
+        prefix = "layers/coa_t_backbone/"
+        if any(path.startswith(prefix) for path in arrays):
+            yield {p[len(prefix):]: p for p in arrays if p.startswith(prefix)}, ()
+    else:  # a backbone's file: the nested backbone's group
         yield {f"{nested}/{path}": path for path in arrays}, ()
-    # keras-coat 0.1: one flat list, the classifier's layers around the backbone's, in the
-    # order of its one graph. A 0.1 model held only the layers its output depended on: its CoaT
-    # backbones without pooling lacked the class-token norms of scales 2 and 3 and the last
-    # parallel block's MLP norms of those scales. The layers (and their order) of each such
-    # graph are read off this backbone's own graph, from the outputs it had.
-    outer = [] if backbone is model else model.layers
-    position = next((i for i, layer in enumerate(outer) if layer is backbone), 0)
-    before, after = outer[:position], outer[position + 1:]
-    inner_names = _group_names(backbone.layers)
-    outer_names = _group_names(outer)
-    new_prefix = {id(layer): f"layers/{outer_names[id(layer)]}" for layer in before + after}
-    for layer in backbone.layers:
-        group = f"layers/{inner_names[id(layer)]}"
-        new_prefix[id(layer)] = f"{nested}/{group}" if nested else group
-    names = backbone.feature_names
-    for outputs in (names, names[-1:]) if len(names) > 1 else (names,):
-        graph = keras.Model(backbone.inputs, [backbone.output[key] for key in outputs])
-        flat = before + graph.layers[1:] + after
-        old_names = _group_names(flat)
-        renames = {f"layers/{old_names[id(layer)]}": new_prefix[id(layer)] for layer in flat}
-        absent = tuple(
-            new_prefix[id(layer)] + "/" for layer in backbone.layers if id(layer) not in
-            {id(used) for used in graph.layers}
-        )
-        yield _rename(arrays, renames), absent
+    if layouts is not None:
+        yield from layouts(model, backbone, nested, arrays)
 
 
 def _missing(expected, arrays, mapping):
@@ -158,13 +107,15 @@ def _missing(expected, arrays, mapping):
     ]
 
 
-def load_keras_weights(model, path, objects_to_skip=None):
+def load_keras_weights(model, path, objects_to_skip=None, layouts=None):
     """Loads a `.weights.h5` of a CoaT model into `model`, checking the fit first.
 
     Args:
         model: a `CoaTBackbone` or `CoaTImageClassifier`.
         path: the file.
         objects_to_skip: layers not to load (KerasHub's task weights leave out the backbone).
+        layouts: ``layouts(model, backbone, nested prefix, arrays)`` yielding more candidate
+            `({model path: file path}, absent prefixes)` mappings (`keras_coat.legacy.layouts`).
 
     Raises:
         ConversionError: the file lacks arrays the model needs, naming them.
@@ -174,7 +125,7 @@ def load_keras_weights(model, path, objects_to_skip=None):
     arrays = file_arrays(path)
     expected = _model_arrays(model, objects_to_skip)
     best = None
-    for mapping, absent in _candidates(model, arrays):
+    for mapping, absent in _candidates(model, arrays, layouts):
         # Layers the file's model did not have keep their values.
         missing = [
             item for item in _missing(expected, arrays, mapping)
@@ -186,7 +137,7 @@ def load_keras_weights(model, path, objects_to_skip=None):
         if best is None or len(missing) < len(best):
             best = missing
     examples = ", ".join(f"{p} {s}" for p, s in best[:4])
-    raise convert.ConversionError(
+    raise ConversionError(
         f"The weights file {path!r} does not fit {model.name!r}: it lacks {len(best)} array(s) "
         f"the model needs (e.g. {examples}). Was it saved from a model of another variant, "
         "input channels or number of classes?"

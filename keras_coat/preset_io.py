@@ -1,4 +1,4 @@
-"""Preset directories in KerasHub's layout: writing them atomically, reading them strictly.
+"""Preset directories in KerasHub's layout and `.keras` archives: written atomically, read strictly.
 
 A preset directory holds (keras-hub's file names, without depending on keras-hub):
 
@@ -9,22 +9,19 @@ A preset directory holds (keras-hub's file names, without depending on keras-hub
   backbone's (none for a headless CoaT-Lite: then no file);
 - ``image_converter.json``: the evaluation preprocessing (image size, crop fraction,
   interpolation, mean, std), also inside ``task.json``, for readers that only want this;
-- ``metadata.json``: versions, parameter count, date, backend, and for converted checkpoints
-  where they came from.
+- ``metadata.json``: the Keras and keras-coat versions that wrote it, backend, parameter count,
+  date, the SHA-256 of every other file, and for a converted checkpoint where it came from.
 
-Reading a directory is reading outside data: only the two keras_coat classes are built (never
-an arbitrary registered name), every config field is checked, files are regular files inside
-the directory (a symlink pointing out of it is refused), JSON files are small, and weights must
-fit the model exactly before Keras reads them. Errors are `keras_coat.presets.PresetError`s
-naming the file and the problem.
-
-This module builds no model class itself: the classes pass themselves in (`cls`), so it sits
-below `backbone.py` and `image_classifier.py` in the import graph.
+Reading a preset or a `.keras` archive is reading outside data: only the two keras_coat classes
+are described (never an arbitrary registered name), unknown fields are refused, files are
+regular files inside the directory (a symlink pointing out of it is refused), JSON files are
+small and free of NaN, weights files within a size cap. Errors are
+`keras_coat.presets.PresetError`s naming the file and the problem. This module builds no model:
+`keras_coat.loader` builds them from the configs read here, so it sits below the model classes.
 """
 
 import contextlib
 import datetime
-import importlib.metadata
 import json
 import os
 import shutil
@@ -33,8 +30,9 @@ import zipfile
 
 import keras
 
-from keras_coat import convert, loading, weights
-from keras_coat.presets import ImagePreprocessing, PresetError, get_preset
+from keras_coat.presets import ImagePreprocessing, PresetError
+from keras_coat.utils.files import fsync, publish_directory, sha256, temporary_path
+from keras_coat.version import __version__
 
 CONFIG_FILE = "config.json"
 MODEL_WEIGHTS_FILE = "model.weights.h5"
@@ -42,13 +40,9 @@ TASK_CONFIG_FILE = "task.json"
 TASK_WEIGHTS_FILE = "task.weights.h5"
 IMAGE_CONVERTER_CONFIG_FILE = "image_converter.json"
 METADATA_FILE = "metadata.json"
-PRESET_FILES = (
-    CONFIG_FILE, MODEL_WEIGHTS_FILE, TASK_CONFIG_FILE, TASK_WEIGHTS_FILE,
-    IMAGE_CONVERTER_CONFIG_FILE, METADATA_FILE,
-)
 # Largest JSON file read (a task.json with 20,000 class names is ~0.5 MB).
 MAX_JSON_BYTES = 4 * 2**20
-# Largest weights file read (coat_lite_medium's are 180 MB).
+# Largest weights file or `.keras` archive read (coat_lite_medium's weights are 180 MB).
 MAX_WEIGHTS_BYTES = 2 * 2**30
 BACKBONE_NAME = "keras_coat>CoaTBackbone"
 CLASSIFIER_NAME = "keras_coat>CoaTImageClassifier"
@@ -60,12 +54,9 @@ CLASSIFIER_FIELDS = {
     "name", "trainable", "backbone", "num_classes", "pooling", "activation",
     "include_preprocessing", "preprocessing", "class_names", "dtype",
 }
-# Fields of a keras-coat 0.1 backbone config that now belong to the classifier (or to nothing).
-LEGACY_BACKBONE_KEYS = ("include_preprocessing", "pooling", "architecture")
-BACKBONE_OVERRIDES = ("image_shape", "drop_path_rate")
-CLASSIFIER_OVERRIDES = (
-    "num_classes", "pooling", "activation", "include_preprocessing", "class_names", "name",
-)
+_SERIALIZED_FIELDS = {
+    "module", "class_name", "config", "registered_name", "build_config", "compile_config",
+}
 
 
 # ------------------------------------------------------------------------------------ writing
@@ -75,46 +66,37 @@ def _serialize(model):
     config = keras.saving.serialize_keras_object(model)
     for key in ("build_config", "compile_config"):
         config.pop(key, None)
-    if isinstance(config.get("config", {}).get("backbone"), dict):
-        for key in ("build_config", "compile_config"):
+        if isinstance(config["config"].get("backbone"), dict):
             config["config"]["backbone"].pop(key, None)
     return config
 
 
 def _write_json(folder, name, data):
-    path = os.path.join(folder, name)
-    with open(path, "x", encoding="utf-8") as f:
+    with open(os.path.join(folder, name), "x", encoding="utf-8") as f:
         json.dump(data, f, indent=2)
         f.flush()
         os.fsync(f.fileno())
 
 
-def _fsync(path):
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
 def save_to_preset(model, preset_dir, metadata=None):
-    """Writes `model` (a CoaT backbone or classifier) as a preset directory, atomically.
+    """Writes `model` (a CoaT backbone or classifier) as the preset directory `preset_dir`.
 
-    Everything is written into a temporary directory beside `preset_dir` and renamed into
-    place; an existing preset directory there is replaced, anything else is refused.
+    Everything is written into a hidden directory beside `preset_dir` and renamed into place
+    (`keras_coat.utils.files.publish_directory`); an existing preset directory there is
+    replaced, anything else is refused. `metadata` adds fields to ``metadata.json``.
     """
     preset_dir = os.path.abspath(os.fspath(preset_dir))
-    parent = os.path.dirname(preset_dir)
     if os.path.lexists(preset_dir) and not _is_replaceable(preset_dir):
         raise PresetError(
             f"{preset_dir!r} exists and is not a preset directory (no {CONFIG_FILE}); refusing "
             "to replace it. Pass a new or empty directory."
         )
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(preset_dir)}.partial-", dir=parent)
+    os.makedirs(os.path.dirname(preset_dir), exist_ok=True)
+    staging = temporary_path(preset_dir)
+    os.mkdir(staging)
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would hide a published preset
-        _write_preset_files(model, staging, metadata)
-        _publish_directory(staging, preset_dir)
+        write_preset_files(model, staging, metadata)
+        publish_directory(staging, preset_dir, overwrite=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -127,23 +109,8 @@ def _is_replaceable(path):
     return not entries or CONFIG_FILE in entries
 
 
-def _publish_directory(staging, target):
-    if not os.path.lexists(target):
-        os.rename(staging, target)
-        return
-    retired = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-",
-                               dir=os.path.dirname(target))
-    os.rmdir(retired)
-    os.rename(target, retired)
-    try:
-        os.rename(staging, target)
-    except BaseException:
-        os.rename(retired, target)
-        raise
-    shutil.rmtree(retired, ignore_errors=True)
-
-
-def _write_preset_files(model, folder, metadata):
+def write_preset_files(model, folder, metadata=None):
+    """Writes the preset files of `model` into the empty directory `folder`, each flushed."""
     backbone = getattr(model, "backbone", model)
     _write_json(folder, CONFIG_FILE, _serialize(backbone))
     backbone.save_weights(os.path.join(folder, MODEL_WEIGHTS_FILE))
@@ -152,45 +119,44 @@ def _write_preset_files(model, folder, metadata):
         tasks = [type(model).__name__]
         _write_json(folder, TASK_CONFIG_FILE, _serialize(model))
         _write_json(folder, IMAGE_CONVERTER_CONFIG_FILE, model.preprocessing.get_config())
-        if _has_task_weights(model):
+        if weights_beyond(model, backbone_objects(model)):
             keras.saving.save_weights(
                 model, os.path.join(folder, TASK_WEIGHTS_FILE),
-                objects_to_skip=_backbone_objects(model),
+                objects_to_skip=backbone_objects(model),
             )
+    files = {}
+    for name in sorted(os.listdir(folder)):
+        fsync(os.path.join(folder, name))
+        files[name] = sha256(os.path.join(folder, name))
     _write_json(folder, METADATA_FILE, {
         "keras_version": keras.version(),
-        "keras_coat_version": _package_version(),
+        "keras_coat_version": __version__,
         "backend": keras.backend.backend(),
         "parameter_count": int(model.count_params()),
         "date_saved": datetime.datetime.now().strftime("%Y-%m-%d@%H:%M:%S"),
         "tasks": tasks,
+        "files": files,
         **(metadata or {}),
     })  # fmt: skip
-    for name in os.listdir(folder):
-        _fsync(os.path.join(folder, name))
 
 
-def _package_version():
-    try:
-        return importlib.metadata.version("keras-coat")
-    except importlib.metadata.PackageNotFoundError:  # run from a source tree
-        return None
-
-
-def _backbone_objects(model):
+def backbone_objects(model):
+    """The layers of a classifier's backbone (what its task weights leave out)."""
     return list(model.backbone._flatten_layers())
 
 
-def _has_task_weights(model):
-    backbone_ids = {id(w) for w in model.backbone.weights}
-    return any(id(w) not in backbone_ids for w in model.weights)
+def weights_beyond(model, skip):
+    """Whether `model` has weights outside the layers `skip`."""
+    skipped = {id(w) for layer in skip for w in layer.weights}
+    return any(id(w) not in skipped for w in model.weights)
 
 
 # ------------------------------------------------------------------------------------ reading
 
 
-def _preset_file(folder, name, required=True, max_bytes=MAX_JSON_BYTES):
-    """The path of `name` in the preset `folder`, checked: a regular file inside the folder."""
+def preset_file(folder, name, required=True, max_bytes=MAX_JSON_BYTES):
+    """The path of `name` in the preset `folder`, checked: a regular file inside the folder, at
+    most `max_bytes` long (None if it is absent and not `required`)."""
     path = os.path.join(folder, name)
     if not os.path.lexists(path):
         if required:
@@ -218,24 +184,26 @@ def _reject_constant(name):
     raise ValueError(f"non-finite number {name}")
 
 
-def _read_json(folder, name, required=True):
-    path = _preset_file(folder, name, required)
-    if path is None:
-        return None
+def parse_json(text, where):
+    """A JSON object from `text` (NaN and Infinity refused), or a PresetError naming `where`."""
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.loads(f.read(), parse_constant=_reject_constant)
+        data = json.loads(text, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise PresetError(f"{name} in the preset {folder!r} is not valid JSON: {e}.") from None
+        raise PresetError(f"{where} is not valid JSON: {e}.") from None
     if not isinstance(data, dict):
-        raise PresetError(
-            f"{name} in the preset {folder!r} must hold a JSON object; found "
-            f"{type(data).__name__}."
-        )
+        raise PresetError(f"{where} must hold a JSON object; found {type(data).__name__}.")
     return data
 
 
-def _check_serialized(data, registered_name, fields, where):
+def read_json(folder, name, required=True):
+    path = preset_file(folder, name, required)
+    if path is None:
+        return None
+    with open(path, "rb") as f:
+        return parse_json(f.read(), f"{name} in the preset {folder!r}")
+
+
+def check_serialized(data, registered_name, fields, where):
     """The `config` of a serialized keras_coat object, after checking its class and fields."""
     if not isinstance(data, dict) or data.get("registered_name") != registered_name:
         found = data.get("registered_name") if isinstance(data, dict) else type(data).__name__
@@ -244,7 +212,7 @@ def _check_serialized(data, registered_name, fields, where):
             f"{registered_name!r}); found {found!r}. Only keras_coat's own classes are built "
             "from a preset."
         )
-    unknown = set(data) - {"module", "class_name", "config", "registered_name", "build_config"}
+    unknown = set(data) - _SERIALIZED_FIELDS
     if unknown:
         raise PresetError(f"{where} has unknown top-level fields {sorted(unknown)}.")
     config = data.get("config")
@@ -255,286 +223,99 @@ def _check_serialized(data, registered_name, fields, where):
         raise PresetError(
             f"{where}: unknown config fields {sorted(unknown)}; allowed: {sorted(fields)}."
         )
-    return dict(config)
-
-
-def _build(where, factory, *args, **kwargs):
-    """Calls a constructor on preset data: any failure becomes a PresetError naming `where`."""
-    try:
-        return factory(*args, **kwargs)
-    except PresetError:
-        raise
-    except (ValueError, TypeError, KeyError, OverflowError, AttributeError) as e:
-        raise PresetError(f"{where} does not describe a valid model: {e}") from None
-
-
-def _backbone_config(folder):
-    where = f"{CONFIG_FILE} in the preset {folder!r}"
-    config = _check_serialized(_read_json(folder, CONFIG_FILE), BACKBONE_NAME, BACKBONE_FIELDS,
-                               where)
+    config = dict(config)
     config.pop("dtype", None)
-    return config, where
+    return config
 
 
-def _directory(preset):
-    """`preset` as a directory path, or None for a built-in name (a PresetError otherwise)."""
-    if isinstance(preset, os.PathLike):
-        preset = os.fspath(preset)
-    if not isinstance(preset, str):
-        raise PresetError(f"A preset is a name or a directory; received {type(preset).__name__}.")
-    if os.path.isdir(preset):
-        return preset
-    if os.sep in preset or preset.startswith(".") or os.path.lexists(preset):
-        raise PresetError(f"The preset directory {preset!r} does not exist or is no directory.")
-    get_preset(preset)  # a PresetError listing the built-in names
-    return None
+def split_classifier(data, where):
+    """`(backbone config, classifier config)` of a serialized `CoaTImageClassifier`."""
+    config = check_serialized(data, CLASSIFIER_NAME, CLASSIFIER_FIELDS, where)
+    backbone = check_serialized(config.pop("backbone", None), BACKBONE_NAME, BACKBONE_FIELDS,
+                                f"the backbone in {where}")
+    config.setdefault("num_classes", 1000)
+    if "preprocessing" in config:
+        config["preprocessing"] = preprocessing_from(config["preprocessing"], where)
+    return backbone, config
 
 
-def load_backbone(cls, preset, load_weights=True, **overrides):
-    _check_overrides(overrides, BACKBONE_OVERRIDES)
-    folder = _directory(preset)
-    if folder is None:
-        entry = get_preset(preset)
-        overrides.setdefault("image_shape", (*entry.preprocessing.image_size, 3))
-        backbone = cls.from_variant(entry.variant, **overrides)
-        if load_weights:
-            load_builtin_weights(backbone, preset)
-        return backbone
-    config, where = _backbone_config(folder)
-    config.update(overrides)
-    backbone = _build(where, cls, **config)
-    if load_weights:
-        _load_file(backbone, folder, MODEL_WEIGHTS_FILE)
-    return backbone
+def preprocessing_from(config, where):
+    try:
+        return ImagePreprocessing.from_config(config)
+    except (ValueError, TypeError) as e:
+        raise PresetError(f"{where} does not describe a valid preprocessing: {e}") from None
 
 
-def load_classifier(cls, preset, load_weights=True, **overrides):
-    _check_overrides(overrides, BACKBONE_OVERRIDES + CLASSIFIER_OVERRIDES)
-    folder = _directory(preset)
-    backbone_overrides = {k: overrides.pop(k) for k in BACKBONE_OVERRIDES if k in overrides}
-    backbone = load_backbone(cls.backbone_cls, preset, load_weights=False, **backbone_overrides)
-    if folder is None:
-        saved = builtin_classifier_config(preset)
-    else:
-        saved = _saved_classifier_config(folder)
-    if "preprocessing" in saved and "image_shape" in backbone_overrides:
-        saved["preprocessing"] = saved["preprocessing"].resized(backbone.image_shape[:2])
-    new_head = "num_classes" in overrides and overrides["num_classes"] != saved["num_classes"]
-    if new_head and "class_names" not in overrides:
-        saved.pop("class_names", None)
-    saved.update(overrides)
-    where = f"{TASK_CONFIG_FILE} in the preset {folder!r}" if folder else f"the preset {preset!r}"
-    model = _build(where, cls, backbone, **saved)
-    if not load_weights:
-        return model
-    skip = [layer for layer in model.layers if layer.name in ("head", "predictions")]
-    skip = skip if new_head else []
-    if folder is None:
-        load_builtin_weights(model, preset, objects_to_skip=skip or None)
-        return model
-    _load_file(backbone, folder, MODEL_WEIGHTS_FILE)
-    skip += _backbone_objects(model)
-    if _has_task_weights_beyond(model, skip):
-        _load_file(model, folder, TASK_WEIGHTS_FILE, objects_to_skip=skip)
-    return model
+def read_configs(folder):
+    """`(backbone config, classifier config)` of the preset directory `folder`, checked.
 
-
-def builtin_classifier_config(name):
-    """The classifier arguments of a published checkpoint: its head, preprocessing, classes."""
-    from keras_coat.imagenet import class_names
-
-    entry = get_preset(name)
-    return {
-        "num_classes": entry.num_classes,
-        "preprocessing": entry.preprocessing,
-        "class_names": class_names(),
-        "name": name,
-    }
-
-
-def _saved_classifier_config(folder):
-    where = f"{TASK_CONFIG_FILE} in the preset {folder!r}"
-    task = _read_json(folder, TASK_CONFIG_FILE, required=False)
-    if task is None:  # a backbone's preset: a headless model over its features
-        saved = {"num_classes": None}
-    else:
-        saved = _check_serialized(task, CLASSIFIER_NAME, CLASSIFIER_FIELDS, where)
-        saved.pop("dtype", None)
-        nested = saved.pop("backbone", None)
-        nested_config = _check_serialized(nested, BACKBONE_NAME, BACKBONE_FIELDS,
-                                          f"the backbone in {where}")
-        nested_config.pop("dtype", None)
-        stored, _ = _backbone_config(folder)
-        if nested_config != stored:
+    A backbone's preset (no ``task.json``) gives ``{"num_classes": None}`` (a headless model
+    over its features), with the preprocessing of ``image_converter.json`` if it has one.
+    """
+    where = f"{CONFIG_FILE} in the preset {folder!r}"
+    backbone = check_serialized(read_json(folder, CONFIG_FILE), BACKBONE_NAME, BACKBONE_FIELDS,
+                                where)
+    task = read_json(folder, TASK_CONFIG_FILE, required=False)
+    classifier = {"num_classes": None}
+    if task is not None:
+        where = f"{TASK_CONFIG_FILE} in the preset {folder!r}"
+        nested, classifier = split_classifier(task, where)
+        if nested != backbone:
             raise PresetError(f"The backbone in {where} differs from {CONFIG_FILE}.")
-        saved.setdefault("num_classes", 1000)
-    converter = _read_json(folder, IMAGE_CONVERTER_CONFIG_FILE, required=False)
+    converter = read_json(folder, IMAGE_CONVERTER_CONFIG_FILE, required=False)
     if converter is not None:
-        preprocessing = _build(f"{IMAGE_CONVERTER_CONFIG_FILE} in {folder!r}",
-                               ImagePreprocessing.from_config, converter)
-        if "preprocessing" in saved and saved["preprocessing"] != preprocessing.get_config():
+        preprocessing = preprocessing_from(converter, f"{IMAGE_CONVERTER_CONFIG_FILE} in {folder!r}")
+        if classifier.get("preprocessing", preprocessing) != preprocessing:
             raise PresetError(
                 f"{IMAGE_CONVERTER_CONFIG_FILE} and {TASK_CONFIG_FILE} in {folder!r} give "
                 "different preprocessing."
             )
-        saved["preprocessing"] = preprocessing
-    elif "preprocessing" in saved:
-        saved["preprocessing"] = _build(where, ImagePreprocessing.from_config,
-                                        saved["preprocessing"])
-    return saved
+        classifier["preprocessing"] = preprocessing
+    return backbone, classifier
 
 
-def load_builtin_weights(model, name, objects_to_skip=None):
-    """Loads the published checkpoint `name` into `model` (a backbone, or a classifier of its
-    variant at any input size); `keras_coat.weights` fetches, verifies and caches it."""
-    entry = get_preset(name)
-    channels = model.inputs[0].shape[-1]
-    if channels != 3:
-        raise ValueError(
-            f"The ImageNet weights {name!r} expect RGB input with 3 channels; the model's "
-            f"input has {channels}."
-        )
-    classes = getattr(model, "num_classes", None)
-    skipped = {layer.name for layer in objects_to_skip or ()}
-    if classes is not None and classes != entry.num_classes and "head" not in skipped:
-        raise ValueError(
-            f"The ImageNet weights {name!r} have a {entry.num_classes}-class head; the model's "
-            f"head has {classes} classes. Build it with include_top=False (and add your own "
-            f"head), or with classes={entry.num_classes}."
-        )
-    converter = getattr(keras.saving.get_registered_object(CLASSIFIER_NAME),
-                        "_write_checkpoint_weights")
-    path = weights.ensure_converted_weights(name, converter, entry.max_download_bytes)
+# ---------------------------------------------------------------------------- .keras archives
+
+
+def _archive_entry(archive, path, name, max_bytes):
     try:
-        loading.load_keras_weights(model, path, objects_to_skip=objects_to_skip)
-    except OSError:
-        # Cache files are written whole, so this one was damaged afterwards (disk, a user's
-        # edit): replace it once.
-        weights.discard_cached_weights(name)
-        path = weights.ensure_converted_weights(name, converter, entry.max_download_bytes)
-        loading.load_keras_weights(model, path, objects_to_skip=objects_to_skip)
-
-
-def _has_task_weights_beyond(model, skip):
-    skipped = {id(w) for layer in skip for w in layer.weights}
-    return any(id(w) not in skipped for w in model.weights)
-
-
-def _check_overrides(overrides, allowed):
-    unknown = set(overrides) - set(allowed)
-    if unknown:
+        info = archive.getinfo(name)
+    except KeyError:
+        raise PresetError(f"The .keras file {path!r} has no {name}.") from None
+    if info.file_size > max_bytes:
         raise PresetError(
-            f"from_preset() takes the overrides {sorted(allowed)}; received {sorted(unknown)}."
+            f"{name} in the .keras file {path!r} has {info.file_size} bytes, more than the "
+            f"{max_bytes} allowed; refused."
         )
+    return info
 
 
-def _load_file(model, folder, name, objects_to_skip=None):
-    path = _preset_file(folder, name, max_bytes=MAX_WEIGHTS_BYTES)
+def read_keras_archive(path):
+    """The model config (``config.json``) of the `.keras` archive `path`, as a JSON object."""
     try:
-        loading.load_keras_weights(model, path, objects_to_skip=objects_to_skip)
-    except OSError as e:
-        raise PresetError(f"{name} in the preset {folder!r} is unreadable: {e}") from None
-    except ValueError as e:
-        raise PresetError(f"{name} in the preset {folder!r} does not fit the model: {e}") from None
-
-
-# ------------------------------------------------------------------------- built-in presets
-
-
-def convert_checkpoint(classifier, name, source):
-    """Fills `classifier` (built for the published checkpoint `name`) from `source`: the
-    checkpoint's state dict, or the path of a keras-coat 0.1 cache entry (the converted weights
-    of its 1000-class classifier), read instead of downloading again."""
-    if isinstance(source, dict):
-        try:
-            convert.assign_state_dict(classifier, source)
-        except convert.ConversionError as e:
-            raise convert.ConversionError(
-                f"The checkpoint {weights.resolve(name).url} given for {name!r} does not fit "
-                f"the {get_preset(name).variant} model (if {weights.MANIFEST_ENV} is set, check "
-                f"its entry): {e}"
-            ) from e
-    else:
-        loading.load_keras_weights(classifier, source)
-
-
-# ----------------------------------------------------------------------- keras-coat 0.1 files
-
-
-def is_legacy_backbone_config(serialized):
-    config = serialized.get("config") if isinstance(serialized, dict) else None
-    return isinstance(config, dict) and any(k in config for k in LEGACY_BACKBONE_KEYS)
-
-
-def is_legacy_model_config(serialized):
-    """Whether a serialized CoaT model (a `.keras` file's config) was written by keras-coat 0.1."""
-    if not isinstance(serialized, dict):
-        return False
-    if serialized.get("registered_name") == CLASSIFIER_NAME:
-        return is_legacy_backbone_config(serialized.get("config", {}).get("backbone"))
-    return is_legacy_backbone_config(serialized)
-
-
-def legacy_error(kind):
-    return ValueError(
-        f"This {kind} configuration was written by keras-coat 0.1 (its backbone holds "
-        "`pooling`/`include_preprocessing`); load such .keras files with "
-        "keras_coat.load_model(path), which rebuilds them in the current layout."
-    )
-
-
-def split_legacy(config):
-    config = dict(config)
-    legacy = {key: config.pop(key) for key in LEGACY_BACKBONE_KEYS if key in config}
-    return config, legacy
-
-
-def legacy_headless_model(classifier_cls, backbone, legacy, name=None):
-    """The model a keras-coat 0.1 `CoaTBackbone` config described: normalization and pooling
-    inside, now the headless classifier around the backbone."""
-    return classifier_cls(
-        backbone,
-        num_classes=None,
-        pooling=legacy.get("pooling"),
-        include_preprocessing=legacy.get("include_preprocessing", True),
-        name=name or backbone.name,
-    )
-
-
-def legacy_classifier(cls, config):
-    """The model a keras-coat 0.1 `CoaTImageClassifier` config described."""
-    backbone_config, legacy = split_legacy(config["backbone"]["config"])
-    backbone_config.pop("name", None)
-    backbone_config.pop("trainable", None)
-    backbone = cls.backbone_cls(**backbone_config)
-    return cls(
-        backbone,
-        num_classes=config.get("num_classes", 1000),
-        pooling=legacy.get("pooling") or "token",
-        activation=config.get("classifier_activation", "softmax"),
-        include_preprocessing=legacy.get("include_preprocessing", True),
-        name=config.get("name"),
-    )
-
-
-def read_keras_archive_config(path):
-    """The model config (`config.json`) of a `.keras` archive."""
-    try:
+        if os.path.getsize(path) > MAX_WEIGHTS_BYTES:
+            raise PresetError(f"The .keras file {path!r} is larger than {MAX_WEIGHTS_BYTES} "
+                              "bytes; refused.")
         with zipfile.ZipFile(path) as archive:
-            info = archive.getinfo("config.json")
-            if info.file_size > MAX_JSON_BYTES:
-                raise ValueError(f"{path!r}: its config.json has {info.file_size} bytes.")
-            return json.loads(archive.read(info))
-    except (zipfile.BadZipFile, KeyError) as e:
-        raise ValueError(f"{path!r} is not a .keras file: {e}") from None
+            info = _archive_entry(archive, path, CONFIG_FILE, MAX_JSON_BYTES)
+            text = archive.read(info)
+    except (OSError, zipfile.BadZipFile, zipfile.LargeZipFile) as e:
+        raise PresetError(f"{path!r} is not a readable .keras file: {e}") from None
+    return parse_json(text, f"config.json in the .keras file {path!r}")
 
 
 @contextlib.contextmanager
 def extracted_weights(path):
-    """The `model.weights.h5` of a `.keras` archive, as a temporary file."""
+    """The ``model.weights.h5`` of a `.keras` archive, as a temporary file (at most
+    `MAX_WEIGHTS_BYTES` are extracted, whatever the archive declares)."""
     with tempfile.TemporaryDirectory(prefix="keras-coat-archive-") as folder:
-        target = os.path.join(folder, "model.weights.h5")
-        with zipfile.ZipFile(path) as archive, archive.open("model.weights.h5") as source, \
-                open(target, "wb") as f:
-            shutil.copyfileobj(source, f)
+        target = os.path.join(folder, MODEL_WEIGHTS_FILE)
+        try:
+            with zipfile.ZipFile(path) as archive:
+                info = _archive_entry(archive, path, MODEL_WEIGHTS_FILE, MAX_WEIGHTS_BYTES)
+                with archive.open(info) as source, open(target, "wb") as f:
+                    shutil.copyfileobj(source, f)
+        except (OSError, zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as e:
+            raise PresetError(f"The weights in the .keras file {path!r} are unreadable: "
+                              f"{e}") from None
         yield target

@@ -1,6 +1,7 @@
-"""The published CoaT checkpoints, one entry each: the one place that says what a checkpoint is.
+"""The CoaT variants and their published checkpoints: the one place that says what they are.
 
-Each `Preset` names its architecture (a variant of `keras_coat.backbone.VARIANTS`), where the
+`VARIANTS` holds the architecture of each published variant (paper, Table 1). Each `Preset` names
+its architecture (a key of `VARIANTS`), where the
 weights come from and their SHA-256, the evaluation preprocessing, the class names and the
 paper's figures. The factories, ``weights="imagenet"``, ``python -m keras_coat predict`` and
 ``info``, the download size caps and the exports read these entries; nothing restates them.
@@ -14,6 +15,7 @@ import numbers
 
 __all__ = [
     "BASE_URL",
+    "VARIANTS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "ImagePreprocessing",
@@ -33,8 +35,26 @@ INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 AUTHORS_CROP_PCT = 224 / 256
 
 
+# The architecture of each published variant (paper, Table 1); all attend with 8 heads and the
+# same convolutional relative position encoding windows (window, heads).
+VARIANTS = {
+    name: dict(embed_dims=dims, serial_depths=depths, mlp_ratios=ratios, parallel_depth=parallel,
+               num_heads=8, crpe_windows=((3, 2), (5, 3), (7, 3)))
+    for name, dims, depths, ratios, parallel in (
+        ("coat_lite_tiny", (64, 128, 256, 320), (2, 2, 2, 2), (8, 8, 4, 4), 0),
+        ("coat_lite_mini", (64, 128, 320, 512), (2, 2, 2, 2), (8, 8, 4, 4), 0),
+        ("coat_lite_small", (64, 128, 320, 512), (3, 4, 6, 3), (8, 8, 4, 4), 0),
+        ("coat_lite_medium", (128, 256, 320, 512), (3, 6, 10, 8), (4, 4, 4, 4), 0),
+        ("coat_tiny", (152, 152, 152, 152), (2, 2, 2, 2), (4, 4, 4, 4), 6),
+        ("coat_mini", (152, 216, 216, 216), (2, 2, 2, 2), (4, 4, 4, 4), 6),
+        ("coat_small", (152, 320, 320, 320), (2, 2, 2, 2), (4, 4, 4, 4), 6),
+    )
+}
+
+
 class PresetError(ValueError):
-    """A preset name or directory is unusable: unknown, incomplete, damaged or hostile."""
+    """A preset reference is unusable: unknown, unsupported, missing, incomplete, damaged or
+    hostile. The message names the reference and the problem."""
 
 
 def _real_tuple(value, length, what):
@@ -130,7 +150,7 @@ class Preset:
     """One published checkpoint."""
 
     name: str
-    variant: str  # a key of keras_coat.backbone.VARIANTS
+    variant: str  # a key of VARIANTS
     url: str
     sha256: str  # the first hex digits of the file's SHA-256 (at least 8)
     preprocessing: ImagePreprocessing

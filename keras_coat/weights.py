@@ -1,44 +1,31 @@
-"""The published CoaT ImageNet checkpoints: where they are, how to fetch them safely.
+"""The published CoaT checkpoints in the weights cache: fetched, verified and converted once.
 
-`ensure_converted_weights(checkpoint_name, converter)` (called through
-`keras_coat.preset_io` for ``weights="imagenet"`` and built-in preset names):
+`ensure_preset(name, write)` returns the preset directory ``$KERAS_HOME/models/keras_coat/
+<name>-<sha8>/`` (``KERAS_HOME`` defaults to ``~/.keras``) of a built-in checkpoint:
 
-1. finds the checkpoint's URL and SHA-256 in `CHECKPOINTS` (from
-   `keras_coat.presets`), or in the JSON
-   manifest named by the ``KERAS_COAT_WEIGHTS_MANIFEST`` environment variable,
-   which replaces the table (for mirrors, local copies and offline machines)::
+1. its URL and SHA-256 come from `keras_coat.presets`, or from the JSON manifest named by
+   ``KERAS_COAT_WEIGHTS_MANIFEST``, which replaces the table (mirrors, offline machines)::
 
-       {"coat_lite_tiny": {"url": "file:///mirror/coat_lite_tiny.pth",
-                           "sha256": "e88e96b0"}, ...}
+       {"coat_lite_tiny": {"url": "file:///mirror/coat_lite_tiny.pth", "sha256": "e88e96b0"}}
 
-   ``url`` is ``http://``, ``https://`` or ``file://`` and ends in ``.pth``,
-   ``.pt``, ``.bin`` or ``.safetensors``; ``sha256`` is the full hex digest
-   or a prefix of at least 8 hex digits;
-2. if the converted weights are already cached
-   (``$KERAS_HOME/models/keras_coat/<name>-<sha8>-v2.weights.h5``, ``KERAS_HOME``
-   defaulting to ``~/.keras``) and intact, returns them: no network access at
-   all. The record beside them (``...-v2.json``) holds the full SHA-256 of the
-   verified checkpoint and of the converted file; the file is hashed again on
-   every hit, and a damaged file or one converted from another checkpoint is
-   rebuilt;
-3. otherwise downloads the checkpoint to a temporary file beside the cache
-   (within a size cap and a time budget), checks its SHA-256, reads it without
-   running anything from it (`keras_coat.checkpoint`) and hands it to the
-   caller's `converter`, which writes the converted ``.weights.h5`` that is
-   then moved into the cache.
+   (``http://``, ``https://`` or ``file://`` URLs of ``.pth``, ``.pt``, ``.bin`` or
+   ``.safetensors`` files; the full digest or a prefix of at least 8 hex digits);
+2. an intact directory is returned with no network access: its ``metadata.json`` names the
+   checkpoint and its full SHA-256, and the SHA-256 of every other file, hashed again on every
+   load. A damaged entry (a changed, missing or extra file, a folder or FIFO in a file's place,
+   another checkpoint's conversion) is rebuilt;
+3. otherwise the checkpoint is downloaded beside the cache (size cap, time budget), its SHA-256
+   checked, read without running anything from it (`keras_coat.checkpoint`) and handed to the
+   caller's `write`, which writes the preset into a hidden directory then renamed into place.
+   An intact cache entry of keras-coat 0.1 (`keras_coat.legacy`) is converted instead, without
+   a download, and deleted.
 
-This module knows nothing of models or conversion: `keras_coat.preset_io`
-passes the converter and loads the cached file into a model.
-
-Every file appears in the cache under its final name only when complete and
-verified (temporary file in the same folder, then `os.replace`), and a lock
-file serializes processes fetching the same checkpoint, so concurrent or
-interrupted loads never leave a broken cache: the next call simply retries.
+A lock file serializes processes building the same entry; nothing appears under its final name
+before it is complete, so interrupted loads never leave a broken cache.
 """
 
+import collections
 import contextlib
-import dataclasses
-import hashlib
 import http.client
 import json
 import os
@@ -53,9 +40,10 @@ import uuid
 
 import keras
 
+from keras_coat import legacy
 from keras_coat.checkpoint import SUPPORTED_EXTENSIONS, read_state_dict
-from keras_coat.presets import BASE_URL, PRESETS
-from keras_coat.utils.files import publish
+from keras_coat.presets import BASE_URL, PRESETS, PresetError, get_preset
+from keras_coat.utils.files import TEMPORARY_MARK, publish, publish_directory, sha256
 
 __all__ = [
     "BASE_URL",
@@ -65,36 +53,25 @@ __all__ = [
     "WeightsDownloadError",
     "WeightsEntry",
     "cache_dir",
-    "cached_weights_path",
+    "cached_preset_path",
+    "checkpoint_entry",
     "checkpoint_table",
-    "discard_cached_weights",
-    "ensure_converted_weights",
-    "variant_of",
+    "ensure_preset",
+    "is_intact",
 ]
 
 MANIFEST_ENV = "KERAS_COAT_WEIGHTS_MANIFEST"
-# Bumped whenever the converted cache files would change for the same checkpoint. 2: the
-# classifier holds its backbone as one nested layer. A valid entry of format 1 (keras-coat 0.1)
-# is converted into format 2 without downloading again.
-CACHE_FORMAT = 2
-_LEGACY_CACHE_FORMATS = (1,)
+METADATA_FILE = "metadata.json"  # keras_coat.preset_io's name, which this module cannot import
 # Seconds a download may wait on the server for any single read.
 DOWNLOAD_TIMEOUT = 60.0
 # Seconds a whole download may take: a server trickling bytes is cut off (30 minutes is over
 # 100 kB/s for the largest checkpoint, coat_lite_medium's 180 MB).
 DOWNLOAD_TIME_BUDGET = 1800.0
-# Size cap of a download when the caller gives none.
-DEFAULT_MAX_DOWNLOAD_BYTES = 2 * 2**30
 _MAX_REDIRECTS = 5
 
 
-@dataclasses.dataclass(frozen=True)
-class WeightsEntry:
-    """Where a checkpoint lives and the (prefix of its) SHA-256 digest."""
-
-    name: str
-    url: str
-    sha256: str
+# Where a checkpoint lives and the (prefix of its) SHA-256 digest.
+WeightsEntry = collections.namedtuple("WeightsEntry", "name url sha256")
 
 
 # The published checkpoints' sources, as `keras_coat.presets` gives them.
@@ -107,25 +84,12 @@ _URL_SCHEMES = ("http", "https", "file")
 _MANIFEST_FIELDS = {"url", "sha256"}
 
 
-class ManifestError(ValueError):
+class ManifestError(PresetError):
     """The weights manifest (``KERAS_COAT_WEIGHTS_MANIFEST``) is unusable."""
 
 
 class WeightsDownloadError(OSError):
     """A checkpoint could not be downloaded, or failed its SHA-256 check."""
-
-
-def variant_of(checkpoint_name):
-    """The variant a checkpoint belongs to: ``coat_lite_medium_384`` -> ``coat_lite_medium``."""
-    _check_name(checkpoint_name)
-    return PRESETS[checkpoint_name].variant
-
-
-def _check_name(checkpoint_name):
-    if checkpoint_name not in CHECKPOINTS:
-        raise ValueError(
-            f"Unknown CoaT checkpoint {checkpoint_name!r}. Available: " f"{', '.join(CHECKPOINTS)}."
-        )
 
 
 def checkpoint_table():
@@ -167,7 +131,7 @@ def _manifest_entry(name, spec, where):
             f"In {where}, the entry for {name!r} must be an object with exactly the fields "
             f"'url' and 'sha256'; found {spec!r}."
         )
-    url, sha256 = spec["url"], spec["sha256"]
+    url, digest = spec["url"], spec["sha256"]
     parsed = urllib.parse.urlsplit(url) if isinstance(url, str) else None
     if parsed is None or parsed.scheme not in _URL_SCHEMES:
         raise ManifestError(
@@ -184,21 +148,19 @@ def _manifest_entry(name, spec, where):
             f"In {where}, the file:// url of {name!r} must be absolute "
             f"(file:///path/to/file); found {url!r}."
         )
-    if (
-        not isinstance(sha256, str)
-        or not 8 <= len(sha256) <= 64
-        or not _HEX.fullmatch(sha256.lower())
+    if not isinstance(digest, str) or not 8 <= len(digest) <= 64 or not _HEX.fullmatch(
+        digest.lower()
     ):
         raise ManifestError(
             f"In {where}, the sha256 of {name!r} must be the file's SHA-256 hex digest or a "
-            f"prefix of it of at least 8 hex digits; found {sha256!r}."
+            f"prefix of it of at least 8 hex digits; found {digest!r}."
         )
-    return WeightsEntry(name, url, sha256.lower())
+    return WeightsEntry(name, url, digest.lower())
 
 
-def resolve(checkpoint_name):
-    """The `WeightsEntry` in force for `checkpoint_name`."""
-    _check_name(checkpoint_name)
+def checkpoint_entry(checkpoint_name):
+    """The `WeightsEntry` in force for the built-in preset `checkpoint_name`."""
+    get_preset(checkpoint_name)  # a PresetError listing the built-in names
     table = checkpoint_table()
     if checkpoint_name not in table:
         raise ManifestError(
@@ -209,7 +171,7 @@ def resolve(checkpoint_name):
 
 
 def cache_dir():
-    """Folder of the downloads and converted weights: ``$KERAS_HOME/models/keras_coat``."""
+    """The weights cache, ``$KERAS_HOME/models/keras_coat`` (created if needed)."""
     home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
     folder = os.path.join(home, "models", "keras_coat")
     try:
@@ -227,132 +189,92 @@ def _stem(entry):
     return f"{entry.name}-{entry.sha256[:8]}"
 
 
-def cached_weights_path(checkpoint_name, cache_format=CACHE_FORMAT):
-    """Where the converted weights of `checkpoint_name` are (or will be) cached."""
-    entry = resolve(checkpoint_name)
-    return os.path.join(cache_dir(), f"{_stem(entry)}-v{cache_format}.weights.h5")
+def cached_preset_path(checkpoint_name):
+    """Where the preset directory of `checkpoint_name` is (or will be) cached."""
+    return os.path.join(cache_dir(), _stem(checkpoint_entry(checkpoint_name)))
 
 
-def _record_path(weights_path):
-    """The JSON record beside a cached ``.weights.h5``: what it was converted from."""
-    return weights_path.removesuffix(".weights.h5") + ".json"
-
-
-def discard_cached_weights(checkpoint_name):
-    """Deletes the cached converted weights of `checkpoint_name` (found damaged by a reader)."""
-    target = cached_weights_path(checkpoint_name)
-    _remove(target)
-    _remove(_record_path(target))
-
-
-def _cache_is_valid(target, entry, cache_format=CACHE_FORMAT):
-    """Whether `target` is the intact conversion of a checkpoint matching `entry`.
-
-    The record beside it holds the full SHA-256 of the verified checkpoint and of the converted
-    file. The file is hashed again on every hit: a flipped bit, a truncated file or another
-    checkpoint's conversion under this name (e.g. a manifest pinning a different full digest
-    with the same first 8 hex digits) fails the check and is rebuilt, and so does an entry that
-    is no regular file (a folder, a symlink, a FIFO) or cannot be read.
-    """
-    if not (_is_regular_file(target) and _is_regular_file(_record_path(target))):
-        return False
+def is_intact(folder, entry):
+    """Whether `folder` is the complete, unaltered preset directory of a checkpoint matching
+    `entry`: a real directory whose ``metadata.json`` names the checkpoint, a full SHA-256
+    starting with the table's digest, and the SHA-256 of every other file it holds (each a
+    regular file, hashed again here)."""
     try:
-        with open(_record_path(target), encoding="utf-8") as f:
-            record = json.load(f)
+        if not stat.S_ISDIR(os.lstat(folder).st_mode):
+            return False
+        path = os.path.join(folder, METADATA_FILE)
+        if not _is_regular_file(path):
+            return False
+        with open(path, encoding="utf-8") as f:
+            metadata = json.load(f)
+        source, files = metadata.get("source"), metadata.get("files")
+        digest = source.get("sha256") if isinstance(source, dict) else None
         return (
-            isinstance(record, dict)
-            and record.get("checkpoint") == entry.name
-            and record.get("cache_format") == cache_format
-            and isinstance(record.get("checkpoint_sha256"), str)
-            and len(record["checkpoint_sha256"]) == 64
-            and record["checkpoint_sha256"].startswith(entry.sha256)
-            and record.get("weights_sha256") == _sha256(target)
-        )
-    except (OSError, ValueError):  # no file or record (or an older cache), unreadable JSON
+            source.get("checkpoint") == entry.name
+            and isinstance(digest, str) and len(digest) == 64 and digest.startswith(entry.sha256)
+            and isinstance(files, dict)
+            and set(files) == set(os.listdir(folder)) - {METADATA_FILE}
+            and all(
+                _is_regular_file(os.path.join(folder, name))
+                and sha256(os.path.join(folder, name)) == expected
+                for name, expected in files.items()
+            )
+        )  # fmt: skip
+    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, not an object
         return False
 
 
-def ensure_converted_weights(checkpoint_name, converter, max_bytes=DEFAULT_MAX_DOWNLOAD_BYTES):
-    """Returns the cached converted weights file, fetching and converting it if needed.
+def ensure_preset(checkpoint_name, write, max_bytes=None):
+    """Returns the cached preset directory of `checkpoint_name`, building it if needed.
 
     Args:
         checkpoint_name: a key of `CHECKPOINTS`.
-        converter: ``converter(checkpoint_name, source, path)`` writes the
-            converted weights to `path` (a temporary ``.weights.h5`` name that
-            is renamed into the cache once written); `source` is the verified
-            checkpoint's state dict, or the path of an intact cache entry of an
-            older format (keras-coat 0.1's), converted without downloading.
-        max_bytes: the largest checkpoint file accepted: a larger declared size
-            is refused before reading, and the download stops once it passes it.
+        write: ``write(checkpoint_name, source, folder, metadata)`` writes the preset files
+            into the empty directory `folder`, adding `metadata` (where the checkpoint came
+            from) to its ``metadata.json``; `source` is the verified checkpoint's state dict,
+            or the path of an intact keras-coat 0.1 cache entry's weights.
+        max_bytes: the largest checkpoint file accepted (default: the preset's
+            `max_download_bytes`): a larger declared size is refused before reading, and the
+            download stops once it passes it.
 
     Returns:
-        The path of the converted weights file in the cache. When it already
-        exists nothing is downloaded (no network access at all).
+        The path of the preset directory. When it is intact nothing is downloaded.
     """
-    entry = resolve(checkpoint_name)
-    target = cached_weights_path(checkpoint_name)
-    if _cache_is_valid(target, entry):
+    entry = checkpoint_entry(checkpoint_name)
+    max_bytes = max_bytes or get_preset(checkpoint_name).max_download_bytes
+    folder, stem = cache_dir(), _stem(entry)
+    target = os.path.join(folder, stem)
+    if is_intact(target, entry):
         return target
-    folder = os.path.dirname(target)
-    with _file_lock(os.path.join(folder, f"{_stem(entry)}.lock")):
-        if _cache_is_valid(target, entry):  # another process finished it while we waited
+    with _file_lock(os.path.join(folder, f"{stem}.lock")):
+        if is_intact(target, entry):  # another process finished it while we waited
             return target
-        # Damaged, of another checkpoint, or from an older version: rebuilt from the source.
+        # Damaged, of another checkpoint, or interrupted: rebuilt from the source.
         _remove(target)
-        _remove(_record_path(target))
-        _remove_temporaries(folder, entry)
-        legacy = _valid_legacy_entry(checkpoint_name, entry)
-        if legacy is None:
-            checkpoint, checkpoint_sha256 = _fetch_verified(entry, folder, max_bytes)
-        else:
-            checkpoint, checkpoint_sha256 = None, legacy[1]
-        temporary = _temporary_name(folder, entry, ".weights.h5")
-        record = _temporary_name(folder, entry, ".json")
+        _remove_temporaries(folder, stem)
+        old = legacy.cache_entry(folder, stem, entry.name, entry.sha256)
+        checkpoint = None
+        staging = os.path.join(folder, f".{stem}{TEMPORARY_MARK}{uuid.uuid4().hex}")
         try:
-            # The converter receives the state dict, or the path of a keras-coat 0.1 entry.
-            source = legacy[0] if legacy else read_state_dict(checkpoint)
-            converter(checkpoint_name, source, temporary)
-            _fsync(temporary)
-            _write_record(record, {
-                "checkpoint": entry.name,
-                "url": entry.url,
-                "checkpoint_sha256": checkpoint_sha256,
-                "weights_sha256": _sha256(temporary),
-                "cache_format": CACHE_FORMAT,
+            if old is None:
+                checkpoint, digest = _fetch_verified(entry, folder, max_bytes)
+                source = read_state_dict(checkpoint)
+            else:
+                source, digest = old
+            os.mkdir(staging)
+            write(checkpoint_name, source, staging, {
+                "source": {"checkpoint": entry.name, "url": entry.url, "sha256": digest}
             })  # fmt: skip
-            # The weights first: killed in between, they have no record and are rebuilt.
-            publish(temporary, target)
-            publish(record, _record_path(target))
+            publish_directory(staging, target)
         finally:
-            _remove(temporary)
-            _remove(record)
-            # Later loads need only the converted file; a checkpoint that could
-            # not be read or converted would fail again.
+            _remove(staging)
+            # Later loads need only the preset; a checkpoint that could not be read or
+            # converted would fail again.
             if checkpoint is not None:
                 _remove(checkpoint)
+        if old is not None:
+            legacy.remove_cache_entries(folder, stem)
     return target
-
-
-def _valid_legacy_entry(checkpoint_name, entry):
-    """`(path, checkpoint SHA-256)` of an intact cache entry of an older format, or None."""
-    for cache_format in _LEGACY_CACHE_FORMATS:
-        path = cached_weights_path(checkpoint_name, cache_format)
-        if _cache_is_valid(path, entry, cache_format):
-            with open(_record_path(path), encoding="utf-8") as f:
-                return path, json.load(f)["checkpoint_sha256"]
-    return None
-
-
-def _fsync(path):
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def _write_record(path, record):
-    with open(path, "x", encoding="utf-8") as f:
-        json.dump(record, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _fetch_verified(entry, folder, max_bytes):
@@ -360,21 +282,22 @@ def _fetch_verified(entry, folder, max_bytes):
 
     Returns the path of the verified file and its full SHA-256.
     """
-    extension = _extension(entry.url)
+    path = urllib.parse.urlsplit(entry.url).path.lower()
+    extension = next(e for e in SUPPORTED_EXTENSIONS if path.endswith(e))  # checked in the table
     verified = os.path.join(folder, _stem(entry) + extension)
     if _is_regular_file(verified):
         # Left by a process killed while converting; check it again.
         try:
-            digest = _sha256(verified)
+            digest = sha256(verified)
         except OSError:  # unreadable: fetched again
             digest = ""
         if digest and digest.startswith(entry.sha256):
             return verified, digest
     _remove(verified)  # damaged, or no regular file
-    temporary = _temporary_name(folder, entry, extension)
+    temporary = os.path.join(folder, f".{_stem(entry)}{TEMPORARY_MARK}{uuid.uuid4().hex}{extension}")
     try:
         _download(entry, temporary, max_bytes)
-        actual = _sha256(temporary)
+        actual = sha256(temporary)
         if not actual.startswith(entry.sha256):
             raise WeightsDownloadError(
                 f"The file downloaded from {entry.url} for {entry.name!r} has SHA-256 "
@@ -456,39 +379,10 @@ def _download(entry, path, max_bytes):
         ) from e
 
 
-def _extension(url):
-    path = urllib.parse.urlsplit(url).path.lower()
-    for extension in SUPPORTED_EXTENSIONS:
-        if path.endswith(extension):
-            return extension
-    raise ManifestError(
-        f"Cannot tell the checkpoint format of {url!r}: it should end in "
-        f"{', '.join(SUPPORTED_EXTENSIONS)}."
-    )
-
-
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-_TEMPORARY_MARK = ".partial-"
-
-
-def _temporary_name(folder, entry, suffix):
-    # Dot-prefixed and unique; the real suffix last, since readers and
-    # Keras' save_weights go by it.
-    return os.path.join(folder, f".{_stem(entry)}{_TEMPORARY_MARK}{uuid.uuid4().hex}{suffix}")
-
-
-def _remove_temporaries(folder, entry):
-    """Deletes what an interrupted load of `entry` left (only called under its lock)."""
-    prefix = f".{_stem(entry)}{_TEMPORARY_MARK}"
+def _remove_temporaries(folder, stem):
+    """Deletes what an interrupted load of `stem` left (only called under its lock)."""
     for name in os.listdir(folder):
-        if name.startswith(prefix):
+        if name.startswith(f".{stem}{TEMPORARY_MARK}"):
             _remove(os.path.join(folder, name))
 
 

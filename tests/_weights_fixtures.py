@@ -257,19 +257,23 @@ def run_without_torch(code, env_updates=None, timeout=600):
     return result
 
 
-def fake_converter(calls):
-    """A converter for `ensure_converted_weights` that records its calls and
-    writes the state dict's arrays to an HDF5 file."""
+def fake_writer(calls):
+    """A `write` for `keras_coat.weights.ensure_preset` that records its calls and writes the
+    state dict's arrays (or the 0.1 entry's path) as a preset-like directory: one HDF5 file and
+    the metadata.json an intact cache entry has (the source, every file's SHA-256)."""
 
-    def convert(checkpoint_name, state_dict, path):
+    def write(checkpoint_name, source, folder, metadata):
         import h5py
 
-        calls.append((checkpoint_name, sorted(state_dict)))
+        calls.append((checkpoint_name, sorted(source) if isinstance(source, dict) else source))
+        path = os.path.join(folder, "model.weights.h5")
         with h5py.File(path, "w") as f:
-            for name, value in state_dict.items():
+            for name, value in (source.items() if isinstance(source, dict) else ()):
                 f[name] = value
+        with open(os.path.join(folder, "metadata.json"), "w", encoding="utf-8") as f:
+            json.dump({**metadata, "files": {"model.weights.h5": sha256_of(path)}}, f)
 
-    return convert
+    return write
 
 
 @contextlib.contextmanager

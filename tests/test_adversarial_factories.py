@@ -114,7 +114,7 @@ def test_bad_weights_file_names_the_file_and_leaves_the_model_as_it_was(
     name, good_weights, tmp_path
 ):
     """What the factories run after building the model (`weights=` a path)."""
-    from keras_coat.loading import load_weights_file as load_weights
+    from keras_coat.loader import load_weights_file as load_weights
 
     model, good = good_weights
     before = model.get_weights()

@@ -1,4 +1,4 @@
-"""Hostile weight servers and caches (keras_coat.weights, keras_coat.loading).
+"""Hostile weight servers and damaged caches (keras_coat.weights).
 
 A loopback HTTP server plays a malicious or broken mirror: it declares huge sizes, streams
 without end, trickles bytes, redirects elsewhere. Every case must end in a WeightsDownloadError
@@ -13,7 +13,7 @@ import time
 import pytest
 
 from keras_coat import presets, weights
-from tests._weights_fixtures import FileServer, fake_converter, sha256_of, use_manifest
+from tests._weights_fixtures import FileServer, fake_writer, sha256_of, use_manifest
 
 pytestmark = pytest.mark.adversarial
 
@@ -117,7 +117,7 @@ def test_hostile_server_is_stopped_and_leaves_nothing(name, hostile, tmp_path, m
     calls = []
     start = time.monotonic()
     with pytest.raises(weights.WeightsDownloadError) as info:
-        weights.ensure_converted_weights(NAME, fake_converter(calls), max_bytes=MAX_BYTES)
+        weights.ensure_preset(NAME, fake_writer(calls), max_bytes=MAX_BYTES)
     elapsed = time.monotonic() - start
     assert url in str(info.value) and fragment in str(info.value), str(info.value)
     assert elapsed < 4.0, elapsed  # budget 1 s, one read timeout of 1 s, and slack
@@ -129,16 +129,16 @@ def test_hostile_server_is_stopped_and_leaves_nothing(name, hostile, tmp_path, m
     # The next load from a good mirror works.
     good = _good_checkpoint(tmp_path)
     use_manifest(monkeypatch, tmp_path, {NAME: {"url": good.as_uri(), "sha256": sha256_of(good)}})
-    path = weights.ensure_converted_weights(NAME, fake_converter(calls), max_bytes=MAX_BYTES)
-    assert os.path.isfile(path) and len(calls) == 1
+    path = weights.ensure_preset(NAME, fake_writer(calls), max_bytes=MAX_BYTES)
+    assert os.path.isdir(path) and len(calls) == 1
 
 
 def test_declared_size_is_refused_without_reading_the_body(hostile, tmp_path, monkeypatch):
     hostile.behaviours["/w.pth"] = declares_2_gib
     use_manifest(monkeypatch, tmp_path, {NAME: {"url": hostile.url("/w.pth"), "sha256": "0" * 8}})
     with pytest.raises(weights.WeightsDownloadError, match="declares 2147483648 bytes"):
-        weights.ensure_converted_weights(
-            NAME, fake_converter([]), max_bytes=presets.get_preset(NAME).max_download_bytes
+        weights.ensure_preset(
+            NAME, fake_writer([]), max_bytes=presets.get_preset(NAME).max_download_bytes
         )
     assert [n for n in _cache_files(tmp_path) if not n.endswith(".lock")] == []
 
@@ -154,7 +154,16 @@ def test_size_cap_follows_the_variant():
     assert cap("coat_lite_medium") == medium
 
 
-# ------------------------------------------------------------------ the converted-weights cache
+# ------------------------------------------------------------------ the cache of preset directories
+# Each damage gets the cached preset directory; its weights file and metadata.json are inside.
+
+
+def _weights(entry):
+    return entry / "model.weights.h5"
+
+
+def _metadata(entry):
+    return entry / "metadata.json"
 
 
 def _flip_a_bit(path):
@@ -163,40 +172,31 @@ def _flip_a_bit(path):
     path.write_bytes(bytes(data))
 
 
-def _truncate(path):
-    path.write_bytes(path.read_bytes()[:-100])
-
-
-def _another_checkpoints_file(path):
-    """Replace it with the conversion of another checkpoint (what a cache shared by two
-    manifests, or a copy from another machine, could hold under this name)."""
+def _another_checkpoints_file(entry):
+    """Another checkpoint's conversion under this name (a cache shared by two manifests, or a
+    copy from another machine)."""
     import h5py
 
-    path.unlink()
-    with h5py.File(path, "w") as f:
+    _weights(entry).unlink()
+    with h5py.File(_weights(entry), "w") as f:
         f["w"] = [5.0, 4.0, 3.0]
 
 
-def _record(path):
-    return path.with_name(path.name.replace(".weights.h5", ".json"))
+def _edit_metadata(edit):
+    def damage(entry):
+        import json
+
+        metadata = json.loads(_metadata(entry).read_text())
+        edit(metadata)
+        _metadata(entry).write_text(json.dumps(metadata))
+
+    return damage
 
 
-def _drop_the_record(path):
-    _record(path).unlink()
-
-
-def _damage_the_record(path):
-    _record(path).write_text("{")
-
-
-def _record_of_another_checkpoint(path):
-    """A record whose checkpoint digest shares the 8-digit prefix but differs after it."""
-    import json
-
-    record = json.loads(_record(path).read_text())
-    digest = record["checkpoint_sha256"]
-    record["checkpoint_sha256"] = digest[:8] + ("0" if digest[8] != "0" else "1") + digest[9:]
-    _record(path).write_text(json.dumps(record))
+def _digest_of_another_checkpoint(metadata):
+    """A checkpoint digest that shares the 8-digit prefix but differs after it."""
+    digest = metadata["source"]["sha256"]
+    metadata["source"]["sha256"] = digest[:8] + ("0" if digest[8] != "0" else "1") + digest[9:]
 
 
 def _a_folder(path):
@@ -206,16 +206,11 @@ def _a_folder(path):
 
 
 def _a_symlink(path):
-    """A link to an intact copy elsewhere: the cache holds only files it wrote itself."""
+    """A link to an intact copy elsewhere: the cache holds only what it wrote itself."""
     copy = path.with_name("elsewhere.bin")
     copy.write_bytes(path.read_bytes())
     path.unlink()
     path.symlink_to(copy)
-
-
-def _a_dangling_symlink(path):
-    path.unlink()
-    path.symlink_to(path.with_name("missing.bin"))
 
 
 def _a_fifo(path):
@@ -224,30 +219,47 @@ def _a_fifo(path):
     os.mkfifo(path)
 
 
-def _unreadable(path):
-    path.chmod(0)
+def _entry_is_a_symlink(entry):
+    import shutil
+
+    copy = entry.with_name("elsewhere")
+    shutil.copytree(entry, copy)
+    shutil.rmtree(entry)
+    entry.symlink_to(copy)
 
 
-def _record_a_folder(path):
-    _record(path).unlink()
-    _record(path).mkdir()
+def _entry_is_a_file(entry):
+    import shutil
+
+    shutil.rmtree(entry)
+    entry.write_bytes(b"not a directory")
 
 
 CACHE_DAMAGE = {
-    "folder": _a_folder,
-    "symlink": _a_symlink,
-    "dangling_symlink": _a_dangling_symlink,
-    "fifo": _a_fifo,
-    "unreadable": _unreadable,
-    "record_is_a_folder": _record_a_folder,
-    "flipped_bit": _flip_a_bit,
-    "truncated": _truncate,
+    "weights_folder": lambda e: _a_folder(_weights(e)),
+    "weights_symlink": lambda e: _a_symlink(_weights(e)),
+    "weights_dangling_symlink": lambda e: (_weights(e).unlink(),
+                                           _weights(e).symlink_to(e / "missing.bin")),
+    "weights_fifo": lambda e: _a_fifo(_weights(e)),
+    "weights_unreadable": lambda e: _weights(e).chmod(0),
+    "flipped_bit": lambda e: _flip_a_bit(_weights(e)),
+    "truncated": lambda e: _weights(e).write_bytes(_weights(e).read_bytes()[:-100]),
+    "emptied": lambda e: _weights(e).write_bytes(b""),
+    "weights_missing": lambda e: _weights(e).unlink(),
     "another_checkpoints_file": _another_checkpoints_file,
-    "emptied": lambda path: path.write_bytes(b""),
-    "became_a_directory": lambda path: (path.unlink(), path.mkdir(), (path / "x").write_text("")),
-    "no_record": _drop_the_record,
-    "damaged_record": _damage_the_record,
-    "record_of_another_checkpoint": _record_of_another_checkpoint,
+    "an_extra_file": lambda e: (e / "task.weights.h5").write_bytes(b"planted"),
+    "no_metadata": lambda e: _metadata(e).unlink(),
+    "damaged_metadata": lambda e: _metadata(e).write_text("{"),
+    "metadata_a_list": lambda e: _metadata(e).write_text("[]"),
+    "metadata_a_folder": lambda e: (_metadata(e).unlink(), _metadata(e).mkdir()),
+    "metadata_a_fifo": lambda e: _a_fifo(_metadata(e)),
+    "metadata_of_another_checkpoint": _edit_metadata(_digest_of_another_checkpoint),
+    "metadata_of_another_name": _edit_metadata(lambda m: m["source"].update(checkpoint="x")),
+    "metadata_without_digests": _edit_metadata(lambda m: m.pop("files")),
+    "metadata_with_a_wrong_digest": _edit_metadata(
+        lambda m: m["files"].update({"model.weights.h5": "0" * 64})),
+    "entry_is_a_symlink": _entry_is_a_symlink,
+    "entry_is_a_file": _entry_is_a_file,
 }
 
 
@@ -256,55 +268,55 @@ def test_damaged_cache_is_rebuilt_not_loaded(damage, tmp_path, monkeypatch):
     import h5py
     import numpy as np
 
-    if damage == "unreadable" and os.geteuid() == 0:
+    if damage == "weights_unreadable" and os.geteuid() == 0:
         pytest.skip("root reads files whatever their permissions")
     source = _good_checkpoint(tmp_path)
     with FileServer() as server:
         url = server.serve("/w.pth", source)
         use_manifest(monkeypatch, tmp_path, {NAME: {"url": url, "sha256": sha256_of(source)}})
         calls = []
-        path = pathlib.Path(weights.ensure_converted_weights(NAME, fake_converter(calls)))
-        intact = path.read_bytes()
+        entry = pathlib.Path(weights.ensure_preset(NAME, fake_writer(calls)))
+        intact = {name: (entry / name).read_bytes() for name in os.listdir(entry)}
         assert server.requests == ["/w.pth"]
 
-        CACHE_DAMAGE[damage](path)
-        again = weights.ensure_converted_weights(NAME, fake_converter(calls))
+        CACHE_DAMAGE[damage](entry)
+        again = weights.ensure_preset(NAME, fake_writer(calls))
         # Rebuilt from the verified source: fetched and converted a second time.
-        assert again == str(path) and len(calls) == 2 and server.requests == ["/w.pth"] * 2
-        assert path.read_bytes() == intact
-        with h5py.File(path, "r") as f:
+        assert again == str(entry) and len(calls) == 2 and server.requests == ["/w.pth"] * 2
+        assert entry.is_dir() and not entry.is_symlink()
+        assert {name: (entry / name).read_bytes() for name in os.listdir(entry)} == intact
+        with h5py.File(_weights(entry), "r") as f:
             np.testing.assert_array_equal(f["w"][()], np.arange(6.0))
-        assert path.is_file() and not path.is_symlink() and _record(path).is_file()
-        leftovers = [
-            n for n in _cache_files(tmp_path) if not n.endswith(".lock") and n != "elsewhere.bin"
-        ]
-        assert leftovers == sorted([path.name, _record(path).name])
+        leftovers = [n for n in _cache_files(tmp_path)
+                     if not n.endswith(".lock") and n not in ("elsewhere", "elsewhere.bin")]
+        assert leftovers == [entry.name]
 
         # And an intact cache is used as is: no network, no conversion.
-        weights.ensure_converted_weights(NAME, fake_converter(calls))
+        weights.ensure_preset(NAME, fake_writer(calls))
         assert len(calls) == 2 and len(server.requests) == 2
 
 
 def test_unreadable_cache_is_rebuilt_not_loaded(tmp_path, monkeypatch):
-    """Reads of the cached file fail (what chmod 0 does to a user other than root)."""
+    """Reads of the cached weights fail (what chmod 0 does to a user other than root)."""
     source = _good_checkpoint(tmp_path)
     with FileServer() as server:
         url = server.serve("/w.pth", source)
         use_manifest(monkeypatch, tmp_path, {NAME: {"url": url, "sha256": sha256_of(source)}})
         calls = []
-        path = weights.ensure_converted_weights(NAME, fake_converter(calls))
+        entry = weights.ensure_preset(NAME, fake_writer(calls))
+        cached = os.path.join(entry, "model.weights.h5")
         real_open = open
 
         def unreadable(file, *args, **kwargs):
-            if os.fspath(file) == path:
+            if os.fspath(file) == cached:
                 raise PermissionError(13, "Permission denied", file)
             return real_open(file, *args, **kwargs)
 
         with monkeypatch.context() as patch:
             patch.setattr("builtins.open", unreadable)
-            assert weights.ensure_converted_weights(NAME, fake_converter(calls)) == path
+            assert weights.ensure_preset(NAME, fake_writer(calls)) == entry
         assert len(calls) == 2 and len(server.requests) == 2  # rebuilt
-        weights.ensure_converted_weights(NAME, fake_converter(calls))
+        weights.ensure_preset(NAME, fake_writer(calls))
         assert len(calls) == 2  # and intact again
 
 
@@ -315,12 +327,12 @@ def test_damaged_downloaded_checkpoint_is_fetched_again(damage, tmp_path, monkey
     with FileServer() as server:
         url = server.serve("/w.pth", source)
         use_manifest(monkeypatch, tmp_path, {NAME: {"url": url, "sha256": sha256_of(source)}})
-        entry = weights.resolve(NAME)
+        entry = weights.checkpoint_entry(NAME)
         folder = pathlib.Path(weights.cache_dir())
         left = folder / f"{NAME}-{entry.sha256[:8]}.pth"
         left.write_bytes(source.read_bytes())
         {"folder": _a_folder, "fifo": _a_fifo, "symlink": _a_symlink}[damage](left)
         calls = []
-        weights.ensure_converted_weights(NAME, fake_converter(calls))
+        weights.ensure_preset(NAME, fake_writer(calls))
         assert len(calls) == 1 and server.requests == ["/w.pth"]
         assert not os.path.lexists(left)

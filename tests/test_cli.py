@@ -1,4 +1,5 @@
-"""python -m keras_coat: predict, info and the export hook."""
+"""python -m keras_coat: predict, info and the export hook (every kind of --model reference:
+tests/test_resolve.py)."""
 
 import importlib.util
 import json
@@ -9,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from keras_coat import MODEL_CONFIGS
 from keras_coat.__main__ import build_parser, main
+from keras_coat.presets import VARIANTS
 from tests._weights_fixtures import (
     REPO_ROOT,
     save_authors_checkpoint,
@@ -127,7 +128,6 @@ def test_predict_reports_an_unreadable_image(tmp_path, capsys):
     "argv",
     [
         ["predict"],
-        ["predict", "x.jpg", "--model", "coat_huge"],
         ["predict", "x.jpg", "--top", "0"],
         ["predict", "x.jpg", "--image-size", "-1"],
         ["predict", "x.jpg", "--crop-pct", "1.5"],
@@ -141,12 +141,22 @@ def test_bad_arguments_exit_with_usage(argv, capsys):
     assert "usage:" in capsys.readouterr().err
 
 
+def test_an_unknown_model_is_one_error_naming_it_and_what_is_accepted(tmp_path, capsys):
+    image = str(tmp_path / "x.jpg")
+    assert main(["predict", image, "--model", "coat_huge"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Unknown CoaT preset 'coat_huge'" in err
+    assert "a preset directory, a .keras file, hf://owner/repo" in err
+    assert main(["info", "--model", str(tmp_path / "absent")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
 def test_info_lists_variants_and_checkpoints(monkeypatch, tmp_path, capsys):
     monkeypatch.delenv("KERAS_COAT_WEIGHTS_MANIFEST", raising=False)
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
     assert main(["info"]) == 0
     out = capsys.readouterr().out
-    for variant in MODEL_CONFIGS:
+    for variant in VARIANTS:
         assert f"\n{variant} " in out
     # One row per preset, the 384 checkpoint with its own size and figures.
     row = next(line for line in out.splitlines() if line.startswith("coat_lite_medium_384 "))

@@ -92,7 +92,7 @@ def test_input_size_must_be_a_multiple_of_32(checkpoints, capsys):
 
 
 def test_variant_choices_are_the_model_table(capsys):
-    assert cli.VARIANTS == tuple(keras_coat.MODEL_CONFIGS)
+    assert cli.VARIANTS == tuple(keras_coat.presets.VARIANTS)
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["x.pth", "--model", "coat_huge", "--output", "a.weights.h5"])
     assert "invalid choice: 'coat_huge'" in capsys.readouterr().err

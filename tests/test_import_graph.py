@@ -29,6 +29,7 @@ PACKAGES = ("keras_coat", "training", "conversion")
 LAYERS = {
     # Shared helpers and the building blocks every model is made of.
     "keras_coat.utils": 0,
+    "keras_coat.version": 0,
     "keras_coat.layers": 0,
     "keras_coat.blocks": 0,
     # What identifies a checkpoint, and the ImageNet conventions (classes, evaluation transform).
@@ -40,6 +41,9 @@ LAYERS = {
     "keras_coat.convert": 2,
     "keras_coat.loading": 2,
     "keras_coat.preset_io": 2,
+    "keras_coat.legacy": 2,
+    "keras_coat.hub": 2,
+    "keras_coat.loader": 2,
     # The backbone, then the task models and their factories.
     "keras_coat.backbone": 3,
     "keras_coat.models": 3,

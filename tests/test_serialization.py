@@ -197,7 +197,7 @@ def test_a_shallower_model_is_refused_and_keeps_its_weights(tmp_path, capsys, ca
                            input_shape=(SIZE, SIZE, 3), classes=6)
     path = str(tmp_path / "deep.weights.h5")
     deep.save_weights(path)
-    from keras_coat.loading import load_weights_file
+    from keras_coat.loader import load_weights_file
 
     shallow = keras_coat.CoaT(**TINY_COAT, input_shape=(SIZE, SIZE, 3), classes=6)
     before = [w.copy() for w in shallow.get_weights()]

@@ -1,5 +1,5 @@
-"""keras_coat.weights: the checkpoint table, manifests, download, verification,
-safe reading, conversion and the offline cache."""
+"""keras_coat.weights: the checkpoint table, manifests, download, verification, safe reading,
+conversion and the offline cache of preset directories."""
 
 import json
 import os
@@ -17,7 +17,7 @@ from tests._weights_fixtures import (
     FileServer,
     Hostile,
     closed_port_url,
-    fake_converter,
+    fake_writer,
     no_network,
     run_without_torch,
     save_authors_checkpoint,
@@ -56,6 +56,10 @@ def _cache_files(tmp_path):
     return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
 
 
+def _entry_files(path):
+    return sorted(os.listdir(path))
+
+
 def _cache_is_clean(tmp_path):
     """Nothing but lock files: no partial download, no unverified or half-written file."""
     return all(name.endswith(".lock") for name in _cache_files(tmp_path))
@@ -84,19 +88,15 @@ def test_builtin_table_lists_the_eight_official_checkpoints(monkeypatch):
         assert entry.url.endswith(f"_{entry.sha256}.pth")
         assert len(entry.sha256) == 8
     assert table["coat_lite_medium_384"].url.endswith("coat_lite_medium_384x384_f9129688.pth")
-    assert weights.variant_of("coat_lite_medium_384") == "coat_lite_medium"
-    assert weights.variant_of("coat_small") == "coat_small"
-    with pytest.raises(ValueError, match="Available"):
-        weights.variant_of("coat_huge")
+    with pytest.raises(ValueError, match="Unknown CoaT preset 'coat_huge'.*coat_lite_tiny"):
+        weights.checkpoint_entry("coat_huge")
 
 
 def test_cache_lives_under_keras_home(monkeypatch, tmp_path):
     monkeypatch.delenv(MANIFEST_ENV, raising=False)
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "home"))
-    path = weights.cached_weights_path("coat_lite_tiny")
-    assert path == str(
-        tmp_path / "home" / "models" / "keras_coat" / "coat_lite_tiny-e88e96b0-v2.weights.h5"
-    )
+    path = weights.cached_preset_path("coat_lite_tiny")
+    assert path == str(tmp_path / "home" / "models" / "keras_coat" / "coat_lite_tiny-e88e96b0")
 
 
 # ---------------------------------------------------------------- manifests
@@ -135,14 +135,14 @@ def test_manifest_errors_are_clear(monkeypatch, tmp_path, content, message):
     path.write_text(content)
     monkeypatch.setenv(MANIFEST_ENV, str(path))
     with pytest.raises(weights.ManifestError, match=message) as info:
-        weights.resolve("coat_lite_tiny")
+        weights.checkpoint_entry("coat_lite_tiny")
     assert str(path) in str(info.value) and MANIFEST_ENV in str(info.value)
 
 
 def test_missing_manifest_file(monkeypatch, tmp_path):
     monkeypatch.setenv(MANIFEST_ENV, str(tmp_path / "absent.json"))
     with pytest.raises(weights.ManifestError, match="Cannot read"):
-        weights.resolve("coat_lite_tiny")
+        weights.checkpoint_entry("coat_lite_tiny")
 
 
 def test_manifest_replaces_the_table(monkeypatch, tmp_path):
@@ -154,11 +154,11 @@ def test_manifest_replaces_the_table(monkeypatch, tmp_path):
             {"coat_small": {"url": "file:///srv/coat_small.safetensors", "sha256": full}},
         ),
     )
-    entry = weights.resolve("coat_small")
+    entry = weights.checkpoint_entry("coat_small")
     assert entry.url == "file:///srv/coat_small.safetensors"
     assert entry.sha256 == full.lower()
     with pytest.raises(weights.ManifestError, match="no entry for 'coat_lite_tiny'.*coat_small"):
-        weights.resolve("coat_lite_tiny")
+        weights.checkpoint_entry("coat_lite_tiny")
 
 
 # ------------------------------------------- download, verify, cache (fake converter)
@@ -174,18 +174,22 @@ def test_download_verify_convert_cache_then_offline(
         {"coat_lite_tiny": {"url": url, "sha256": sha256_of(small_checkpoint)[:12]}},
     )
     calls = []
-    path = weights.ensure_converted_weights("coat_lite_tiny", fake_converter(calls))
+    path = weights.ensure_preset("coat_lite_tiny", fake_writer(calls))
     assert server.requests == ["/w/coat_lite_tiny.pth"]
     assert calls == [("coat_lite_tiny", ["w"])]
-    assert path == weights.cached_weights_path("coat_lite_tiny")
+    assert path == weights.cached_preset_path("coat_lite_tiny")
     assert path.startswith(str(tmp_path / "keras_home"))
-    # Only the converted file, its record (and the lock) stay: no checkpoint, no partials.
+    # Only the preset directory (and the lock) stay: no checkpoint, no partials.
     assert [n for n in _cache_files(tmp_path) if not n.endswith(".lock")] == [
-        os.path.basename(path).replace(".weights.h5", ".json"), os.path.basename(path)
+        os.path.basename(path)
     ]
+    with open(os.path.join(path, "metadata.json")) as f:
+        source = json.load(f)["source"]
+    assert source == {"checkpoint": "coat_lite_tiny", "url": url,
+                      "sha256": sha256_of(small_checkpoint)}
 
     with no_network():
-        again = weights.ensure_converted_weights("coat_lite_tiny", fake_converter(calls))
+        again = weights.ensure_preset("coat_lite_tiny", fake_writer(calls))
     assert again == path
     assert server.requests == ["/w/coat_lite_tiny.pth"]
     assert len(calls) == 1
@@ -203,8 +207,8 @@ def test_full_digest_and_file_url(monkeypatch, tmp_path, small_checkpoint):
         },
     )
     calls = []
-    path = weights.ensure_converted_weights("coat_mini", fake_converter(calls))
-    assert os.path.isfile(path) and len(calls) == 1
+    path = weights.ensure_preset("coat_mini", fake_writer(calls))
+    assert os.path.isdir(path) and len(calls) == 1
     assert small_checkpoint.exists()  # the source of a file:// url is left alone
 
 
@@ -216,7 +220,7 @@ def test_wrong_hash_leaves_nothing_and_the_next_call_retries(
     use_manifest(monkeypatch, tmp_path, {"coat_lite_tiny": {"url": url, "sha256": wrong}})
     calls = []
     with pytest.raises(weights.WeightsDownloadError) as info:
-        weights.ensure_converted_weights("coat_lite_tiny", fake_converter(calls))
+        weights.ensure_preset("coat_lite_tiny", fake_writer(calls))
     message = str(info.value)
     assert url in message and wrong in message and sha256_of(small_checkpoint) in message
     assert MANIFEST_ENV in message and "Retry" in message
@@ -227,7 +231,7 @@ def test_wrong_hash_leaves_nothing_and_the_next_call_retries(
         tmp_path,
         {"coat_lite_tiny": {"url": url, "sha256": sha256_of(small_checkpoint)}},
     )
-    assert os.path.isfile(weights.ensure_converted_weights("coat_lite_tiny", fake_converter(calls)))
+    assert os.path.isdir(weights.ensure_preset("coat_lite_tiny", fake_writer(calls)))
     assert len(server.requests) == 2
 
 
@@ -238,12 +242,12 @@ def test_truncated_download(monkeypatch, tmp_path, server, small_checkpoint):
     use_manifest(monkeypatch, tmp_path, {"coat_lite_tiny": {"url": url, "sha256": digest}})
     calls = []
     with pytest.raises(weights.WeightsDownloadError) as info:
-        weights.ensure_converted_weights("coat_lite_tiny", fake_converter(calls))
+        weights.ensure_preset("coat_lite_tiny", fake_writer(calls))
     assert url in str(info.value) and digest in str(info.value)
     assert calls == [] and _cache_is_clean(tmp_path)
 
     del server.truncate_to["/coat_lite_tiny.pth"]
-    assert os.path.isfile(weights.ensure_converted_weights("coat_lite_tiny", fake_converter(calls)))
+    assert os.path.isdir(weights.ensure_preset("coat_lite_tiny", fake_writer(calls)))
 
 
 def test_cut_file_fails_its_hash(monkeypatch, tmp_path, small_checkpoint):
@@ -255,7 +259,7 @@ def test_cut_file_fails_its_hash(monkeypatch, tmp_path, small_checkpoint):
         {"coat_lite_tiny": {"url": cut.as_uri(), "sha256": sha256_of(small_checkpoint)}},
     )
     with pytest.raises(weights.WeightsDownloadError, match="SHA-256"):
-        weights.ensure_converted_weights("coat_lite_tiny", fake_converter([]))
+        weights.ensure_preset("coat_lite_tiny", fake_writer([]))
     assert _cache_is_clean(tmp_path)
 
 
@@ -263,7 +267,7 @@ def test_unreachable_server(monkeypatch, tmp_path):
     url = closed_port_url("coat_lite_tiny.pth")
     use_manifest(monkeypatch, tmp_path, {"coat_lite_tiny": {"url": url, "sha256": "e88e96b0"}})
     with pytest.raises(weights.WeightsDownloadError) as info:
-        weights.ensure_converted_weights("coat_lite_tiny", fake_converter([]))
+        weights.ensure_preset("coat_lite_tiny", fake_writer([]))
     message = str(info.value)
     assert (
         url in message
@@ -278,7 +282,7 @@ def test_missing_file_url(monkeypatch, tmp_path):
     url = (tmp_path / "absent.pth").as_uri()
     use_manifest(monkeypatch, tmp_path, {"coat_lite_tiny": {"url": url, "sha256": "e88e96b0"}})
     with pytest.raises(weights.WeightsDownloadError, match="absent.pth"):
-        weights.ensure_converted_weights("coat_lite_tiny", fake_converter([]))
+        weights.ensure_preset("coat_lite_tiny", fake_writer([]))
     assert _cache_is_clean(tmp_path)
 
 
@@ -290,7 +294,7 @@ def test_hostile_checkpoint_runs_nothing_and_is_not_kept(monkeypatch, tmp_path, 
     use_manifest(monkeypatch, tmp_path, {"coat_lite_tiny": {"url": url, "sha256": sha256_of(evil)}})
     calls = []
     with pytest.raises(UnsafeCheckpointError, match="system"):
-        weights.ensure_converted_weights("coat_lite_tiny", fake_converter(calls))
+        weights.ensure_preset("coat_lite_tiny", fake_writer(calls))
     assert not marker.exists()
     assert calls == [] and _cache_is_clean(tmp_path)
 
@@ -305,16 +309,16 @@ def test_failed_conversion_leaves_no_half_written_file(
         {"coat_lite_tiny": {"url": url, "sha256": sha256_of(small_checkpoint)}},
     )
 
-    def crashing_converter(name, state_dict, path):
-        with open(path, "wb") as f:
+    def crashing_converter(name, state_dict, folder, metadata):
+        with open(os.path.join(folder, "model.weights.h5"), "wb") as f:
             f.write(b"half")
         raise RuntimeError("converter crashed")
 
     with pytest.raises(RuntimeError, match="converter crashed"):
-        weights.ensure_converted_weights("coat_lite_tiny", crashing_converter)
+        weights.ensure_preset("coat_lite_tiny", crashing_converter)
     assert _cache_is_clean(tmp_path)
     calls = []
-    assert os.path.isfile(weights.ensure_converted_weights("coat_lite_tiny", fake_converter(calls)))
+    assert os.path.isdir(weights.ensure_preset("coat_lite_tiny", fake_writer(calls)))
     assert len(calls) == 1
 
 
@@ -328,15 +332,14 @@ def test_leftovers_of_a_killed_process_are_reused_or_removed(
     folder.mkdir(parents=True)
     stem = f"coat_lite_tiny-{digest[:8]}"
     (folder / f".{stem}.partial-dead.pth").write_bytes(b"partial download")
-    (folder / f".{stem}.partial-dead.weights.h5").write_bytes(b"partial conversion")
+    (folder / f".{stem}.partial-dead").mkdir()  # a preset directory being written
+    (folder / f".{stem}.partial-dead" / "model.weights.h5").write_bytes(b"partial conversion")
     # A verified download whose conversion was killed: reused, not fetched again.
     (folder / f"{stem}.pth").write_bytes(small_checkpoint.read_bytes())
     calls = []
-    weights.ensure_converted_weights("coat_lite_tiny", fake_converter(calls))
+    weights.ensure_preset("coat_lite_tiny", fake_writer(calls))
     assert server.requests == [] and len(calls) == 1
-    assert _cache_files(tmp_path) == sorted(
-        [f"{stem}-v2.weights.h5", f"{stem}-v2.json", f"{stem}.lock"]
-    )
+    assert _cache_files(tmp_path) == sorted([stem, f"{stem}.lock"])
 
 
 @pytest.mark.slow
@@ -350,15 +353,15 @@ def test_two_processes_share_one_download(monkeypatch, tmp_path, server, small_c
         import sys, time
         sys.path.insert(0, {os.path.join(REPO_ROOT, "tests")!r})
         from keras_coat import weights
-        from tests._weights_fixtures import fake_converter
+        from tests._weights_fixtures import fake_writer
 
-        def slow_converter(name, state_dict, path):
+        def slow_converter(name, state_dict, folder, metadata):
             with open({str(calls_log)!r}, "a") as log:
                 log.write("convert\\n")
             time.sleep(1.5)  # long enough for the other process to reach the lock
-            fake_converter([])(name, state_dict, path)
+            fake_writer([])(name, state_dict, folder, metadata)
 
-        print(weights.ensure_converted_weights("coat_lite_tiny", slow_converter))
+        print(weights.ensure_preset("coat_lite_tiny", slow_converter))
         """)
     env = dict(
         os.environ,
@@ -381,12 +384,10 @@ def test_two_processes_share_one_download(monkeypatch, tmp_path, server, small_c
     for p, (out, err) in zip(procs, outputs):
         assert p.returncode == 0, err
     paths = {out.strip().splitlines()[-1] for out, _ in outputs}
-    assert len(paths) == 1 and os.path.isfile(paths.pop())
+    assert len(paths) == 1 and os.path.isdir(paths.pop())
     assert server.requests == ["/coat_lite_tiny.pth"]
     assert calls_log.read_text() == "convert\n"
-    assert [
-        n for n in _cache_files(tmp_path) if not n.endswith((".lock", ".weights.h5", "-v2.json"))
-    ] == []
+    assert len([n for n in _cache_files(tmp_path) if not n.endswith(".lock")]) == 1
 
 
 # ------------------------------------------------ end to end, with the real model
@@ -441,7 +442,14 @@ def test_imagenet_weights_end_to_end(monkeypatch, tmp_path, server, tiny_referen
     logits = model.predict(tiny_reference["normalized"], verbose=0)
     np.testing.assert_allclose(logits, tiny_reference["logits"], atol=1e-4, rtol=0)
     assert server.requests == ["/pretrained/coat_lite_tiny.pth"]
-    assert os.path.isfile(weights.cached_weights_path("coat_lite_tiny"))
+    cached = weights.cached_preset_path("coat_lite_tiny")
+    assert _entry_files(cached) == ["config.json", "image_converter.json", "metadata.json",
+                                    "model.weights.h5", "task.json", "task.weights.h5"]
+    with open(os.path.join(cached, "metadata.json")) as f:
+        metadata = json.load(f)
+    assert metadata["source"] == {"checkpoint": "coat_lite_tiny", "url": url,
+                                  "sha256": tiny_reference["sha256"]}
+    assert metadata["keras_coat_version"] == keras_coat.__version__
 
     with no_network():
         # Headless, from the cache, with no request at all.
@@ -460,7 +468,7 @@ def test_imagenet_weights_end_to_end(monkeypatch, tmp_path, server, tiny_referen
     assert server.requests == ["/pretrained/coat_lite_tiny.pth"]
 
     # A cache file damaged after the fact is fetched and converted again.
-    with open(weights.cached_weights_path("coat_lite_tiny"), "r+b") as f:
+    with open(os.path.join(cached, "model.weights.h5"), "r+b") as f:
         f.write(b"garbage!")
     model = keras_coat.CoaTLiteTiny(
         weights="imagenet", include_preprocessing=False, classifier_activation=None
@@ -522,26 +530,19 @@ def test_checkpoint_of_another_variant(
     assert _cache_is_clean(tmp_path)
 
 
-@pytest.mark.slow
 def test_model_checks_before_any_download(monkeypatch, tmp_path):
     import keras_coat
-    from keras_coat.preset_io import load_builtin_weights as load_imagenet_weights
 
     use_manifest(
         monkeypatch, tmp_path, {"coat_lite_tiny": {"url": closed_port_url(), "sha256": "e88e96b0"}}
     )
     with pytest.raises(ValueError, match="classes"):
         keras_coat.CoaTLiteTiny(weights="imagenet", classes=10)
-    ten_classes = keras_coat.CoaTLiteTiny(weights=None, classes=10)
-    with pytest.raises(ValueError, match="1000-class head.*10 classes"):
-        load_imagenet_weights(ten_classes, "coat_lite_tiny")
-    gray = keras_coat.CoaTLiteTiny(
-        weights=None, input_shape=(64, 64, 1), include_preprocessing=False
-    )
-    with pytest.raises(ValueError, match="3 channels"):
-        load_imagenet_weights(gray, "coat_lite_tiny")
-    with pytest.raises(ValueError, match="Unknown CoaT preset"):
-        load_imagenet_weights(ten_classes, "coat_lite_huge")
+    with pytest.raises(ValueError, match="3 input channels"):
+        keras_coat.CoaTLiteTiny(weights="imagenet", input_shape=(64, 64, 1),
+                                include_preprocessing=False)
+    with pytest.raises(ValueError, match="Unknown CoaT preset 'coat_lite_huge'"):
+        keras_coat.CoaTLiteTiny(weights="coat_lite_huge")
     assert _cache_is_clean(tmp_path)
 
 
@@ -556,13 +557,13 @@ def test_a_download_shows_its_progress_once_and_a_cached_load_is_quiet(
         monkeypatch, tmp_path, {"coat_lite_tiny": {"url": url, "sha256": sha256_of(small_checkpoint)}}
     )
     size = os.path.getsize(small_checkpoint)
-    weights.ensure_converted_weights("coat_lite_tiny", fake_converter([]))
+    weights.ensure_preset("coat_lite_tiny", fake_writer([]))
     out = capsys.readouterr().out
     assert out.count(f"Downloading the coat_lite_tiny weights from {url}") == 1
     # keras.utils.Progbar's line: bytes received of the declared size, and the rate.
     assert f"{size}/{size}" in out and "MB/s" in out
     assert out.count("\n") == 2  # the heading and one finished bar, not a line per block
 
-    weights.ensure_converted_weights("coat_lite_tiny", fake_converter([]))
+    weights.ensure_preset("coat_lite_tiny", fake_writer([]))
     assert capsys.readouterr().out == ""  # cached: nothing printed, nothing fetched
     assert server.requests == ["/w/coat_lite_tiny.pth"]

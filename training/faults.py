@@ -19,7 +19,6 @@ Nothing here is specific to a backend: the callbacks use Keras' public callback 
 
 import datetime
 import fcntl
-import hashlib
 import json
 import os
 import shlex
@@ -32,7 +31,7 @@ import uuid
 
 import keras
 
-from keras_coat.utils.files import publish_directory
+from keras_coat.utils.files import fsync, publish_directory, sha256
 
 from training.callbacks import random_states, write_json
 
@@ -200,22 +199,6 @@ class Backup:
         return f"after epoch {self.epoch}" if self.epoch else "before the first epoch"
 
 
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _fsync(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _published_backups(backup_dir):
     """The published backup folders in `backup_dir`, newest first."""
     if not os.path.isdir(backup_dir):
@@ -252,7 +235,7 @@ def check_backup(path):
             raise damaged(f"{CHECKSUMS_FILE} records no checksum of {name}")
         if not os.path.isfile(file):
             raise damaged(f"{name} is missing")
-        if _sha256(file) != recorded[name]:
+        if sha256(file) != recorded[name]:
             raise damaged(
                 f"{name} ({os.path.getsize(file)} bytes) does not match its SHA-256 in "
                 f"{CHECKSUMS_FILE}"
@@ -421,13 +404,13 @@ class CheckedBackupAndRestore(keras.callbacks.BackupAndRestore):
                     {"epoch": position[0], "steps": position[1], "random_states": states}, f
                 )
             sums = "".join(
-                f"{_sha256(os.path.join(temporary, name))}  {name}\n"
+                f"{sha256(os.path.join(temporary, name))}  {name}\n"
                 for name in (WEIGHTS_FILE, METADATA_FILE)
             )
             with open(os.path.join(temporary, CHECKSUMS_FILE), "w") as f:
                 f.write(sums)
             for name in (WEIGHTS_FILE, METADATA_FILE, CHECKSUMS_FILE, ""):
-                _fsync(os.path.join(temporary, name))
+                fsync(os.path.join(temporary, name))
             path = os.path.join(self.backup_dir, f"{number:06d}")
             publish_directory(temporary, path)
         finally:

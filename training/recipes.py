@@ -63,7 +63,10 @@ class Recipe:
     )
     # Model.
     drop_path: float = _field(0.1, "stochastic depth rate")
-    init_weights: str | None = _field(None, '"imagenet" or a weights file to start from')
+    init_weights: str | None = _field(
+        None, '"imagenet", a weights file or a preset reference (built-in name, preset '
+        "directory, .keras file, hf://owner/repo) to start from; a preset sets the architecture",
+    )
     # Loss and batch mixing.
     label_smoothing: float = _field(0.1, "label smoothing")
     mixup: float = _field(0.8, "Mixup Beta(alpha, alpha), 0 disables")

@@ -122,10 +122,16 @@ def resolve_recipe(args):
 
 
 def build_model(recipe, num_classes, model_config=None):
-    """The recipe's CoaT classifier (softmax outputs, pixels in [0, 255]) for `num_classes`."""
-    import keras_coat
-    from keras_coat.imagenet import NUM_CLASSES
+    """The recipe's CoaT classifier (softmax outputs, pixels in [0, 255]) for `num_classes`.
 
+    `recipe.init_weights`: None (random), "imagenet" (the variant's checkpoint), a weights file
+    of the same model, or any preset reference (`keras_coat.loader`), whose architecture the
+    model then has, with a new head when its number of classes differs.
+    """
+    import keras_coat
+    from keras_coat.loader import WEIGHT_FILE_SUFFIXES
+
+    init = recipe.init_weights
     kwargs = dict(
         input_shape=(recipe.image_size, recipe.image_size, 3),
         classes=num_classes,
@@ -134,22 +140,36 @@ def build_model(recipe, num_classes, model_config=None):
         drop_path_rate=recipe.drop_path,
     )
     if model_config is not None:
-        return keras_coat.CoaT(**model_config, weights=recipe.init_weights, **kwargs)
-    if recipe.init_weights is None:
-        return keras_coat.create_model(recipe.model, **kwargs)
-    if recipe.init_weights != "imagenet" or num_classes == NUM_CLASSES:
-        return keras_coat.create_model(recipe.model, weights=recipe.init_weights, **kwargs)
-    # New label set: the ImageNet preset's features with a fresh head.
-    size = (recipe.image_size, recipe.image_size)
+        return keras_coat.CoaT(**model_config, weights=init, **kwargs)
+    if init is None or init.endswith(WEIGHT_FILE_SUFFIXES):
+        return keras_coat.create_model(recipe.model, weights=init, **kwargs)
+    if init == "imagenet":
+        size = (recipe.image_size, recipe.image_size)
+        init = keras_coat.presets.checkpoint_for(recipe.model, size).name
     return keras_coat.CoaTImageClassifier.from_preset(
-        keras_coat.presets.checkpoint_for(recipe.model, size).name,
-        image_shape=(*size, 3),
+        init,
+        image_shape=kwargs["input_shape"],
         drop_path_rate=recipe.drop_path,
         num_classes=num_classes,
         activation="softmax",
         include_preprocessing=True,
-        name=recipe.model,
     )
+
+
+def check_init_architecture(model, requested, init_weights):
+    """A preset given as --init-weights sets the architecture; an explicit --model must agree."""
+    from keras_coat.loader import WEIGHT_FILE_SUFFIXES, variant_of
+
+    if requested is None or init_weights in (None, "imagenet"):
+        return
+    if init_weights.endswith(WEIGHT_FILE_SUFFIXES):
+        return
+    variant = variant_of(model.backbone.get_config())
+    if variant != requested:
+        raise SetupError(
+            f"--init-weights {init_weights} holds a {variant or 'custom'} CoaT, not the "
+            f"--model {requested}; leave --model out to train the preset's architecture."
+        )
 
 
 def compile_model(model, recipe, steps_per_epoch, jit_compile=None):
@@ -421,6 +441,7 @@ def _train(args, held):
 
         with engine.scope():
             model = build_model(recipe, source.num_classes, args.model_config)
+            check_init_architecture(model, args.model, recipe.init_weights)
             compile_model(model, recipe, steps, args.jit_compile)
             engine.prepare(model, val_ds)
         # Only now, with everything checked, does the run leave files behind.

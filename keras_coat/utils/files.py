@@ -11,6 +11,7 @@ Permissions follow one rule: a published file gets the permissions a normally cr
 """
 
 import contextlib
+import hashlib
 import os
 import shutil
 import uuid
@@ -19,9 +20,11 @@ __all__ = [
     "TEMPORARY_MARK",
     "check_can_create_folder",
     "create_temporary",
+    "fsync",
     "publish",
     "publish_directory",
     "remove_if_exists",
+    "sha256",
     "temporary_path",
     "write_atomically",
     "write_bytes_atomically",
@@ -52,13 +55,27 @@ def create_temporary(path, prefix=""):
     return temporary
 
 
+def fsync(path):
+    """Flushes the written file `path` to disk."""
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def sha256(path):
+    """The SHA-256 hex digest of the file `path`, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def publish(temporary, path):
     """Flushes the written file `temporary` to disk and renames it to `path` (replacing it).
 
     The folder is flushed too, so that the new name survives a power cut.
     """
-    with open(temporary, "rb+") as f:
-        os.fsync(f.fileno())
+    fsync(temporary)
     os.replace(temporary, path)
     _fsync_folder(os.path.dirname(os.path.abspath(path)))
 
