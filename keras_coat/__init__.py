@@ -14,6 +14,7 @@ from keras_coat.applications import (
 )
 from keras_coat.applications import MODEL_CONFIGS
 from keras_coat.backbone import CoaTBackbone
+from keras_coat.hub import upload_preset
 from keras_coat.image_classifier import CoaTImageClassifier
 from keras_coat.imagenet import decode_predictions, preprocess_input
 from keras_coat.presets import ImagePreprocessing
@@ -38,6 +39,7 @@ __all__ = [
     "export_saved_model",
     "load_model",
     "preprocess_input",
+    "upload_preset",
 ]
 
 

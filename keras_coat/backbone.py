@@ -7,7 +7,7 @@ import numbers
 
 import keras
 
-from keras_coat import preset_io, presets
+from keras_coat import hub, preset_io, presets
 from keras_coat.blocks import BLOCK_NORM_EPSILON, ParallelBlock, SerialBlock
 from keras_coat.layers import (
     ClassToken,
@@ -281,6 +281,20 @@ class CoaTBackbone(keras.Model):
         return dict(self._pyramid_outputs)
 
     @property
+    def variant(self):
+        """The published variant (a key of `VARIANTS`) this architecture is, or None."""
+        config = self.get_config()
+        for name, architecture in VARIANTS.items():
+            if config["num_heads"] == 8 and config["crpe_windows"] == [
+                list(w) for w in DEFAULT_CRPE_WINDOWS
+            ] and all(
+                config[key] == (list(value) if isinstance(value, tuple) else value)
+                for key, value in architecture.items()
+            ):
+                return name
+        return None
+
+    @property
     def feature_names(self):
         """The output keys of the token sequences the classifier pools, e.g. `("tokens4",)`."""
         return tuple(f"tokens{scale}" for scale in feature_scales(self.parallel_depth))
@@ -317,11 +331,14 @@ class CoaTBackbone(keras.Model):
 
     @classmethod
     def from_preset(cls, preset, load_weights=True, **kwargs):
-        """A backbone from a built-in preset name (`CoaTBackbone.presets`) or a preset directory.
+        """A backbone from a built-in preset name (`CoaTBackbone.presets`), a preset directory
+        or a hub handle (``hf://owner/repo[@revision]``, ``kaggle://...``: `keras_coat.hub`).
 
         `kwargs` override the saved configuration: `image_shape` (any multiple of 32; the
         weights fit every size) and `drop_path_rate`.
         """
+        if hub.is_handle(preset):  # TODO(lead): the loader's one resolver takes this over
+            preset = hub.download(preset)
         return preset_io.load_backbone(cls, preset, load_weights=load_weights, **kwargs)
 
     def save_to_preset(self, preset_dir):

@@ -5,7 +5,7 @@ import numbers
 import keras
 from keras import layers
 
-from keras_coat import preset_io, presets
+from keras_coat import hub, preset_io, presets
 from keras_coat.backbone import _PACKAGE, CoaTBackbone
 from keras_coat.layers import ScaleAggregation, TokenPooling, TokensToFeatureMap, _TRUNC_NORMAL
 from keras_coat.presets import ImagePreprocessing
@@ -203,14 +203,17 @@ class CoaTImageClassifier(keras.Model):
 
     @classmethod
     def from_preset(cls, preset, load_weights=True, **kwargs):
-        """A classifier from a built-in preset name (`CoaTImageClassifier.presets`) or a preset
-        directory, with its preprocessing and class names.
+        """A classifier from a built-in preset name (`CoaTImageClassifier.presets`), a preset
+        directory or a hub handle (``hf://owner/repo[@revision]``, ``kaggle://...``:
+        `keras_coat.hub`), with its preprocessing and class names.
 
         `kwargs` override the saved configuration: `image_shape` and `drop_path_rate` (the
         backbone's), `num_classes` (another number gives a fresh head on the pretrained
         features; None a headless model), `pooling`, `activation`, `include_preprocessing`,
         `class_names`.
         """
+        if hub.is_handle(preset):  # TODO(lead): the loader's one resolver takes this over
+            preset = hub.download(preset)
         return preset_io.load_classifier(cls, preset, load_weights=load_weights, **kwargs)
 
     @classmethod

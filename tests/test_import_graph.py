@@ -40,6 +40,7 @@ LAYERS = {
     "keras_coat.convert": 2,
     "keras_coat.loading": 2,
     "keras_coat.preset_io": 2,
+    "keras_coat.hub": 2,
     # The backbone, then the task models and their factories.
     "keras_coat.backbone": 3,
     "keras_coat.models": 3,
