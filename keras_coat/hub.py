@@ -217,7 +217,9 @@ class _Repo:
                 preset_io.load_classifier(_classifier_class(), staging)
             except PresetError as e:
                 # The staging folder's name means nothing to the user; the handle does.
-                message = str(e).replace(repr(staging), "the repo").replace(staging, "the repo")
+                message = str(e).replace(f"the preset {staging!r}", "the repo")
+                for path, name in ((staging + os.sep, ""), (repr(staging), "the repo")):
+                    message = message.replace(path, name)
                 raise self.fail(message) from None
             for name in found:
                 with open(os.path.join(staging, name), "rb+") as f:
@@ -756,6 +758,14 @@ def _upload_hf(ref, directory, present, model, metadata):
         )
     except hub.errors.HFValidationError as e:
         raise PresetError(f"{ref}: not a valid repo id: {e}") from None
+    except hub.errors.HfHubHTTPError as e:
+        status = getattr(e.response, "status_code", None)
+        if status in (401, 403):
+            raise PresetError(
+                f"{ref}: the hub refused the upload (HTTP {status}): log in with a token that "
+                "may write to this repo (HF_TOKEN or `hf auth login`)."
+            ) from None
+        raise PresetError(f"{ref}: the upload failed: {_describe(e)}") from None
     except _network_errors(hub) as e:
         raise PresetError(f"{ref}: the upload failed: {_describe(e)}") from None
     return f"{HF_SCHEME}{repo_id}@{info.oid}"

@@ -353,7 +353,8 @@ REFUSALS = {
     "hf://bad/truncated-safetensors": "model.safetensors is not a readable checkpoint",
     "hf://bad/truncated-bin": "pytorch_model.bin is not a readable checkpoint",
     "hf://bad/hostile-bin": "pytorch_model.bin is not a readable checkpoint",
-    "hf://bad/damaged-preset": "model.weights.h5 in the preset the repo is unreadable",
+    "hf://bad/damaged-preset": "model.weights.h5 in the repo is unreadable: Cannot read the "
+                               "weights file 'model.weights.h5' as HDF5",
     "hf://bad/preset-bad-json": "config.json is not valid JSON",
     "hf://bad/other-variant": "pytorch_model.bin does not fit timm's coat_lite_mini",
     "hf://bad/dropped": "downloading pytorch_model.bin failed: RemoteProtocolError",
@@ -361,7 +362,8 @@ REFUSALS = {
     "hf://bad/changed-architecture": "model_args ['embed_dims'] change timm's coat_lite_tiny",
     "hf://bad/label-names": "label_names must be 1000 strings",
     "hf://bad/huge-head": "num_classes must be an integer in [0, 100000]",
-    "hf://bad/not-a-coat-in-a-coat-preset": "config.json in the preset the repo",
+    "hf://bad/not-a-coat-in-a-coat-preset": "config.json in the repo does not describe a valid "
+                                            "model: Every embedding dim must be divisible",
 }
 
 
@@ -401,8 +403,9 @@ def _bad_repos(server, preset, marker):
             server, model_args={"embed_dims": [64, 128, 256, 512]}), "pytorch_model.bin": bin_},
         "bad/label-names": {"config.json": _timm_config(server, label_names=["cat", "dog"]),
                             "pytorch_model.bin": bin_},
-        "bad/huge-head": {"config.json": _timm_config(server, num_classes=10**9,
-                                                      cfg_num_classes=10**9),
+        "bad/huge-head": {"config.json": _timm_config(
+            server, num_classes=10**9, cfg_num_classes=10**9,
+            model_args={"num_classes": 10**9, "in_chans": 3}),
                           "pytorch_model.bin": bin_},
         "bad/not-a-coat-in-a-coat-preset": {**preset, "config.json": json.dumps(
             bad_backbone).encode()},
@@ -434,6 +437,10 @@ for handle in {list(REFUSALS)!r}:
     except Exception as e:
         outcomes[handle] = {{"type": type(e).__name__, "message": str(e),
                             "cache": cache_files()}}
+try:
+    hub.upload_preset("hf://me/new", {str(home / "preset")!r})
+except Exception as e:
+    outcomes["upload without token"] = f"{{type(e).__name__}}: {{e}}"
 os.environ["HF_TOKEN"] = token
 outcomes["with token"] = os.path.basename(hub.download("hf://bad/private"))
 print(json.dumps(outcomes))
@@ -459,8 +466,12 @@ def test_what_the_attacks_did_not_do(refusals, timm_hub):
     assert not refusals["marker"]  # the hostile pickle ran nothing
     assert timm_hub.got("bad/declared-huge", "pytorch_model.bin") == 0  # refused before
     assert timm_hub.sent_bytes[("bad/oversend", "config.json")] < OVERSEND_BYTES / 2
-    # The private repo loads with the token (HF_TOKEN), and only with it.
+    # The private repo loads with the token (HF_TOKEN), and only with it; writing needs it too.
     assert refusals["with token"].startswith("hf--bad--private--")
+    assert refusals["upload without token"] == (
+        "PresetError: hf://me/new: the hub refused the upload (HTTP 401): log in with a token "
+        "that may write to this repo (HF_TOKEN or `hf auth login`).")
+    assert "me/new" not in timm_hub.repos
 
 
 # ------------------------------------------------------------------ timm config.json fuzz
