@@ -1,40 +1,22 @@
-"""Model hubs: ``hf://`` and ``kaggle://`` handles in, preset directories out, and publishing.
+"""Model hubs: ``hf://`` and ``kaggle://`` handles in, preset directories out; `upload_preset`.
 
-`download(handle)` returns a local keras-coat preset directory for a hub handle:
+`download(handle)` returns a local keras-coat preset directory for ``hf://owner/repo[@revision]``
+(through huggingface_hub: its endpoint, token, cache and offline mode apply) or
+``kaggle://owner/model/framework/variation[/version]`` (through kagglehub). A repo holds a
+keras-coat preset (KerasHub's layout) or a timm CoaT (`config.json` with ``architecture`` and
+``pretrained_cfg``, weights in ``model.safetensors`` or ``pytorch_model.bin``), converted on the
+fly through the safe checkpoint reader and the strict converter, with the repo's preprocessing and
+class names. Only the files those need are downloaded, each within a size limit checked in the
+hub's metadata, on the bytes received and on disk. The result is published once per commit as a
+directory of real files in keras-coat's cache (``hub/`` in ``$KERAS_HOME/models/keras_coat``), so
+the strict preset reader reads it as it reads any preset (huggingface_hub's own cache holds
+symlinks into its ``blobs/``). Failures are `PresetError`s naming the handle and the problem, and
+leave nothing in keras-coat's cache. docs/hub.md has the details.
 
-- ``hf://owner/repo`` or ``hf://owner/repo@revision`` (a branch, tag or commit; KerasHub's
-  spelling plus huggingface_hub's ``@revision``) through `huggingface_hub`, which keeps its own
-  cache (``HF_HOME``/``HF_HUB_CACHE``), endpoint (``HF_ENDPOINT``), token (``HF_TOKEN`` or
-  ``hf auth login``) and offline mode (``HF_HUB_OFFLINE``);
-- ``kaggle://owner/model/framework/variation[/version]`` through `kagglehub`.
-
-A repo holds either a keras-coat preset (KerasHub's layout: `config.json` describes a
-``keras_coat>CoaTBackbone``) or a timm model (`config.json` with ``architecture`` and
-``pretrained_cfg``, weights in ``model.safetensors`` or ``pytorch_model.bin``). Only the files
-those need are downloaded, each refused above its size limit before the download (from the hub's
-metadata), during it (the bytes received) and after it (on disk). A timm CoaT is converted on the
-fly through the safe checkpoint reader and the strict converter, with the repo's own
-preprocessing and class names.
-
-The result is published, once per repo commit, as a preset directory of real files in
-keras-coat's cache (``$KERAS_HOME/models/keras_coat/hub/``): a preset repo is copied out of
-huggingface_hub's cache and read with the strict preset reader before it is published, a timm repo
-is converted and written by `save_to_preset`. huggingface_hub's cache keeps its snapshot files
-as symlinks into ``blobs/``; copying them leaves the preset reader's rule (no file may point out of
-its directory) as simple as it is, while huggingface_hub still manages, shares and resumes its
-own downloads (a timm user's cached ``timm/coat_lite_small.in1k`` is not downloaded again).
-A failure raises a `keras_coat.presets.PresetError` naming the handle and the problem and leaves
-nothing in keras-coat's cache.
-
-`upload_preset(handle, directory)` (``keras_coat.upload_preset``, like
-``keras_hub.upload_preset``) reads a preset directory strictly, writes a README.md model card and
-uploads the preset's files.
-
-`huggingface_hub` and `kagglehub` (the ``hub`` extra) are imported only when a handle needs them.
+huggingface_hub and kagglehub (the ``hub`` extra) are imported only when a handle needs them.
 """
 
 import dataclasses
-import importlib.metadata
 import json
 import os
 import re
@@ -179,7 +161,10 @@ class _Repo:
     def publish(self):
         """Publishes the preset directory `self.entry` from the repo's files."""
         config_path = self.fetch(preset_io.CONFIG_FILE, preset_io.MAX_JSON_BYTES)
-        config = self._read_json(config_path, preset_io.CONFIG_FILE)
+        try:
+            config = _load_json(config_path)
+        except ValueError as e:
+            raise self.fail(f"{preset_io.CONFIG_FILE} {e}") from None
         kind = _repo_kind(config)
         if kind == "preset":
             self._publish_preset()
@@ -187,16 +172,6 @@ class _Repo:
             self._publish_timm(config)
         else:
             raise self.fail(f"not a CoaT repo: {kind}.")
-
-    def _read_json(self, path, name):
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.loads(f.read(), parse_constant=_reject_constant)
-        except (ValueError, UnicodeDecodeError, RecursionError) as e:
-            raise self.fail(f"{name} is not valid JSON: {e}.") from None
-        if not isinstance(data, dict):
-            raise self.fail(f"{name} must hold a JSON object; found {type(data).__name__}.")
-        return data
 
     def _publish_preset(self):
         found = {}
@@ -218,8 +193,8 @@ class _Repo:
             except PresetError as e:
                 # The staging folder's name means nothing to the user; the handle does.
                 message = str(e).replace(f"the preset {staging!r}", "the repo")
-                for path, name in ((staging + os.sep, ""), (repr(staging), "the repo")):
-                    message = message.replace(path, name)
+                for old, new in ((staging + os.sep, ""), (repr(staging), "the repo")):
+                    message = message.replace(old, new)
                 raise self.fail(message) from None
             for name in found:
                 with open(os.path.join(staging, name), "rb+") as f:
@@ -260,8 +235,20 @@ class _Repo:
         raise NotImplementedError
 
 
-def _reject_constant(name):
-    raise ValueError(f"non-finite number {name}")
+def _load_json(path):
+    """The JSON object in the file `path`, or a ValueError saying why not."""
+
+    def reject(constant):
+        raise ValueError(f"non-finite number {constant}")
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.loads(f.read(), parse_constant=reject)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(f"is not valid JSON: {e}.") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"must hold a JSON object; found {type(data).__name__}.")
+    return data
 
 
 def _classifier_class():
@@ -659,12 +646,11 @@ class _KaggleRepo(_Repo):
         return self.version
 
     def preset_directory(self):
-        handle = self.ref.repo_id + (f"/{self.version}" if self.version else "")
         if self.version:
             self.entry = _cache_entry("kaggle", self.ref.repo_id, self.version)
             if _is_published(self.entry):
                 return self.entry
-        config = self.fetch(preset_io.CONFIG_FILE, preset_io.MAX_JSON_BYTES, handle=handle)
+        config = self.fetch(preset_io.CONFIG_FILE, preset_io.MAX_JSON_BYTES)
         # kagglehub's cache path ends in .../<variation>/<version>/config.json.
         version = os.path.basename(os.path.dirname(config))
         if not _KAGGLE_VERSION.fullmatch(version):
@@ -675,8 +661,8 @@ class _KaggleRepo(_Repo):
             self.publish()
         return self.entry
 
-    def fetch(self, name, max_bytes, required=True, handle=None):
-        handle = handle or f"{self.ref.repo_id}/{self.version}"
+    def fetch(self, name, max_bytes, required=True):
+        handle = self.ref.repo_id + (f"/{self.version}" if self.version else "")
         try:
             path = self.kagglehub.model_download(handle, path=name)
         except Exception as e:  # kagglehub's HTTP errors have no common base but Exception
@@ -715,23 +701,25 @@ def upload_preset(handle, directory):
     if not os.path.isdir(directory):
         raise PresetError(f"The preset directory {directory!r} does not exist.")
     model = preset_io.load_classifier(_classifier_class(), directory)
-    present = [n for n in preset_io.PRESET_FILES if os.path.isfile(os.path.join(directory, n))]
-    metadata = _preset_metadata(directory)
+    present, metadata, root = [], {}, os.path.realpath(directory)
+    for name in preset_io.PRESET_FILES:  # the files the reader read, and metadata.json
+        path = os.path.join(directory, name)
+        if not os.path.lexists(path):
+            continue
+        real = os.path.realpath(path)
+        if os.path.commonpath([root, real]) != root or not os.path.isfile(real):
+            raise PresetError(f"{name} in the preset {directory!r} is not a regular file in it.")
+        present.append(name)
+        if name == preset_io.METADATA_FILE:
+            try:
+                if os.path.getsize(real) > preset_io.MAX_JSON_BYTES:
+                    raise ValueError(f"has more than {preset_io.MAX_JSON_BYTES} bytes.")
+                metadata = _load_json(real)
+            except ValueError as e:
+                raise PresetError(f"{name} in the preset {directory!r} {e}") from None
     if ref.scheme == KAGGLE_SCHEME:
         return _upload_kaggle(ref, directory, present, model, metadata)
     return _upload_hf(ref, directory, present, model, metadata)
-
-
-def _preset_metadata(directory):
-    path = os.path.join(directory, preset_io.METADATA_FILE)
-    if not os.path.isfile(path) or os.path.getsize(path) > preset_io.MAX_JSON_BYTES:
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.loads(f.read(), parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _upload_hf(ref, directory, present, model, metadata):
@@ -829,8 +817,8 @@ def model_card(model, metadata, handle):
                           f"{list(preprocessing.std)} (inside the model)"),
     ]
     rows += [(f"metric: {name}", value) for name, value in _metrics(metadata)]
-    version = metadata.get("keras_coat_version") or _installed_version()
-    rows.append(("written by", f"keras-coat {version}, Keras {metadata.get('keras_version', '?')}"))
+    rows.append(("written by", f"keras-coat {metadata.get('keras_coat_version') or '?'}, Keras "
+                               f"{metadata.get('keras_version') or '?'}"))
     source = metadata.get("source")
     if isinstance(source, dict) and source.get("hub"):
         rows.append(("converted from", f"{source['hub']} ({source.get('file', '')})"))
@@ -892,10 +880,3 @@ def _is_number(value):
 def _cell(value):
     text = f"{value:g}" if isinstance(value, float) else str(value)
     return text.replace("|", "\\|").replace("\n", " ")[:500]
-
-
-def _installed_version():
-    try:
-        return importlib.metadata.version("keras-coat")
-    except importlib.metadata.PackageNotFoundError:
-        return "(source tree)"

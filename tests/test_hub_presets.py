@@ -80,6 +80,7 @@ def test_uploads_take_no_revision(handle):
     assert hub.parse_handle("hf://flowers", for_upload=True).repo_id == "flowers"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("package, handle", [
     ("huggingface_hub", "hf://me/flowers"), ("kagglehub", "kaggle://me/coat/keras/flowers"),
 ])
