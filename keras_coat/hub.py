@@ -17,7 +17,6 @@ huggingface_hub and kagglehub (the ``hub`` extra) are imported only when a handl
 """
 
 import dataclasses
-import json
 import os
 import re
 import shutil
@@ -162,7 +161,7 @@ class _Repo:
         """Publishes the preset directory `self.entry` from the repo's files."""
         config_path = self.fetch(preset_io.CONFIG_FILE, preset_io.MAX_JSON_BYTES)
         try:
-            config = _load_json(config_path)
+            config = preset_io.read_json_object(config_path)
         except ValueError as e:
             raise self.fail(f"{preset_io.CONFIG_FILE} {e}") from None
         kind = _repo_kind(config)
@@ -233,22 +232,6 @@ class _Repo:
 
     def revision_label(self):
         raise NotImplementedError
-
-
-def _load_json(path):
-    """The JSON object in the file `path`, or a ValueError saying why not."""
-
-    def reject(constant):
-        raise ValueError(f"non-finite number {constant}")
-
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.loads(f.read(), parse_constant=reject)
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise ValueError(f"is not valid JSON: {e}.") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"must hold a JSON object; found {type(data).__name__}.")
-    return data
 
 
 def _classifier_class():
@@ -714,7 +697,7 @@ def upload_preset(handle, directory):
             try:
                 if os.path.getsize(real) > preset_io.MAX_JSON_BYTES:
                     raise ValueError(f"has more than {preset_io.MAX_JSON_BYTES} bytes.")
-                metadata = _load_json(real)
+                metadata = preset_io.read_json_object(real)
             except ValueError as e:
                 raise PresetError(f"{name} in the preset {directory!r} {e}") from None
     if ref.scheme == KAGGLE_SCHEME:

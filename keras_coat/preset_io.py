@@ -218,21 +218,27 @@ def _reject_constant(name):
     raise ValueError(f"non-finite number {name}")
 
 
+def read_json_object(path):
+    """The JSON object in the file `path` (NaN and Infinity refused), or a ValueError saying
+    why not ("is not valid JSON: ...", "must hold a JSON object; ...")."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.loads(f.read(), parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(f"is not valid JSON: {e}.") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"must hold a JSON object; found {type(data).__name__}.")
+    return data
+
+
 def _read_json(folder, name, required=True):
     path = _preset_file(folder, name, required)
     if path is None:
         return None
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.loads(f.read(), parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise PresetError(f"{name} in the preset {folder!r} is not valid JSON: {e}.") from None
-    if not isinstance(data, dict):
-        raise PresetError(
-            f"{name} in the preset {folder!r} must hold a JSON object; found "
-            f"{type(data).__name__}."
-        )
-    return data
+        return read_json_object(path)
+    except ValueError as e:
+        raise PresetError(f"{name} in the preset {folder!r} {e}") from None
 
 
 def _check_serialized(data, registered_name, fields, where):
