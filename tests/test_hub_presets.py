@@ -22,7 +22,7 @@ from keras_coat import hub, preset_io
 from keras_coat.imagenet import class_wnids
 from keras_coat.presets import PRESETS, ImagePreprocessing, PresetError
 from tests._weights_fixtures import Hostile, import_blocker, write_torch_like_zip
-from tests.hub_server import OVERSEND_BYTES, HubServer
+from tests.hub_server import OVERSEND_BYTES, REPO_ROOT, HubServer
 
 TINY = dict(embed_dims=(16, 16, 24, 32), serial_depths=(1, 1, 1, 1), mlp_ratios=(2, 2, 2, 2))
 BACKENDS = ("tensorflow", "jax", "torch")
@@ -208,6 +208,54 @@ model = keras_coat.CoaTImageClassifier.from_preset("hf://me/flowers")
 print(json.dumps({"classes": model.num_classes}))
 """, tmp_path, HF_HUB_OFFLINE="1")
     assert offline == {"classes": None} and len(hub_server.requests) == before
+
+
+# kagglehub's protocol is Kaggle's RPC API (kagglesdk), which no loopback server here speaks: a
+# stand-in module with kagglehub's two calls keeps Kaggle Models in a local folder instead.
+KAGGLEHUB_STAND_IN = """
+import os, shutil
+
+ROOT = os.environ["KAGGLE_STAND_IN_ROOT"]
+
+def model_download(handle, path=None):
+    parts = handle.split("/")
+    folder = os.path.join(ROOT, *parts[:4])
+    version = parts[4] if len(parts) == 5 else max(os.listdir(folder), key=int)
+    file = os.path.join(folder, version, path)
+    if not os.path.isfile(file):
+        raise RuntimeError(f"404 Client Error: {path} not found")
+    return file
+
+def model_upload(handle, local_model_dir, license_name=None, version_notes=""):
+    folder = os.path.join(ROOT, *handle.split("/"))
+    os.makedirs(folder, exist_ok=True)
+    version = str(len(os.listdir(folder)) + 1)
+    shutil.copytree(local_model_dir, os.path.join(folder, version))
+"""
+
+
+@pytest.mark.slow
+def test_a_kaggle_preset_round_trips_through_kagglehubs_calls(tmp_path):
+    stand_in = tmp_path / "stand_in" / "kagglehub"
+    stand_in.mkdir(parents=True)
+    (stand_in / "__init__.py").write_text(KAGGLEHUB_STAND_IN)
+    _tiny_preset(str(tmp_path / "preset"))
+    with HubServer() as server:
+        result = server.run_python(CLIENT_PRELUDE + f"""
+import keras_coat
+from keras_coat import hub
+handle = keras_coat.upload_preset("kaggle://me/coat/keras/flowers", {str(tmp_path / "preset")!r})
+entry = hub.download("kaggle://me/coat/keras/flowers")
+model = keras_coat.CoaTImageClassifier.from_preset("kaggle://me/coat/keras/flowers/1")
+print(json.dumps({{"handle": handle, "entry": os.path.basename(entry),
+                   "names": model.class_names, "cache": cache_files()}}))
+""", tmp_path, PYTHONPATH=os.pathsep.join([str(stand_in.parent), REPO_ROOT]),
+            KAGGLE_STAND_IN_ROOT=str(tmp_path / "kaggle"))
+    assert result["handle"] == "kaggle://me/coat/keras/flowers"
+    assert result["entry"] == "kaggle--me--coat--keras--flowers--1"
+    assert result["names"] == ["daisy", "rose", "tulip"]
+    uploaded = sorted(os.listdir(tmp_path / "kaggle" / "me" / "coat" / "keras" / "flowers" / "1"))
+    assert "README.md" in uploaded and "model.weights.h5" in uploaded
 
 
 @pytest.mark.slow
