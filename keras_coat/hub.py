@@ -58,6 +58,7 @@ _TIMM_MODEL_ARGS = {
     "attn_drop_rate", "proj_drop_rate",
 }
 _KAGGLE_VERSION = re.compile(r"[0-9]{1,9}")
+_KAGGLE_SLUG = re.compile(r"[A-Za-z0-9][\w.-]{0,99}")  # becomes part of a cache folder's name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +109,7 @@ def parse_handle(handle, for_upload=False):
     version = None
     if len(parts) == 5 and not for_upload and _KAGGLE_VERSION.fullmatch(parts[4]):
         version = parts.pop()
-    if len(parts) != 4 or not all(parts):
+    if len(parts) != 4 or not all(_KAGGLE_SLUG.fullmatch(p) for p in parts):
         spelling = "kaggle://owner/model/framework/variation" + ("" if for_upload else "[/version]")
         raise PresetError(f"{handle!r} is not a Kaggle model handle; expected {spelling}.")
     return HubHandle(KAGGLE_SCHEME, "/".join(parts), version, handle)

@@ -65,7 +65,8 @@ def test_handles_parse_as_keras_hub_and_huggingface_hub_spell_them(
 @pytest.mark.parametrize("handle", [
     "hf://flowers", "hf://me/flowers/main", "hf://me/flowers@", "hf://@main", "hf://me//x",
     "hf://datasets/me/flowers", "kaggle://me/coat/keras", "kaggle://me/coat/keras/a/b/c",
-    "kaggle://me//keras/flowers", "s3://me/flowers", "me/flowers",
+    "kaggle://me//keras/flowers", "kaggle://me/../keras/flowers", "s3://me/flowers",
+    "me/flowers",
 ])
 def test_malformed_handles_are_refused_naming_them(handle):
     with pytest.raises(PresetError, match="expected") as info:
