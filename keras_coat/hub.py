@@ -57,6 +57,7 @@ _TIMM_MODEL_ARGS = {
     "num_classes", "in_chans", "global_pool", "img_size", "drop_rate", "drop_path_rate",
     "attn_drop_rate", "proj_drop_rate",
 }
+_COMMIT = re.compile(r"[0-9a-f]{40}")  # a full git commit id (it names a cache folder)
 _KAGGLE_VERSION = re.compile(r"[0-9]{1,9}")
 _KAGGLE_SLUG = re.compile(r"[A-Za-z0-9][\w.-]{0,99}")  # becomes part of a cache folder's name
 
@@ -480,7 +481,7 @@ class _HuggingFaceRepo(_Repo):
 
     def preset_directory(self):
         revision = self.ref.revision
-        if revision and re.fullmatch(r"[0-9a-f]{40}", revision):
+        if revision and _COMMIT.fullmatch(revision):
             # A pinned commit already converted needs no network at all.
             entry = _cache_entry("hf", self.ref.repo_id, revision)
             if _is_published(entry):
@@ -534,7 +535,7 @@ class _HuggingFaceRepo(_Repo):
                     "huggingface_hub's cache holds no copy of this revision."
                 ) from None
             return
-        if not isinstance(info.sha, str) or not re.fullmatch(r"[0-9a-f]{40}", info.sha):
+        if not isinstance(info.sha, str) or not _COMMIT.fullmatch(info.sha):
             raise self.fail(f"the hub named no valid commit for the revision ({info.sha!r}).")
         self.commit = info.sha
         self.sizes = {}
@@ -544,14 +545,13 @@ class _HuggingFaceRepo(_Repo):
 
     def _cached_commit(self):
         revision = self.ref.revision or "main"
-        if re.fullmatch(r"[0-9a-f]{40}", revision):
+        if _COMMIT.fullmatch(revision):
             return revision
         path = self.hub.try_to_load_from_cache(
             self.ref.repo_id, preset_io.CONFIG_FILE, revision=revision
         )
-        if not isinstance(path, str):
-            return None
-        return os.path.basename(os.path.dirname(path))  # .../snapshots/<commit>/config.json
+        commit = os.path.basename(os.path.dirname(path)) if isinstance(path, str) else ""
+        return commit if _COMMIT.fullmatch(commit) else None  # .../snapshots/<commit>/
 
     def fetch(self, name, max_bytes, required=True, revision=None):
         hub, errors = self.hub, self.hub.errors
