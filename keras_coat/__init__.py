@@ -13,6 +13,7 @@ from keras_coat.applications import (
     load_model,
 )
 from keras_coat.backbone import CoaTBackbone
+from keras_coat.hub import upload_preset
 from keras_coat.image_classifier import CoaTImageClassifier
 from keras_coat.imagenet import decode_predictions, preprocess_input
 from keras_coat.legacy import MODEL_CONFIGS
@@ -38,6 +39,7 @@ __all__ = [
     "export_saved_model",
     "load_model",
     "preprocess_input",
+    "upload_preset",
 ]
 
 

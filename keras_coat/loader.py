@@ -21,12 +21,11 @@ The model classes are looked up by their registered names, so this module sits b
 """
 
 import dataclasses
-import importlib
 import os
 
 import keras
 
-from keras_coat import legacy, loading, preset_io, weights
+from keras_coat import hub, legacy, loading, preset_io, weights
 from keras_coat.checkpoint import read_state_dict
 from keras_coat.convert import ConversionError, assign_state_dict
 from keras_coat.presets import PRESETS, VARIANTS, PresetError, get_preset
@@ -44,7 +43,6 @@ __all__ = [
     "variant_of",
 ]
 
-HUB_SCHEMES = ("hf://", "kaggle://")
 WEIGHT_FILE_SUFFIXES = (".weights.h5", ".pth", ".pt", ".safetensors")
 ACCEPTED = (
     f"A preset reference is a built-in name ({', '.join(PRESETS)}), a preset directory, a .keras "
@@ -88,7 +86,7 @@ def resolve(reference):
     if not isinstance(reference, str) or not reference:
         raise PresetError(f"Not a preset reference: {reference!r}. {ACCEPTED}")
     if "://" in reference:
-        if reference.startswith(HUB_SCHEMES):
+        if hub.is_handle(reference):
             return ResolvedPreset(reference, os.fspath(_hub_download(reference)), reference)
         raise PresetError(
             f"Unknown scheme {reference.split('://')[0] + '://'!r} in the preset reference "
@@ -117,18 +115,6 @@ def resolve(reference):
 
 def _hub_download(handle):
     """The local preset directory `keras_coat.hub` makes of a hub handle."""
-    # The seam to keras_coat.hub (another work package): imported by name until it lands, so
-    # that this branch's import graph holds no module that does not exist yet. At the merge
-    # this becomes `from keras_coat import hub` (the graph then checks loader -> hub).
-    try:
-        hub = importlib.import_module("keras_coat.hub")
-    except ModuleNotFoundError as e:
-        if e.name != "keras_coat.hub":
-            raise
-        raise PresetError(
-            f"{handle!r}: loading from model hubs needs keras_coat.hub, which this installation "
-            "of keras-coat lacks."
-        ) from None
     return hub.download(handle)
 
 

@@ -40,6 +40,10 @@ TASK_CONFIG_FILE = "task.json"
 TASK_WEIGHTS_FILE = "task.weights.h5"
 IMAGE_CONVERTER_CONFIG_FILE = "image_converter.json"
 METADATA_FILE = "metadata.json"
+PRESET_FILES = (
+    CONFIG_FILE, MODEL_WEIGHTS_FILE, TASK_CONFIG_FILE, TASK_WEIGHTS_FILE,
+    IMAGE_CONVERTER_CONFIG_FILE, METADATA_FILE,
+)
 # Largest JSON file read (a task.json with 20,000 class names is ~0.5 MB).
 MAX_JSON_BYTES = 4 * 2**20
 # Largest weights file or `.keras` archive read (coat_lite_medium's weights are 180 MB).

@@ -35,3 +35,15 @@ def dtype_policy():
     previous = keras.config.dtype_policy()
     yield keras.config.set_dtype_policy
     keras.config.set_dtype_policy(previous)
+
+
+@pytest.fixture
+def hub_server():
+    """A loopback server speaking the Hugging Face Hub's HTTP protocol on 127.0.0.1
+    (tests/hub_server.py), with no repos: `hub_server.add_repo(...)` adds some, and
+    `hub_server.run_python(script, home)` runs a client (huggingface_hub, keras_coat.hub) against
+    it in a subprocess."""
+    from tests.hub_server import HubServer
+
+    with HubServer() as server:
+        yield server

@@ -1,5 +1,5 @@
 """KerasHub task models on a CoaT backbone: RetinaNet detection and DeepLabV3 segmentation train,
-save as `.keras` and load back with the same predictions (the `hub` extra)."""
+save as `.keras` and load back with the same predictions (the `keras-hub` extra)."""
 
 import keras
 import numpy as np
