@@ -272,10 +272,10 @@ def _describe(reference):
 
     resolved, backbone, saved = loader.preset_configs(reference, fetch=False)
     metadata = resolved.metadata() if resolved is not None else {}
-    fields = dict(zip(loader.ARCHITECTURE_FIELDS, loader.architecture(backbone)))
+    fields = dict(zip(presets.ARCHITECTURE_FIELDS, presets.architecture(backbone)))
     rows = [
         ("preset", reference),
-        ("variant", loader.variant_of(backbone) or "custom"),
+        ("variant", presets.variant_of(backbone) or "custom"),
         ("architecture", ", ".join(f"{k}={v}" for k, v in fields.items())),
         ("input", "x".join(str(side) for side in backbone["image_shape"])),
     ]

@@ -213,10 +213,10 @@ def CoaT(
 
 
 def _describe_architecture(config):
-    variant = loader.variant_of(config)
+    variant = presets.variant_of(config)
     if variant is not None:
         return f"a {variant}"
-    fields = zip(loader.ARCHITECTURE_FIELDS, loader.architecture(config))
+    fields = zip(presets.ARCHITECTURE_FIELDS, presets.architecture(config))
     return "a custom CoaT (" + ", ".join(f"{k}={v}" for k, v in fields) + ")"
 
 
@@ -224,7 +224,7 @@ def _from_reference(reference, backbone_config, head):
     """The factory's model with the weights of a preset reference, once the preset is found to
     have this architecture (and, with a head, this number of classes)."""
     resolved, saved_backbone, saved = loader.preset_configs(reference)
-    if loader.architecture(saved_backbone) != loader.architecture(backbone_config):
+    if presets.architecture(saved_backbone) != presets.architecture(backbone_config):
         raise PresetError(
             f"weights={reference!r} holds {_describe_architecture(saved_backbone)}; this model "
             f"is {_describe_architecture(backbone_config)}. Build the preset's variant, or load "

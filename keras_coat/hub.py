@@ -25,7 +25,7 @@ import uuid
 
 import keras
 
-from keras_coat import checkpoint, convert, preset_io, weights
+from keras_coat import checkpoint, convert, preset_io, presets, weights
 from keras_coat.presets import PRESETS, ImagePreprocessing, PresetError
 from keras_coat.utils import files
 
@@ -194,6 +194,7 @@ class _Repo:
             except PresetError as e:
                 # The staging folder's name means nothing to the user; the handle does.
                 message = str(e).replace(f"the preset {staging!r}", "the repo")
+                message = message.replace(f"The preset {staging!r}", "The repo")
                 for old, new in ((staging + os.sep, ""), (repr(staging), "the repo")):
                     message = message.replace(old, new)
                 raise self.fail(message) from None
@@ -775,7 +776,7 @@ def _upload_kaggle(ref, directory, present, model, metadata):
 
 def _variant(model):
     backbone = model.backbone
-    return backbone.variant or (
+    return presets.variant_of(backbone.get_config()) or (
         f"custom CoaT (embed_dims {list(backbone.embed_dims)}, serial_depths "
         f"{list(backbone.serial_depths)}, parallel_depth {backbone.parallel_depth})"
     )

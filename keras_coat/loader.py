@@ -40,7 +40,6 @@ __all__ = [
     "load_weights_file",
     "preset_configs",
     "resolve",
-    "variant_of",
 ]
 
 WEIGHT_FILE_SUFFIXES = (".weights.h5", ".pth", ".pt", ".safetensors")
@@ -52,11 +51,6 @@ BACKBONE_OVERRIDES = ("image_shape", "drop_path_rate")
 CLASSIFIER_OVERRIDES = (
     "num_classes", "pooling", "activation", "include_preprocessing", "class_names", "name",
 )
-ARCHITECTURE_FIELDS = (
-    "embed_dims", "serial_depths", "mlp_ratios", "parallel_depth", "num_heads", "crpe_windows",
-)
-
-
 @dataclasses.dataclass(frozen=True)
 class ResolvedPreset:
     """A preset reference made local: `path` is a preset directory or a `.keras` file;
@@ -157,21 +151,6 @@ def preset_configs(reference, fetch=True):
     if resolved.is_keras_file:
         return (resolved, *_keras_configs(resolved.path))
     return (resolved, *preset_io.read_configs(resolved.path))
-
-
-def _freeze(value):
-    return tuple(_freeze(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
-def architecture(config):
-    """The architecture fields of a backbone config, comparable whatever JSON made of them."""
-    return tuple(_freeze(config.get(field)) for field in ARCHITECTURE_FIELDS)
-
-
-def variant_of(config):
-    """The published variant a backbone config is (e.g. ``"coat_lite_tiny"``), or None."""
-    return next((name for name, fields in VARIANTS.items()
-                 if architecture(fields) == architecture(config)), None)
 
 
 # --------------------------------------------------------------------------------- models

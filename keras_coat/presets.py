@@ -52,6 +52,26 @@ VARIANTS = {
 }
 
 
+ARCHITECTURE_FIELDS = (
+    "embed_dims", "serial_depths", "mlp_ratios", "parallel_depth", "num_heads", "crpe_windows",
+)
+
+
+def _freeze(value):
+    return tuple(_freeze(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def architecture(config):
+    """The architecture fields of a backbone config, comparable whatever JSON made of them."""
+    return tuple(_freeze(config.get(field)) for field in ARCHITECTURE_FIELDS)
+
+
+def variant_of(config):
+    """The published variant a backbone config is (e.g. ``"coat_lite_tiny"``), or None."""
+    return next((name for name, fields in VARIANTS.items()
+                 if architecture(fields) == architecture(config)), None)
+
+
 class PresetError(ValueError):
     """A preset reference is unusable: unknown, unsupported, missing, incomplete, damaged or
     hostile. The message names the reference and the problem."""

@@ -412,8 +412,8 @@ REFUSALS = {
     "hf://bad/changed-architecture": "model_args ['embed_dims'] change timm's coat_lite_tiny",
     "hf://bad/label-names": "label_names must be 1000 strings",
     "hf://bad/huge-head": "num_classes must be an integer in [0, 100000]",
-    "hf://bad/not-a-coat-in-a-coat-preset": "config.json in the repo does not describe a valid "
-                                            "model: Every embedding dim must be divisible",
+    "hf://bad/not-a-coat-in-a-coat-preset": ": The repo does not describe a valid model: Every "
+                                            "embedding dim must be divisible",
 }
 
 
@@ -457,8 +457,9 @@ def _bad_repos(server, preset, marker):
             server, num_classes=10**9, cfg_num_classes=10**9,
             model_args={"num_classes": 10**9, "in_chans": 3}),
                           "pytorch_model.bin": bin_},
-        "bad/not-a-coat-in-a-coat-preset": {**preset, "config.json": json.dumps(
-            bad_backbone).encode()},
+        "bad/not-a-coat-in-a-coat-preset": {
+            **{k: v for k, v in preset.items() if k != "task.json"},
+            "config.json": json.dumps(bad_backbone).encode()},
     }
     for repo_id, files in repos.items():
         files, private = files if isinstance(files, tuple) else (files, False)

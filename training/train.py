@@ -158,7 +158,8 @@ def build_model(recipe, num_classes, model_config=None):
 
 def check_init_architecture(model, requested, init_weights):
     """A preset given as --init-weights sets the architecture; an explicit --model must agree."""
-    from keras_coat.loader import WEIGHT_FILE_SUFFIXES, variant_of
+    from keras_coat.loader import WEIGHT_FILE_SUFFIXES
+    from keras_coat.presets import variant_of
 
     if requested is None or init_weights in (None, "imagenet"):
         return
