@@ -11,10 +11,9 @@ import keras
 import numpy as np
 from keras import layers, ops
 
-_PACKAGE = "keras_coat"
+from keras_coat import initializers
 
-# timm and the authors initialise every Linear layer and the class tokens this way.
-_TRUNC_NORMAL = {"class_name": "TruncatedNormal", "config": {"stddev": 0.02}}
+_PACKAGE = "keras_coat"
 
 
 # Widths up to which FactorizedConvAttention uses one masked [C, C] context for all heads.
@@ -38,9 +37,7 @@ class ClassToken(layers.Layer):
 
     def build(self, input_shape):
         self.cls_token = self.add_weight(
-            shape=(1, 1, input_shape[-1]),
-            initializer=keras.initializers.get(_TRUNC_NORMAL),
-            name="cls_token",
+            shape=(1, 1, input_shape[-1]), initializer=initializers.trunc_normal(), name="cls_token"
         )
 
     def call(self, tokens):
@@ -68,6 +65,11 @@ class TokenLayerNormalization(layers.LayerNormalization):
 
     Input: ``[..., C]``. Output: same shape.
     """
+
+    def __init__(self, **kwargs):
+        for name, initializer in initializers.norm_initializers().items():
+            kwargs.setdefault(name, initializer)
+        super().__init__(**kwargs)
 
     def call(self, inputs):
         last_axis = list(self.axis) in ([-1], [len(inputs.shape) - 1])
@@ -98,8 +100,9 @@ class PatchEmbedding(layers.Layer):
         self.embed_dim = int(embed_dim)
         self.patch_size = int(patch_size)
         self.proj = layers.Conv2D(
-            self.embed_dim, self.patch_size, strides=self.patch_size, name="proj"
-        )
+            self.embed_dim, self.patch_size, strides=self.patch_size, name="proj",
+            **initializers.conv_initializers(),
+        )  # fmt: skip
         self.norm = TokenLayerNormalization(epsilon=1e-5, name="norm")
 
     def build(self, input_shape):
@@ -139,7 +142,10 @@ class ConvPositionEncoding(layers.Layer):
     def __init__(self, kernel_size=3, **kwargs):
         super().__init__(**kwargs)
         self.kernel_size = int(kernel_size)
-        self.proj = layers.DepthwiseConv2D(self.kernel_size, padding="same", name="proj")
+        self.proj = layers.DepthwiseConv2D(
+            self.kernel_size, padding="same", name="proj",
+            **initializers.conv_initializers(depthwise=True),
+        )  # fmt: skip
 
     def build(self, input_shape):
         self.proj.build((None, None, None, input_shape[-1]))
@@ -188,7 +194,10 @@ class ConvRelativePositionEncoding(layers.Layer):
                 f"but num_heads={self.num_heads}. The head counts must add up to num_heads."
             )
         self.convs = [
-            layers.DepthwiseConv2D(window, padding="same", name=f"conv_list_{i}")
+            layers.DepthwiseConv2D(
+                window, padding="same", name=f"conv_list_{i}",
+                **initializers.conv_initializers(depthwise=True),
+            )  # fmt: skip
             for i, (window, _) in enumerate(self.windows)
         ]
 
@@ -239,11 +248,11 @@ class QueryKeyValue(layers.Layer):
     def build(self, input_shape):
         channels = input_shape[-1]
         self.kernel = self.add_weight(
-            shape=(channels, 3 * channels),
-            initializer=keras.initializers.get(_TRUNC_NORMAL),
-            name="kernel",
+            shape=(channels, 3 * channels), initializer=initializers.trunc_normal(), name="kernel"
         )
-        self.bias = self.add_weight(shape=(3 * channels,), initializer="zeros", name="bias")
+        self.bias = self.add_weight(
+            shape=(3 * channels,), initializer=initializers.zeros(), name="bias"
+        )
 
     def call(self, tokens):
         channels = tokens.shape[-1]
@@ -343,8 +352,8 @@ class MLP(layers.Layer):
         super().__init__(**kwargs)
         self.hidden_dim = int(hidden_dim)
         self.output_dim = int(output_dim)
-        self.fc1 = layers.Dense(self.hidden_dim, kernel_initializer=_TRUNC_NORMAL, name="fc1")
-        self.fc2 = layers.Dense(self.output_dim, kernel_initializer=_TRUNC_NORMAL, name="fc2")
+        self.fc1 = layers.Dense(self.hidden_dim, name="fc1", **initializers.dense_initializers())
+        self.fc2 = layers.Dense(self.output_dim, name="fc2", **initializers.dense_initializers())
 
     def build(self, input_shape):
         self.fc1.build(input_shape)
@@ -503,9 +512,12 @@ class ScaleAggregation(layers.Layer):
     def build(self, input_shape):
         count = len(input_shape)
         bound = count**-0.5  # PyTorch's default Conv1d initialisation range for fan-in `count`.
-        init = keras.initializers.RandomUniform(-bound, bound)
-        self.kernel = self.add_weight(shape=(count,), initializer=init, name="kernel")
-        self.bias = self.add_weight(shape=(1,), initializer=init, name="bias")
+        self.kernel = self.add_weight(
+            shape=(count,), initializer=initializers.RandomUniform(-bound, bound), name="kernel"
+        )
+        self.bias = self.add_weight(
+            shape=(1,), initializer=initializers.RandomUniform(-bound, bound), name="bias"
+        )
 
     def call(self, inputs):
         stacked = ops.stack(inputs, axis=-1)
