@@ -5,6 +5,7 @@
     python benchmarks/compare.py --isa native avx2     # also with oneDNN, MKL, ATen, XLA at AVX2
     python benchmarks/compare.py --profile tensorflow  # where one runner's step goes, op by op
     python benchmarks/compare.py --quick --no-write    # a tiny model: checks that all of it runs
+    python benchmarks/compare.py --threads 1           # every runner pinned to one core
 
 Runners: timm (PyTorch eager: the reference) and keras_coat on the TensorFlow, JAX and PyTorch
 backends. Every measurement runs in a fresh process, so each figure includes nothing another
@@ -392,8 +393,16 @@ def _inference_worker(args):
     top1, names, forward = run(args, phases)
     steady = {}
     for size in args.batches:
-        median, best = time_calls(forward(size), args.warmup, args.repeats, args.max_seconds)
-        steady[str(size)] = {"images_per_s": size / median, "best_images_per_s": size / best}
+        call = forward(size)
+        cpu_started, calls = time.process_time(), []
+
+        def counted(call=call):
+            calls.append(call())
+
+        median, best = time_calls(counted, args.warmup, args.repeats, args.max_seconds)
+        cpu = (time.process_time() - cpu_started) / len(calls)  # warm-up calls included
+        steady[str(size)] = {"images_per_s": size / median, "best_images_per_s": size / best,
+                             "images_per_cpu_s": size / cpu}  # fmt: skip
     _, peak = memory_mib()
     return {"phases": phases.rows, "top1": top1, "top5_names": names, "steady": steady,
             "peak_rss_mib": peak}  # fmt: skip
@@ -881,12 +890,28 @@ def render_profile(runner, result, args):
 # ------------------------------------------------------------------------------ orchestration
 
 
-def _environment(isa, runner):
+def _thread_settings(threads):
+    """Environment variables that size every runtime's thread pools to `threads`."""
+    count = str(threads)
+    return {
+        "OMP_NUM_THREADS": count, "MKL_NUM_THREADS": count,  # PyTorch
+        "TF_NUM_INTRAOP_THREADS": count, "TF_NUM_INTEROP_THREADS": count,
+        # XLA sizes its pool to the process' affinity, which the worker sets.
+        "XLA_FLAGS": f"--xla_cpu_multi_thread_eigen={'true' if threads > 1 else 'false'}",
+    }  # fmt: skip
+
+
+def _environment(isa, runner, threads=None):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
     if runner in ("tensorflow", "jax", "torch"):
         env["KERAS_BACKEND"] = runner
-    for key, value in ISAS[isa].items():
+    settings = dict(ISAS[isa])
+    if threads:
+        for key, value in _thread_settings(threads).items():
+            settings[key] = f"{settings[key]} {value}" if key in settings else value
+        settings["COMPARE_THREADS"] = str(threads)
+    for key, value in settings.items():
         env[key] = f"{env[key]} {value}" if key == "XLA_FLAGS" and env.get(key) else value
     return env
 
@@ -903,7 +928,8 @@ def run_worker(kind, runner, args, isa="native", **extra):
             value if isinstance(value, (list, tuple)) else [value])]  # fmt: skip
     try:
         done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT,
-                              env=_environment(isa, runner), timeout=args.timeout)  # fmt: skip
+                              env=_environment(isa, runner, getattr(args, "threads", None)),
+                              timeout=args.timeout)  # fmt: skip
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {args.timeout} s"}
     lines = [line[len(RESULT_PREFIX):] for line in done.stdout.splitlines()
@@ -1236,6 +1262,9 @@ def _parser():
     parser.add_argument("--batch", type=int, default=8, help="the profiled batch size")
     parser.add_argument("--quick", action="store_true",
                         help="a tiny CoaT-Lite at 64x64, one short round of every section")
+    parser.add_argument("--threads", type=int,
+                        help="pin every runner to this many cores and size its thread pools to "
+                        "them (default: each runtime's own choice, every core)")
     parser.add_argument("--timeout", type=float, default=WORKER_TIMEOUT_S,
                         help="seconds after which a worker process is stopped")
     parser.add_argument("--json", help="also write every measurement to this JSON file")
@@ -1277,6 +1306,10 @@ def _check(parser, args):
 
 def _worker_main(args):
     """Runs in the worker process: one measurement, printed as one JSON line."""
+    threads = int(os.environ.get("COMPARE_THREADS", 0))
+    if threads and args.worker != "input":
+        # The last `threads` cores, before any runtime sizes its thread pools.
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[-threads:])
     kinds = {"setup": _setup_worker, "inference": _inference_worker,
              "training": _training_worker, "input": _input_worker, "isa": _isa_worker,
              "profile": _profile_worker}  # fmt: skip

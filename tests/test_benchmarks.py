@@ -117,6 +117,16 @@ def test_the_isa_emulation_caps_every_library_at_avx2(monkeypatch):
     assert "ONEDNN_MAX_CPU_ISA" not in native and "KERAS_BACKEND" not in native
 
 
+def test_threads_size_every_runtime_pool_and_keep_the_isa_cap(monkeypatch):
+    for name in (*compare.ISAS["avx2"], "OMP_NUM_THREADS", "COMPARE_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    env = compare._environment("avx2", "jax", threads=1)
+    assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "1"
+    assert env["TF_NUM_INTRAOP_THREADS"] == env["COMPARE_THREADS"] == "1"
+    assert env["XLA_FLAGS"] == "--xla_cpu_max_isa=AVX2 --xla_cpu_multi_thread_eigen=false"
+    assert "COMPARE_THREADS" not in compare._environment("native", "jax")
+
+
 @pytest.mark.parametrize(
     "node, op_type, group",
     [
@@ -139,7 +149,8 @@ def test_the_tensorflow_profile_groups_runtime_ops_by_coat_part(node, op_type, g
 def test_the_script_runs_every_section_on_a_tiny_model_and_writes_tables_that_parse(tmp_path):
     results = tmp_path / "RESULTS.md"
     argv = ["--quick", "--isa", "native", "--runners", "tensorflow", "--train-runners",
-            "tensorflow", "--results", str(results), "--json", str(tmp_path / "all.json")]
+            "tensorflow", "--threads", "1", "--results", str(results),
+            "--json", str(tmp_path / "all.json")]  # fmt: skip
     assert compare.main(argv) == 0
     text = results.read_text()
     for section in compare.SECTIONS:
