@@ -131,6 +131,34 @@ def _image_tokens_to_map(tokens, size):
     return ops.reshape(tokens, (-1, height, width, tokens.shape[-1]))
 
 
+def depthwise_conv_same(feature_map, kernel, bias):
+    """Depthwise convolution, stride 1, "same" zero padding, plus a bias: the CPE's and CRPE's
+    convolution. `feature_map` ``[batch, H, W, C]`` (static H, W), `kernel` ``[kh, kw, C, 1]``
+    (odd sizes), `bias` ``[C]``.
+
+    On JAX the kernel's taps are summed as shifted slices of the padded map, which XLA fuses
+    into one loop: its grouped convolution on CPUs ran 20-50 times slower (a 7x7 window over
+    8x56x56x24: 79 ms against 1.8 ms on one core), about 60% of CoaT-Lite Small's inference
+    time. TensorFlow and PyTorch run one op per tap, so they keep their convolution kernels.
+    """
+    kernel = ops.cast(kernel, feature_map.dtype)
+    bias = ops.cast(bias, feature_map.dtype)
+    if keras.backend.backend() != "jax":
+        return ops.add(ops.depthwise_conv(feature_map, kernel, strides=1, padding="same"), bias)
+    kernel_height, kernel_width = kernel.shape[:2]
+    height, width = feature_map.shape[1:3]
+    padded = ops.pad(feature_map, ((0, 0), (kernel_height // 2,) * 2, (kernel_width // 2,) * 2,
+                                   (0, 0)))  # fmt: skip
+    total = bias
+    for i in range(kernel_height):
+        row = None
+        for j in range(kernel_width):
+            tap = padded[:, i : i + height, j : j + width, :] * kernel[i, j, :, 0]
+            row = tap if row is None else row + tap
+        total = total + row
+    return total
+
+
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class ConvPositionEncoding(layers.Layer):
     """Convolutional position encoding (CPE, Section 4.2): ``img + DepthwiseConv(img)``.
@@ -158,8 +186,7 @@ class ConvPositionEncoding(layers.Layer):
         identity = np.zeros((self.kernel_size, self.kernel_size, 1, 1), "float32")
         identity[self.kernel_size // 2, self.kernel_size // 2] = 1.0
         kernel = ops.cast(self.proj.kernel, feature_map.dtype) + ops.cast(identity, feature_map.dtype)
-        encoded = ops.depthwise_conv(feature_map, kernel, strides=1, padding="same")
-        encoded = ops.add(encoded, ops.cast(self.proj.bias, encoded.dtype))
+        encoded = depthwise_conv_same(feature_map, kernel, self.proj.bias)
         encoded = ops.reshape(encoded, ops.shape(image))
         return ops.concatenate([cls, encoded], axis=1)
 
@@ -193,6 +220,11 @@ class ConvRelativePositionEncoding(layers.Layer):
                 f"The CRPE windows {self.windows} assign {sum(h for _, h in self.windows)} heads, "
                 f"but num_heads={self.num_heads}. The head counts must add up to num_heads."
             )
+        if any(window < 1 or window % 2 == 0 for window, _ in self.windows):
+            raise ValueError(
+                f"The CRPE windows {self.windows} must be odd sizes (a window centred on each "
+                "token, as the reference's padding assumes), e.g. ((3, 2), (5, 3), (7, 3))."
+            )
         self.convs = [
             layers.DepthwiseConv2D(
                 window, padding="same", name=f"conv_list_{i}",
@@ -220,7 +252,10 @@ class ConvRelativePositionEncoding(layers.Layer):
         query, value = inputs
         value = _image_tokens_to_map(value[:, 1:], size)
         groups = ops.split(value, self.split_points, axis=-1)
-        encoded = ops.concatenate([conv(g) for conv, g in zip(self.convs, groups)], axis=-1)
+        encoded = ops.concatenate(
+            [depthwise_conv_same(g, conv.kernel, conv.bias) for conv, g in zip(self.convs, groups)],
+            axis=-1,
+        )
         encoded = ops.reshape(encoded, (-1, query.shape[1] - 1, query.shape[2]))
         # Zero row for the class token, then the Hadamard product with all of Q.
         return query * ops.pad(encoded, ((0, 0), (1, 0), (0, 0)))
