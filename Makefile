@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-keras-coat
 # the multi-worker TensorFlow test runs on it as well as on the venv's newest Keras.
 OLDEST_KERAS := .venv-keras38
 
-.PHONY: venv test test-fast test-jax test-torch test-train-jax demo demo-detect bench bench-deploy bench-input bench-train clean
+.PHONY: venv test test-fast test-jax test-torch test-train-jax demo demo-detect bench bench-deploy clean
 
 # Everything the tests, the demo and the converter need: TensorFlow, JAX (CPU), the reference
 # stack (torch>=2.14, torchvision>=0.29, timm) and the training extras.
@@ -72,26 +72,17 @@ demo-detect: demo
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m training.detect --output-dir demo-output/detection \
 		--init-weights demo-output/last.keras
 
-# Rewrites the inference sections of benchmarks/RESULTS.md (about 12 minutes on 2 cores).
+# keras_coat on TensorFlow, JAX and PyTorch beside timm, each in its own processes: cold start to
+# the first prediction phase by phase, steady inference at batch 1 and 8 (on this CPU's ISA and
+# capped at AVX2), `fit` speed and peak memory at batch 16, the input pipeline per core. Rewrites
+# its sections of benchmarks/RESULTS.md (about 15 minutes on 2 idle cores).
 bench: $(STAMP)
-	$(PY) benchmarks/throughput.py --models coat_lite_small coat_tiny
-	$(PY) benchmarks/op_profile.py
+	$(PY) benchmarks/compare.py
 
 # Rewrites the deployment-runtime section of benchmarks/RESULTS.md: timm (eager, torch.compile,
 # ONNX Runtime) against keras_coat (TF graph, ONNX Runtime, OpenVINO, LiteRT float and int8).
 bench-deploy: $(STAMP)
 	$(PY) benchmarks/deploy.py
-
-# Rewrites the input-pipeline section of benchmarks/RESULTS.md: the imagenet recipe's tf.data
-# pipeline against timm's training transform and Mixup, images/s per CPU core (a few minutes).
-bench-input: $(STAMP)
-	$(PY) benchmarks/input_pipeline.py
-
-# Rewrites the training section of benchmarks/RESULTS.md: `model.fit` of the demo recipe's step on
-# JAX and on TensorFlow beside timm's training loop, images/s and peak memory per phase, for the
-# demo model and CoaT-Lite Small at 224 (about 10 minutes on 2 cores).
-bench-train: $(STAMP)
-	$(PY) benchmarks/train_memory.py
 
 clean:
 	rm -rf demo-output .pytest_cache

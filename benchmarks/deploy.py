@@ -8,7 +8,7 @@ Runtimes (fp32 unless named), each measured in its own process:
     timm eager          timm in torch.inference_mode()
     timm compile        torch.compile(model, dynamic=False) (inductor), compiled during warm-up
     timm -> ORT         torch.onnx.export of the timm model, run in ONNX Runtime
-    keras_coat TF       the Keras model as a TensorFlow graph (as benchmarks/throughput.py)
+    keras_coat TF       the Keras model as a TensorFlow graph (`tf.function`, no XLA)
     keras_coat -> ORT   keras_coat.export_model(..., "onnx") in ONNX Runtime
     keras_coat -> OV    keras_coat.export_model(..., "openvino") in OpenVINO, f32 hint
     keras_coat -> LiteRT, LiteRT int8
@@ -34,9 +34,9 @@ import sys
 import tempfile
 
 BENCHMARKS = os.path.dirname(os.path.abspath(__file__))
-# This checkout's keras_coat (not an installed copy), and throughput.py beside this file.
+# This checkout's keras_coat (not an installed copy), and compare.py beside this file.
 sys.path[:0] = [os.path.dirname(BENCHMARKS), BENCHMARKS]
-import throughput  # noqa: E402  (the alternating-process helpers and the RESULTS.md writer)
+import compare  # noqa: E402  (the timing helpers and the RESULTS.md writer)
 
 BEGIN, END = "<!-- deploy-throughput:begin -->", "<!-- deploy-throughput:end -->"
 RUNTIMES = {
@@ -207,11 +207,11 @@ def worker(args):
     make = _runner(args.runtime, args.model, args.size, args.folder)
     rates = {}
     for batch in args.batch_sizes:
-        median, _ = throughput._time(make(batch), args.warmup, args.repeats)
+        median, _ = compare.time_calls(make(batch), args.warmup, args.repeats)
         rates[str(batch)] = batch / median
     print(json.dumps({
         "runtime": args.runtime, "model": args.model, "images_per_s": rates,
-        "peak_rss_mib": throughput._peak_rss_mib(),
+        "peak_rss_mib": compare.memory_mib()[1],
     }))
 
 
@@ -293,7 +293,7 @@ def _table(results, args):
     """``results[model][runtime]``: the worker outputs of every round."""
     runtimes = [r for r in RUNTIMES if r in args.runtimes]
     lines = [
-        f"Measured {datetime.date.today().isoformat()} on {throughput._cpu_name()}, "
+        f"Measured {datetime.date.today().isoformat()} on {compare.cpu_name()}, "
         f"{os.cpu_count()} cores, fp32 (int8 where named), {args.size}x{args.size}, random "
         f"weights. Each cell: images per second, the median over {args.rounds} rounds; in a round "
         f"every runtime runs in its own process (order rotated between rounds) and times "
@@ -416,7 +416,7 @@ def main(argv=None):
     table = _table(results, args)
     print("\n" + table)
     if not args.no_write:
-        throughput.write_results_section(BEGIN, END, "Deployment runtimes (CPU)", table)
+        compare.write_results_section(BEGIN, END, "Deployment runtimes (CPU)", table)
     return 0
 
 

@@ -424,7 +424,7 @@ def report(paths, write):
     table = render(document)
     print(table)
     if write:
-        from throughput import write_results_section
+        from compare import write_results_section
 
         meta = document["meta"]
         title = f"GPU throughput ({meta.get('torch_device', 'GPU')})"

@@ -15,6 +15,7 @@ the reference's keys onto.
 
 from keras import layers
 
+from keras_coat import initializers
 from keras_coat.layers import (
     MLP,
     FactorizedConvAttention,
@@ -23,7 +24,6 @@ from keras_coat.layers import (
     StochasticDepth,
     TokenLayerNormalization,
     TokenwiseDense,
-    _TRUNC_NORMAL,
 )
 
 BLOCK_NORM_EPSILON = 1e-6
@@ -37,7 +37,7 @@ def ConvAttention(dim, num_heads, crpe, name):
     """
     qkv_proj = QueryKeyValue(name=f"{name}_qkv")
     attention = FactorizedConvAttention(num_heads, name=name)
-    out_proj = TokenwiseDense(dim, kernel_initializer=_TRUNC_NORMAL, name=f"{name}_proj")
+    out_proj = TokenwiseDense(dim, name=f"{name}_proj", **initializers.dense_initializers())
 
     def apply(tokens, size):
         query, key, value = qkv_proj(tokens)

@@ -5,9 +5,9 @@ import numbers
 import keras
 from keras import layers
 
-from keras_coat import legacy, loader, preset_io, presets
+from keras_coat import initializers, legacy, loader, preset_io, presets
 from keras_coat.backbone import _PACKAGE, CoaTBackbone
-from keras_coat.layers import ScaleAggregation, TokenPooling, TokensToFeatureMap, _TRUNC_NORMAL
+from keras_coat.layers import ScaleAggregation, TokenPooling, TokensToFeatureMap
 from keras_coat.presets import ImagePreprocessing
 
 POOLING_MODES = ("token", "avg", "max", None)
@@ -139,7 +139,7 @@ class CoaTImageClassifier(keras.Model):
             ]
             x = vectors[0] if len(vectors) == 1 else ScaleAggregation(name="aggregate")(vectors)
         if num_classes is not None:
-            x = layers.Dense(num_classes, kernel_initializer=_TRUNC_NORMAL, name="head")(x)
+            x = layers.Dense(num_classes, name="head", **initializers.dense_initializers())(x)
             if activation is not None:
                 x = layers.Activation(activation, dtype="float32", name="predictions")(x)
         super().__init__(inputs=inputs, outputs=x, name=name, **kwargs)

@@ -1,8 +1,13 @@
-"""The benchmark scripts: how they summarise rounds, write RESULTS.md, and account op time."""
+"""The benchmark scripts: how they summarise rounds, write RESULTS.md, and account op time.
+
+Speed itself is never tested: these check the arithmetic of the tables, and that the script runs
+on a tiny model and writes tables that parse.
+"""
 
 import importlib.util
 import json
 import os
+import re
 import types
 
 import pytest
@@ -17,37 +22,109 @@ def _load(name):
     return module
 
 
-throughput = _load("throughput")
-op_profile = _load("op_profile")
+compare = _load("compare")
 gpu = _load("gpu")
 
-
-def _run(rate, rss=1000.0):
-    return {"images_per_s": rate, "peak_rss_mib": rss}
+SPEC = {"variant": "coat_lite_small", "size": 224}
 
 
-def test_throughput_table_reports_medians_over_rounds_and_the_ratio_range():
-    args = types.SimpleNamespace(
-        keras_backend="tensorflow", size=224, rounds=3, repeats=10, warmup=3
-    )
-    keras_runs = [_run(16.0), _run(12.0, 1100.0), _run(15.0)]
-    timm_runs = [_run(8.0), _run(10.0), _run(9.0)]
-    table = throughput._table([("coat_lite_small", 8, keras_runs, timm_runs)], args)
-    row = table.splitlines()[-1]
-    # Medians 15.0 and 9.0; ratio 1.67; single rounds range from 1.20 to 2.00; largest RSS.
-    assert row == "| coat_lite_small | 8 | 15.00 | 9.00 | 1.67x (1.20-2.00) | 1100 | 1000 |"
+def _args(**changes):
+    args = dict(spec=SPEC, batches=[1, 8], repeats=10, max_seconds=8.0, warmup=3,
+                train_batch=16, train_steps=3, train_warmup=1, input_batch=32, input_images=320,
+                input_batches=12, input_warmup=4)  # fmt: skip
+    args.update(changes)
+    return types.SimpleNamespace(**args)
 
 
-def test_results_sections_are_replaced_in_place(tmp_path, monkeypatch):
+def _cold(seconds, rates, top1=3, peak=1000.0):
+    phases = {p: {"seconds": s, "rss_mib": 500.0, "peak_mib": 600.0}
+              for p, s in zip(compare.COLD_PHASES, seconds)}  # fmt: skip
+    steady = {str(b): {"images_per_s": r} for b, r in zip((1, 8), rates)}
+    return {"phases": phases, "steady": steady, "top1": top1, "peak_rss_mib": peak}
+
+
+def _rows(table):
+    return {row[0]: row[1:] for row in compare.parse_table(table)}
+
+
+def test_inference_table_gives_medians_ratios_to_timm_and_the_rounds_range():
+    timm = [_cold([4, 1, 1, 0, 1], [10.0, 20.0]), _cold([5, 1, 1, 0, 1], [12.0, 30.0]),
+            _cold([6, 1, 1, 0, 1], [11.0, 10.0])]  # totals 7, 8, 9
+    tf = [_cold([8, 2, 1, 1, 2], [30.0, 40.0]), _cold([4, 1, 1, 1, 1], [24.0, 90.0]),
+          {"error": "boom"}]  # totals 14, 8; the failed round is left out and listed
+    checks = {"native": {"onednn": ["Intel AVX2"], "mkl": "AVX2", "aten": "AVX2", "xla": "x"}}
+    table = compare.inference_table({"native": {"timm": timm, "tensorflow": tf}}, _args(), checks)
+    rows = _rows(table)
+    assert rows["phase"] == ["timm", "keras_coat TensorFlow"]
+    # Medians: timm 8 s, TF 11 s (1.38x); single rounds 14/7 = 2.00 and 8/8 = 1.00.
+    assert rows["**total**"] == ["**8.00**", "**11.00 (1.38x, 1.00-2.00)**"]
+    assert rows[compare.COLD_LABELS["import"]] == ["5.00", "6.00"]
+    # Steady batch 8: timm median 20, TF median 65 (3.25x); rounds 40/20 = 2.00, 90/30 = 3.00.
+    assert rows["8"] == ["20.00", "65.00 (3.25x, 2.00-3.00)"]
+    assert "keras_coat TensorFlow, round 3: failed (boom)." in table
+    assert "equal to timm's in 2 of 2 keras_coat processes" in table
+    assert "oneDNN Intel AVX2; MKL AVX2; ATen AVX2" in table
+    prose = [line for line in table.splitlines() if not line.startswith(("|", "**", "- "))]
+    assert max(len(line) for line in prose) <= 100
+
+
+def test_training_table_reports_speed_first_step_and_peak_memory_against_timm():
+    def run(rate, first, peak):
+        phases = {p: {"seconds": 1.0, "rss_mib": 100.0, "peak_mib": peak}
+                  for p in compare.TRAIN_PHASES}  # fmt: skip
+        return {"images_per_s": rate, "first_step_s": first, "peak_rss_mib": peak,
+                "phases": phases}
+
+    runs = {"timm": [run(4.0, 2.0, 4000.0), run(5.0, 2.0, 4100.0)],
+            "jax": [run(6.0, 60.0, 3000.0), run(4.0, 50.0, 3200.0)]}  # fmt: skip
+    rows = _rows(compare.training_table(runs, _args()))
+    assert rows["images/s (higher is better)"] == ["4.50", "5.00 (1.11x, 0.80-1.50)"]
+    assert rows["peak memory MiB (lower is better)"] == ["4050", "3100 (0.77x, 0.75-0.78)"]
+    assert rows["first step s (trace / compile)"] == ["2.0", "55.0 (27.50x, 25.00-30.00)"]
+    # The phase table shows the round of median speed (of two: the slower one).
+    assert rows[compare.TRAIN_LABELS["steady"]] == ["100 (4000)", "100 (3200)"]
+
+
+def test_input_table_reports_per_core_medians_and_the_ratio_range():
+    runs = {"keras_coat": [{"images_per_cpu_s": r} for r in (300.0, 330.0, 310.0)],
+            "timm": [{"images_per_cpu_s": r} for r in (200.0, 250.0, 220.0)]}
+    rows = _rows(compare.input_table(runs, _args()))
+    assert rows["keras_coat / timm (rounds' range)"] == ["1.41x (1.32-1.50)"]
+    assert rows["timm `create_transform` + `Mixup`, 1 DataLoader worker"] == ["220.0"]
+
+
+def test_results_sections_are_replaced_in_place(tmp_path):
     results = tmp_path / "RESULTS.md"
     results.write_text("# Benchmark results\n\n<!-- a:begin -->\nold a\n<!-- a:end -->\n\nkept\n")
-    monkeypatch.setattr(throughput, "RESULTS", str(results))
-    throughput.write_results_section("<!-- a:begin -->", "<!-- a:end -->", "A", "new a")
-    throughput.write_results_section("<!-- b:begin -->", "<!-- b:end -->", "B", "new b")
+    compare.write_results_section("<!-- a:begin -->", "<!-- a:end -->", "A", "new a", results)
+    compare.write_results_section("<!-- b:begin -->", "<!-- b:end -->", "B", "new b", results)
     text = results.read_text()
     assert "old a" not in text and "## A\n\nnew a" in text and "## B\n\nnew b" in text
     assert text.index("kept") < text.index("## B")  # appended after what was there
     assert os.listdir(tmp_path) == ["RESULTS.md"]  # no temporary file left behind
+
+
+def test_the_isa_emulation_caps_every_library_at_avx2(monkeypatch):
+    for name in (*compare.ISAS["avx2"], "KERAS_BACKEND"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    env = compare._environment("avx2", "jax")
+    assert env["ONEDNN_MAX_CPU_ISA"] == "AVX2" and env["ATEN_CPU_CAPABILITY"] == "avx2"
+    assert env["MKL_ENABLE_INSTRUCTIONS"] == "AVX2" and env["KERAS_BACKEND"] == "jax"
+    # The user's own XLA flags are kept.
+    assert env["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2 --xla_cpu_max_isa=AVX2"
+    native = compare._environment("native", "timm")
+    assert "ONEDNN_MAX_CPU_ISA" not in native and "KERAS_BACKEND" not in native
+
+
+def test_threads_size_every_runtime_pool_and_keep_the_isa_cap(monkeypatch):
+    for name in (*compare.ISAS["avx2"], "OMP_NUM_THREADS", "COMPARE_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    env = compare._environment("avx2", "jax", threads=1)
+    assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "1"
+    assert env["TF_NUM_INTRAOP_THREADS"] == env["COMPARE_THREADS"] == "1"
+    assert env["XLA_FLAGS"] == "--xla_cpu_max_isa=AVX2 --xla_cpu_multi_thread_eigen=false"
+    assert "COMPARE_THREADS" not in compare._environment("native", "jax")
 
 
 @pytest.mark.parametrize(
@@ -64,27 +141,40 @@ def test_results_sections_are_replaced_in_place(tmp_path, monkeypatch):
         ("m/serial_blocks2_1_drop_path1_1/add", "AddV2", "residual"),
     ],
 )
-def test_op_profile_groups_runtime_ops_by_coat_part(node, op_type, group):
-    assert op_profile._group(node, op_type).startswith(group)
+def test_the_tensorflow_profile_groups_runtime_ops_by_coat_part(node, op_type, group):
+    assert compare.group_op(node, op_type).startswith(group)
 
 
 @pytest.mark.slow
-def test_op_profile_counts_the_dense_flops_of_the_model():
-    result = op_profile.profile("coat_lite_tiny", batch=1, size=64)
-    # Independent count from the configuration: per block Q, K, V and the output projection
-    # (4 C^2) and the MLP (2 C * hidden) on every token, class token included; then the head.
-    dims, depths, ratios = (64, 128, 256, 320), (2, 2, 2, 2), (8, 8, 4, 4)
-    flops = 0
-    for stage, (dim, depth, ratio) in enumerate(zip(dims, depths, ratios)):
-        tokens = (64 // 4 // 2**stage) ** 2 + 1
-        flops += depth * 2 * tokens * (4 * dim * dim + 2 * dim * ratio * dim)
-    flops += 2 * dims[-1] * 1000
-    assert result["dense_gflop"] == pytest.approx(flops / 1e9, rel=1e-9)
-    groups = result["groups"]
-    # Both dense groups were found: the MLP first layers (with GELU) and the other dense layers.
-    assert groups[op_profile._DENSE_GELU] > 0 and groups[op_profile._DENSE_PLAIN] > 0
-    assert result["peak_gflops"] > 0
+def test_the_script_runs_every_section_on_a_tiny_model_and_writes_tables_that_parse(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    argv = ["--quick", "--isa", "native", "--runners", "tensorflow", "--train-runners",
+            "tensorflow", "--threads", "1", "--results", str(results),
+            "--json", str(tmp_path / "all.json")]  # fmt: skip
+    assert compare.main(argv) == 0
+    text = results.read_text()
+    for section in compare.SECTIONS:
+        begin, end = compare.MARKERS[section]
+        assert begin in text and end in text
+    rows = _rows(text)
+    total = rows["**total**"]
+    assert float(total[0].strip("*")) > 0 and re.match(r"\*\*[\d.]+ \([\d.]+x\)\*\*", total[1])
+    for batch in ("1", "8"):
+        assert re.match(r"[\d.]+ \([\d.]+x\)", rows[batch][1])
+    assert re.match(r"[\d.]+ \([\d.]+x\)", rows["images/s (higher is better)"][1])
+    assert re.match(r"[\d.]+x", rows["keras_coat / timm (rounds' range)"][0])
+    assert "failed" not in text
+    record = json.loads((tmp_path / "all.json").read_text())
+    assert set(record["inference"]["native"]) == {"timm", "tensorflow"}
 
+
+def test_a_failed_or_stuck_worker_is_reported_not_raised(tmp_path):
+    args = _args(timeout=120, folder=str(tmp_path), spec={"variant": "no_such_model", "size": 64})
+    failed = compare.run_worker("inference", "timm", args, batches=[1], warmup=0, repeats=1,
+                                max_seconds=1)  # fmt: skip
+    assert "no_such_model" in failed["error"]
+    args.timeout = 0.01
+    assert compare.run_worker("inference", "timm", args) == {"error": "timed out after 0.01 s"}
 
 def test_gpu_configurations_come_largest_batch_and_bf16_first_per_model():
     configs = gpu.configurations(["a", "b"], inference_batches=[64, 256], training_batches=[128])
@@ -147,83 +237,3 @@ def test_deploy_table_compares_the_fastest_keras_coat_path_with_the_fastest_timm
         "| coat_lite_tiny | 1 | 11.00 | **14.00** | 12.00 | **21.00** | "
         "1.50x (keras_coat -> LiteRT / timm -> ONNX Runtime) |"
     )
-
-
-input_pipeline = _load("input_pipeline")
-
-
-def test_input_pipeline_images_are_an_image_folder_of_varied_jpegs(tmp_path):
-    from PIL import Image
-
-    input_pipeline.make_images(tmp_path, 12)
-    train = sorted(tmp_path.glob("train/*/*.jpg"))
-    assert len(train) == 12 and len(list(tmp_path.glob("val/*/*.jpg"))) == 20
-    assert len({p.parent.name for p in train}) == input_pipeline.CLASSES
-    sizes = {Image.open(p).size for p in train}
-    assert sizes == set(input_pipeline.SIZES)
-    assert all(p.stat().st_size > 20_000 for p in train)  # detailed, not flat colour
-
-
-def test_input_pipeline_table_reports_per_core_medians_and_the_node_estimate():
-    args = types.SimpleNamespace(images=320, batch=32, rounds=3, batches=16, warmup=4)
-    keras_runs = [{"images_per_cpu_s": r, "images_per_s": r / 3} for r in (300.0, 330.0, 310.0)]
-    timm_runs = [{"images_per_cpu_s": r, "images_per_s": r / 3} for r in (200.0, 250.0, 220.0)]
-    profile = {"stages": [{"stage": "decode", "ms_per_image": 2.0, "added_ms": 2.0}]}
-    table, keras_rate, timm_rate = input_pipeline._table(keras_runs, timm_runs, args, profile)
-    assert (keras_rate, timm_rate) == (310.0, 220.0)
-    assert "| ratio | 1.41x (1.32-1.50) | |" in table  # rounds: 1.50, 1.32, 1.41
-    node = input_pipeline.ACCELERATORS * input_pipeline.IMAGES_PER_ACCELERATOR
-    assert f"{node / 310.0:.0f} cores" in table and "| decode | 2.00 | +2.00 |" in table
-    prose = [line for line in table.splitlines() if not line.startswith("|")]
-    assert max(len(line) for line in prose) <= 100
-
-
-train_memory = _load("train_memory")
-TINY_COAT = {"embed_dims": [16, 32, 32, 32], "serial_depths": [1, 1, 1, 1], "mlp_ratios": [2, 2, 2, 2]}
-
-
-def _fit_run(rate, peak, first_step_peak):
-    phases = {phase: {"rss_mib": 500.0, "peak_mib": 600.0, "seconds": 1.0} for phase in
-              train_memory.PHASES}  # fmt: skip
-    phases["first_step"]["peak_mib"] = first_step_peak
-    return {"images_per_s": rate, "median_s": 64 / rate, "peak_rss_mib": peak, "phases": phases,
-            "step_seconds": [64 / rate] * 8}
-
-
-def test_train_memory_table_reports_medians_ratios_and_the_median_rounds_phases():
-    args = types.SimpleNamespace(warmup=2, model_config=None)
-    runs = {
-        "keras_jax": [_fit_run(r, 2000.0, 1900.0 + r) for r in (30.0, 20.0, 40.0)],
-        "keras_tensorflow": [_fit_run(r, p, 1000.0 + r) for r, p in
-                             ((60.0, 1500.0), (50.0, 1600.0), (90.0, 1400.0))],  # fmt: skip
-        "timm": [_fit_run(r, 1000.0, 800.0 + r) for r in (25.0, 20.0, 30.0)],
-    }
-    table = train_memory._table({"demo": runs}, args)
-    rows = {line.split(" | ")[0]: line for line in table.splitlines() if line.startswith("| ")}
-    # Medians: JAX 30, TF 60, timm 25; single-round ratios JAX 1.20, 1.00, 1.33; TF 2.40, 2.50,
-    # 3.00; peaks: the largest of the rounds.
-    assert rows["| " + train_memory.LABELS["keras_jax"]] == (
-        "| keras_coat `fit`, JAX (XLA) | 30.00 | 1.20x (1.00-1.33) | 2000 | 2.00x |"
-    )
-    assert rows["| " + train_memory.LABELS["keras_tensorflow"]].endswith(
-        "| 60.00 | 2.40x (2.40-3.00) | 1600 | 1.60x |"
-    )
-    assert rows["| " + train_memory.LABELS["timm"]].endswith("| 25.00 | 1.00x | 1000 | 1.00x |")
-    # The phase table shows the round of median speed: first-step peaks 1930, 1060 and 825.
-    first = rows["| " + train_memory.PHASE_LABELS["first_step"]]
-    assert first == "| first step (trace / XLA compile) | 500 (1930), 1.0 s | 500 (1060), 1.0 s " \
-        "| 500 (825), 1.0 s |"
-    assert "**demo**: coat_lite_tiny, 32x32, batch 64, 10 classes; 3 round(s) of 8 timed" in table
-
-
-@pytest.mark.slow
-def test_train_memory_runs_fit_on_jax_and_tensorflow_and_timm_on_a_tiny_model(capsys):
-    args = ["--configs", "demo", "--rounds", "1", "--warmup", "1", "--steps", "1", "--no-write",
-            "--model-config", json.dumps(TINY_COAT)]  # fmt: skip
-    assert train_memory.main(args) == 0
-    out = capsys.readouterr().out
-    measured = out.split("demo round 1: ")[1].splitlines()[0]
-    for framework in train_memory.FRAMEWORKS:
-        assert framework in measured
-    for phase in train_memory.PHASES:
-        assert f"| {train_memory.PHASE_LABELS[phase]} | " in out

@@ -30,6 +30,7 @@ LAYERS = {
     # Shared helpers and the building blocks every model is made of.
     "keras_coat.utils": 0,
     "keras_coat.version": 0,
+    "keras_coat.initializers": 0,
     "keras_coat.layers": 0,
     "keras_coat.blocks": 0,
     # What identifies a checkpoint, and the ImageNet conventions (classes, evaluation transform).

@@ -148,6 +148,8 @@ def test_conv_relative_position_encoding_matches_loops():
 def test_conv_relative_position_encoding_rejects_bad_head_splits():
     with pytest.raises(ValueError, match="num_heads"):
         coat_layers.ConvRelativePositionEncoding(8, ((3, 2), (5, 3)))
+    with pytest.raises(ValueError, match="odd sizes"):
+        coat_layers.ConvRelativePositionEncoding(8, ((3, 2), (4, 3), (7, 3)))
 
 
 def _naive_factorized_attention(query, key, value, relative, heads):
