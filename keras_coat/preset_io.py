@@ -35,6 +35,7 @@ import keras
 
 from keras_coat import convert, loading, weights
 from keras_coat.presets import ImagePreprocessing, PresetError, get_preset
+from keras_coat.utils.files import fsync_file, publish_directory, temporary_path
 
 CONFIG_FILE = "config.json"
 MODEL_WEIGHTS_FILE = "model.weights.h5"
@@ -89,11 +90,6 @@ def _write_json(folder, name, data):
         os.fsync(f.fileno())
 
 
-def _fsync(path):
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
 def save_to_preset(model, preset_dir, metadata=None):
     """Writes `model` (a CoaT backbone or classifier) as a preset directory, atomically.
 
@@ -108,13 +104,11 @@ def save_to_preset(model, preset_dir, metadata=None):
             "to replace it. Pass a new or empty directory."
         )
     os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(preset_dir)}.partial-", dir=parent)
+    staging = temporary_path(preset_dir)
+    os.mkdir(staging)  # not mkdtemp: its 0700 would hide a published preset
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would hide a published preset
         _write_preset_files(model, staging, metadata)
-        _publish_directory(staging, preset_dir)
+        publish_directory(staging, preset_dir, overwrite=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -125,22 +119,6 @@ def _is_replaceable(path):
         return False
     entries = os.listdir(path)
     return not entries or CONFIG_FILE in entries
-
-
-def _publish_directory(staging, target):
-    if not os.path.lexists(target):
-        os.rename(staging, target)
-        return
-    retired = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-",
-                               dir=os.path.dirname(target))
-    os.rmdir(retired)
-    os.rename(target, retired)
-    try:
-        os.rename(staging, target)
-    except BaseException:
-        os.rename(retired, target)
-        raise
-    shutil.rmtree(retired, ignore_errors=True)
 
 
 def _write_preset_files(model, folder, metadata):
@@ -167,7 +145,7 @@ def _write_preset_files(model, folder, metadata):
         **(metadata or {}),
     })  # fmt: skip
     for name in os.listdir(folder):
-        _fsync(os.path.join(folder, name))
+        fsync_file(os.path.join(folder, name))
 
 
 def _package_version():

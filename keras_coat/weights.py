@@ -38,7 +38,6 @@ interrupted loads never leave a broken cache: the next call simply retries.
 
 import contextlib
 import dataclasses
-import hashlib
 import http.client
 import json
 import os
@@ -55,7 +54,7 @@ import keras
 
 from keras_coat.checkpoint import SUPPORTED_EXTENSIONS, read_state_dict
 from keras_coat.presets import BASE_URL, PRESETS
-from keras_coat.utils.files import publish
+from keras_coat.utils.files import fsync_file, publish, sha256_file
 
 __all__ = [
     "BASE_URL",
@@ -266,7 +265,7 @@ def _cache_is_valid(target, entry, cache_format=CACHE_FORMAT):
             and isinstance(record.get("checkpoint_sha256"), str)
             and len(record["checkpoint_sha256"]) == 64
             and record["checkpoint_sha256"].startswith(entry.sha256)
-            and record.get("weights_sha256") == _sha256(target)
+            and record.get("weights_sha256") == sha256_file(target)
         )
     except (OSError, ValueError):  # no file or record (or an older cache), unreadable JSON
         return False
@@ -312,12 +311,12 @@ def ensure_converted_weights(checkpoint_name, converter, max_bytes=DEFAULT_MAX_D
             # The converter receives the state dict, or the path of a keras-coat 0.1 entry.
             source = legacy[0] if legacy else read_state_dict(checkpoint)
             converter(checkpoint_name, source, temporary)
-            _fsync(temporary)
+            fsync_file(temporary)
             _write_record(record, {
                 "checkpoint": entry.name,
                 "url": entry.url,
                 "checkpoint_sha256": checkpoint_sha256,
-                "weights_sha256": _sha256(temporary),
+                "weights_sha256": sha256_file(temporary),
                 "cache_format": CACHE_FORMAT,
             })  # fmt: skip
             # The weights first: killed in between, they have no record and are rebuilt.
@@ -343,11 +342,6 @@ def _valid_legacy_entry(checkpoint_name, entry):
     return None
 
 
-def _fsync(path):
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
 def _write_record(path, record):
     with open(path, "x", encoding="utf-8") as f:
         json.dump(record, f, indent=1)
@@ -365,7 +359,7 @@ def _fetch_verified(entry, folder, max_bytes):
     if _is_regular_file(verified):
         # Left by a process killed while converting; check it again.
         try:
-            digest = _sha256(verified)
+            digest = sha256_file(verified)
         except OSError:  # unreadable: fetched again
             digest = ""
         if digest and digest.startswith(entry.sha256):
@@ -374,7 +368,7 @@ def _fetch_verified(entry, folder, max_bytes):
     temporary = _temporary_name(folder, entry, extension)
     try:
         _download(entry, temporary, max_bytes)
-        actual = _sha256(temporary)
+        actual = sha256_file(temporary)
         if not actual.startswith(entry.sha256):
             raise WeightsDownloadError(
                 f"The file downloaded from {entry.url} for {entry.name!r} has SHA-256 "
@@ -465,14 +459,6 @@ def _extension(url):
         f"Cannot tell the checkpoint format of {url!r}: it should end in "
         f"{', '.join(SUPPORTED_EXTENSIONS)}."
     )
-
-
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 _TEMPORARY_MARK = ".partial-"

@@ -70,7 +70,8 @@ def _fit(model, backup_dir, epochs, action=None, resume=None, agree=None, save_f
     recorder = _Call(action)
     x, y = _data()
     history = model.fit(
-        x, y, batch_size=8, epochs=epochs, shuffle=False, verbose=0,
+        x, y, batch_size=8, epochs=epochs, initial_epoch=resume.epoch if resume else 0,
+        shuffle=False, verbose=0,
         callbacks=[recorder, backup, faults.StopOnSignal(backup, agree=agree)],
     )  # fmt: skip
     return history, recorder
@@ -179,6 +180,19 @@ def test_backups_are_whole_checksummed_and_the_newest_two_kept(tmp_path):
     history, _ = _fit(model, tmp_path / "backup", epochs=3, resume=backup)
     assert history.history == {} and _same(model.get_weights(), weights[3])
     assert not (tmp_path / "backup").exists()  # fit completed: removed
+
+
+def test_a_fit_that_restores_a_backup_must_start_at_its_epoch(tmp_path):
+    _interrupted_run(tmp_path / "backup", at_epoch=2)
+    resume = faults.find_backup(str(tmp_path / "backup"))
+    backup = faults.CheckedBackupAndRestore(str(tmp_path / "backup"), resume=resume)
+    x, y = _data()
+    with pytest.raises(ValueError, match=r"^The backup restored holds the state after 2 "
+                       r"epoch\(s\) \(\+0 steps\); fit started at epoch 0 instead\. Pass "
+                       r"initial_epoch=2 to fit\.$"):
+        _model().fit(x, y, batch_size=8, epochs=3, verbose=0, callbacks=[backup])
+    with pytest.raises(ValueError, match="save_freq must be 'epoch' or a positive number"):
+        faults.CheckedBackupAndRestore(str(tmp_path / "backup"), save_freq=0)
 
 
 def test_a_damaged_newest_backup_gives_way_to_the_previous_one(tmp_path):

@@ -162,7 +162,7 @@ def test_a_failed_write_leaves_the_old_preset_and_no_temporary(tmp_path, monkeyp
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(preset_io, "_publish_directory", crash)
+    monkeypatch.setattr(preset_io, "publish_directory", crash)
     with pytest.raises(OSError, match="disk full"):
         model.with_new_head(2).save_to_preset(folder)
     assert {name: (folder / name).read_bytes() for name in os.listdir(folder)} == before

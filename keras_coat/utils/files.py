@@ -11,6 +11,7 @@ Permissions follow one rule: a published file gets the permissions a normally cr
 """
 
 import contextlib
+import hashlib
 import os
 import shutil
 import uuid
@@ -19,9 +20,11 @@ __all__ = [
     "TEMPORARY_MARK",
     "check_can_create_folder",
     "create_temporary",
+    "fsync_file",
     "publish",
     "publish_directory",
     "remove_if_exists",
+    "sha256_file",
     "temporary_path",
     "write_atomically",
     "write_bytes_atomically",
@@ -52,13 +55,30 @@ def create_temporary(path, prefix=""):
     return temporary
 
 
+def fsync_file(path):
+    """Flushes the file (or folder) `path` to disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def sha256_file(path):
+    """The SHA-256 hex digest of the file `path`, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def publish(temporary, path):
     """Flushes the written file `temporary` to disk and renames it to `path` (replacing it).
 
     The folder is flushed too, so that the new name survives a power cut.
     """
-    with open(temporary, "rb+") as f:
-        os.fsync(f.fileno())
+    fsync_file(temporary)
     os.replace(temporary, path)
     _fsync_folder(os.path.dirname(os.path.abspath(path)))
 
@@ -141,13 +161,6 @@ def check_can_create_folder(folder, what):
 
 
 def _fsync_folder(folder):
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open a folder; the rename itself is done
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
+    # Best effort: e.g. Windows cannot open a folder; the rename itself is done.
+    with contextlib.suppress(OSError):
+        fsync_file(folder)
