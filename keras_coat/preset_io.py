@@ -350,7 +350,9 @@ def _saved_classifier_config(folder):
     if converter is not None:
         preprocessing = _build(f"{IMAGE_CONVERTER_CONFIG_FILE} in {folder!r}",
                                ImagePreprocessing.from_config, converter)
-        if "preprocessing" in saved and saved["preprocessing"] != preprocessing.get_config():
+        if "preprocessing" in saved and _build(
+            where, ImagePreprocessing.from_config, saved["preprocessing"]
+        ) != preprocessing:
             raise PresetError(
                 f"{IMAGE_CONVERTER_CONFIG_FILE} and {TASK_CONFIG_FILE} in {folder!r} give "
                 "different preprocessing."

@@ -17,6 +17,8 @@ import dataclasses
 import math
 import typing
 
+from keras_coat.presets import CROP_MODES
+
 RECIPE_NAMES = ("imagenet", "finetune", "demo")
 MIXED_PRECISION_POLICIES = {
     "none": "float32",
@@ -25,7 +27,7 @@ MIXED_PRECISION_POLICIES = {
 }
 
 
-def _field(default=dataclasses.MISSING, help="", **cli):
+def recipe_field(default=dataclasses.MISSING, help="", **cli):
     """A recipe field with its command-line help. `cli` may name the `flag` when it is not the
     field's name, the value that switches an optional feature `off`, `choices`, a `metavar`,
     or `set_by`: the option that sets a field which is no plain override."""
@@ -42,56 +44,62 @@ class Recipe:
     given here.
     """
 
-    name: str = _field(help="the recipe", set_by="--recipe")
-    dataset: str = _field(help="digits, folder:PATH or a TFDS name")
-    model: str = _field("coat_lite_tiny", "a keras_coat variant", set_by="--model")
-    image_size: int = _field(224, "training and evaluation image size, a multiple of 32")
-    epochs: int = _field(300, "training epochs")
-    batch_size: int = _field(2048, "global batch size, over all replicas")
+    name: str = recipe_field(help="the recipe", set_by="--recipe")
+    dataset: str = recipe_field(help="digits, folder:PATH or a TFDS name")
+    model: str = recipe_field("coat_lite_tiny", "a keras_coat variant", set_by="--model")
+    image_size: int = recipe_field(224, "training and evaluation image size, a multiple of 32")
+    epochs: int = recipe_field(300, "training epochs")
+    batch_size: int = recipe_field(2048, "global batch size, over all replicas")
     # Optimizer: AdamW with decoupled weight decay, not applied to class tokens, norms, biases.
-    lr: float = _field(5e-4, "learning rate per --lr-reference-batch images")
-    lr_reference_batch: int = _field(512, "batch size that --lr is given for")
-    warmup_epochs: float = _field(5.0, "linear warm-up from --warmup-lr, in epochs")
-    warmup_lr: float = _field(1e-6, "learning rate at the start of the warm-up")
-    min_lr: float = _field(1e-5, "learning rate at the end of the cosine schedule")
-    weight_decay: float = _field(0.05, "AdamW decoupled weight decay")
-    adam_epsilon: float = _field(1e-8, "AdamW epsilon")
-    clip_norm: float | None = _field(None, "global gradient-norm clip, 0 disables", off=0)
-    ema_momentum: float | None = _field(
+    lr: float = recipe_field(5e-4, "learning rate per --lr-reference-batch images")
+    lr_reference_batch: int = recipe_field(512, "batch size that --lr is given for")
+    warmup_epochs: float = recipe_field(5.0, "linear warm-up from --warmup-lr, in epochs")
+    warmup_lr: float = recipe_field(1e-6, "learning rate at the start of the warm-up")
+    min_lr: float = recipe_field(1e-5, "learning rate at the end of the cosine schedule")
+    weight_decay: float = recipe_field(0.05, "AdamW decoupled weight decay")
+    adam_epsilon: float = recipe_field(1e-8, "AdamW epsilon")
+    clip_norm: float | None = recipe_field(None, "global gradient-norm clip, 0 disables", off=0)
+    ema_momentum: float | None = recipe_field(
         0.99996, "EMA momentum of the weights (validated, checkpointed, exported), 0 disables",
         flag="ema", off=0,
     )
     # Model.
-    drop_path: float = _field(0.1, "stochastic depth rate")
-    init_weights: str | None = _field(None, '"imagenet" or a weights file to start from')
+    drop_path: float = recipe_field(0.1, "stochastic depth rate")
+    init_weights: str | None = recipe_field(None, '"imagenet" or a weights file to start from')
     # Loss and batch mixing.
-    label_smoothing: float = _field(0.1, "label smoothing")
-    mixup: float = _field(0.8, "Mixup Beta(alpha, alpha), 0 disables")
-    cutmix: float = _field(1.0, "CutMix Beta(alpha, alpha), 0 disables")
-    mixup_switch_prob: float = _field(0.5, "with both on: probability of CutMix for a batch")
+    label_smoothing: float = recipe_field(0.1, "label smoothing")
+    mixup: float = recipe_field(0.8, "Mixup Beta(alpha, alpha), 0 disables")
+    cutmix: float = recipe_field(1.0, "CutMix Beta(alpha, alpha), 0 disables")
+    mixup_switch_prob: float = recipe_field(0.5, "with both on: probability of CutMix for a batch")
     # Per-image augmentation.
-    crop_scale: tuple[float, float] = _field(
+    crop_scale: tuple[float, float] = recipe_field(
         (0.08, 1.0), "random-resized-crop area range", metavar=("MIN", "MAX")
     )
-    crop_ratio: tuple[float, float] = _field(
+    crop_ratio: tuple[float, float] = recipe_field(
         (3 / 4, 4 / 3), "random-resized-crop aspect-ratio range", metavar=("MIN", "MAX")
     )
-    horizontal_flip: bool = _field(True, "random horizontal flips")
-    rand_augment_ops: int = _field(2, "RandAugment ops per image")
-    rand_augment_magnitude: float | None = _field(
+    horizontal_flip: bool = recipe_field(True, "random horizontal flips")
+    rand_augment_ops: int = recipe_field(2, "RandAugment ops per image")
+    rand_augment_magnitude: float | None = recipe_field(
         9.0, "RandAugment magnitude (0-10), -1 disables", flag="rand_augment", off=-1
     )
-    color_jitter: float | None = _field(
+    color_jitter: float | None = recipe_field(
         0.4, "colour jitter strength (only used when RandAugment is off), 0 disables", off=0
     )
-    random_erasing: float = _field(0.25, "random erasing probability, 0 disables")
-    repeated_augmentations: int = _field(3, "copies of each image per epoch (DeiT's RASampler)")
-    eval_crop_pct: float = _field(0.875, "evaluation: resize to size / crop_pct, center crop")
+    random_erasing: float = recipe_field(0.25, "random erasing probability, 0 disables")
+    repeated_augmentations: int = recipe_field(
+        3, "copies of each image per epoch (DeiT's RASampler)"
+    )
+    eval_crop_pct: float = recipe_field(0.875, "evaluation: resize to size / crop_pct, center crop")
+    eval_crop_mode: str = recipe_field(
+        "center", "evaluation: keep the aspect ratio (center) or resize both sides (squash)",
+        choices=CROP_MODES,
+    )
     # Numerics.
-    mixed_precision: str = _field(
+    mixed_precision: str = recipe_field(
         "bfloat16", "mixed precision policy", choices=sorted(MIXED_PRECISION_POLICIES)
     )
-    backup_every: str | int = _field(
+    backup_every: str | int = recipe_field(
         "epoch", '"epoch" or a number of steps between backups', metavar="epoch|STEPS"
     )
 
@@ -145,6 +153,10 @@ class Recipe:
             )
         if not 0.0 < self.eval_crop_pct <= 1.0:
             problems.append(f"eval_crop_pct must be in (0, 1], got {self.eval_crop_pct}")
+        if self.eval_crop_mode not in CROP_MODES:
+            problems.append(
+                f"eval_crop_mode must be one of {list(CROP_MODES)}, got {self.eval_crop_mode!r}"
+            )
         if self.mixed_precision not in MIXED_PRECISION_POLICIES:
             problems.append(
                 f"mixed_precision must be one of {sorted(MIXED_PRECISION_POLICIES)}, got "
@@ -268,14 +280,16 @@ def flag(field):
     return "--" + field.metadata.get("flag", field.name).replace("_", "-")
 
 
-def add_override_arguments(group):
-    """Adds an option for every recipe field not set by another option (see `flag`).
+def add_override_arguments(group, recipe_type=Recipe):
+    """Adds an option for every field of the recipe dataclass `recipe_type` (its fields made
+    with `recipe_field`) not set by another option (see `flag`).
 
-    Options are typed from the field's annotation (a finite number, an int, a MIN MAX pair,
-    --x/--no-x for booleans); ``none`` switches an optional field off, as does its `off` value.
-    Only options given on the command line appear in the parsed namespace.
+    Options are typed from the field's annotation (a finite number, an int, a MIN MAX pair or a
+    list of numbers for tuples, --x/--no-x for booleans); ``none`` switches an optional field
+    off, as does its `off` value. Only options given on the command line appear in the parsed
+    namespace.
     """
-    for field in dataclasses.fields(Recipe):
+    for field in dataclasses.fields(recipe_type):
         if "set_by" in field.metadata:
             continue
         meta = field.metadata
@@ -283,8 +297,12 @@ def add_override_arguments(group):
         if field.type is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(field.type) is tuple:
-            pair = typing.get_args(field.type)
-            kwargs.update(type=_finite_float, nargs=len(pair), metavar=meta["metavar"])
+            items = typing.get_args(field.type)
+            kwargs.update(
+                type=_finite_float if items[0] is float else int,
+                nargs="+" if Ellipsis in items else len(items),
+                metavar=meta["metavar"],
+            )
         elif "choices" in meta:
             kwargs.update(choices=meta["choices"])
         else:
@@ -303,10 +321,10 @@ def add_override_arguments(group):
         group.add_argument(flag(field), **kwargs)
 
 
-def command_line_overrides(args):
+def command_line_overrides(args, recipe_type=Recipe):
     """The recipe fields given on the command line (`add_override_arguments`), as a dict."""
     changes = {}
-    for field in dataclasses.fields(Recipe):
+    for field in dataclasses.fields(recipe_type):
         if "set_by" not in field.metadata and hasattr(args, field.name):
             value = getattr(args, field.name)
             changes[field.name] = tuple(value) if isinstance(value, list) else value
