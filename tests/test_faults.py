@@ -1,9 +1,9 @@
 """training.faults: the output directory's lock, checked backups and SIGTERM, with plain
 `model.fit` on a tiny model.
 
-The tests without a `tensorflow_only` mark run on the backend of the test run and again on JAX, in
-a subprocess (`test_the_fault_tests_pass_on_jax`); the trainer-level tests on TensorFlow are in
-tests/test_training_distributed.py.
+They run on the backend of the test run: `make test` runs them on TensorFlow and again on JAX
+(`make test-train-jax`). The trainer-level tests (a classifier's and a detector's run in a
+subprocess) are in tests/test_training_distributed.py and tests/test_training_jax.py.
 """
 
 import hashlib
@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import keras
 import numpy as np
@@ -361,22 +360,3 @@ def test_a_backup_taken_at_the_step_is_not_written_twice(tmp_path):
                        rf"{re.escape(str(tmp_path))}/backup/000001\."):
         _fit(_model(), tmp_path / "backup", 2, action=signal_at_step_2, save_freq=2)
     assert os.listdir(tmp_path / "backup") == ["000001"]
-
-
-# ---------------------------------------------------------------------------------------------
-# The same tests on JAX
-
-
-@pytest.mark.skipif(keras.backend.backend() == "jax", reason="this run is the JAX one")
-def test_the_fault_tests_pass_on_jax():
-    started = time.time()
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-         "-k", "not on_jax"],
-        cwd=ROOT, env=dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=ROOT),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-4000:]
-    tests = sum(name.startswith("test_") for name in globals()) - 1  # all but this one
-    assert re.search(rf"\b{tests} passed\b", result.stdout), result.stdout[-2000:]
-    print(f"JAX run: {time.time() - started:.0f} s")
