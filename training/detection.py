@@ -24,7 +24,7 @@ import warnings
 
 import numpy as np
 
-from training.recipes import recipe_field
+from training.recipes import common_problems, recipe_field
 
 MAX_TRIES_PER_DIGIT = 50  # random positions tried before a digit is left out of a canvas
 DIGIT_GAP = 1  # pixels kept free between two digits' boxes
@@ -79,19 +79,13 @@ class DetectionRecipe:
     )
 
     def __post_init__(self):
-        problems = []
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            values = value if isinstance(value, tuple) else (value,)
-            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
-                problems.append(f"{field.name} must be finite, got {value}")
-        for field in ("canvas_size", "max_digits", "epochs", "batch_size", "train_canvases",
-                      "held_out_canvases", "anchor_scales", "anchor_size"):  # fmt: skip
+        problems = common_problems(self)
+        for field in ("canvas_size", "max_digits", "train_canvases", "held_out_canvases",
+                      "anchor_scales", "anchor_size"):  # fmt: skip
             if getattr(self, field) <= 0:
                 problems.append(f"{field} must be positive, got {getattr(self, field)}")
-        for field in ("head_conv_layers", "lr", "warmup_lr", "min_lr", "weight_decay"):
-            if getattr(self, field) < 0:
-                problems.append(f"{field} must be >= 0, got {getattr(self, field)}")
+        if self.head_conv_layers < 0:
+            problems.append(f"head_conv_layers must be >= 0, got {self.head_conv_layers}")
         if not self.aspect_ratios or min(self.aspect_ratios) <= 0:
             problems.append(f"aspect_ratios must be positive, got {self.aspect_ratios}")
         if self.canvas_size % 2**self.max_level:
@@ -114,23 +108,6 @@ class DetectionRecipe:
             problems.append(
                 f"train_canvases ({self.train_canvases}) must be at least one batch "
                 f"({self.batch_size})"
-            )
-        if not 0 <= self.warmup_epochs <= self.epochs:
-            problems.append(
-                f"warmup_epochs must be in [0, epochs={self.epochs}], got {self.warmup_epochs}"
-            )
-        if self.adam_epsilon <= 0:
-            problems.append(f"adam_epsilon must be positive, got {self.adam_epsilon}")
-        if self.clip_norm is not None and self.clip_norm <= 0:
-            problems.append(f"clip_norm must be positive or None, got {self.clip_norm}")
-        if self.ema_momentum is not None and not 0.0 < self.ema_momentum < 1.0:
-            problems.append(f"ema_momentum must be in (0, 1) or None, got {self.ema_momentum}")
-        if self.backup_every != "epoch" and not (
-            isinstance(self.backup_every, int) and self.backup_every > 0
-        ):
-            problems.append(
-                f"backup_every must be 'epoch' or a positive number of steps, got "
-                f"{self.backup_every!r}"
             )
         if problems:
             raise ValueError("Invalid detection recipe: " + "; ".join(problems) + ".")

@@ -34,6 +34,42 @@ def recipe_field(default=dataclasses.MISSING, help="", **cli):
     return dataclasses.field(default=default, metadata={"help": help, **cli})
 
 
+def common_problems(recipe):
+    """What is wrong with the fields every recipe has (`Recipe`, the detector's
+    `training.detection.DetectionRecipe`): finite numbers, epochs and batch, the optimizer and
+    its schedule (`training.optim`), backups. A list of texts, empty when nothing is."""
+    problems = []
+    for field in dataclasses.fields(recipe):
+        value = getattr(recipe, field.name)
+        values = value if isinstance(value, tuple) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            problems.append(f"{field.name} must be finite, got {value}")
+    for field in ("epochs", "batch_size"):
+        if getattr(recipe, field) <= 0:
+            problems.append(f"{field} must be positive, got {getattr(recipe, field)}")
+    for field in ("lr", "warmup_lr", "min_lr", "weight_decay"):
+        if getattr(recipe, field) < 0:
+            problems.append(f"{field} must be >= 0, got {getattr(recipe, field)}")
+    if recipe.warmup_epochs < 0 or recipe.warmup_epochs > recipe.epochs:
+        problems.append(
+            f"warmup_epochs must be in [0, epochs={recipe.epochs}], got {recipe.warmup_epochs}"
+        )
+    if recipe.adam_epsilon <= 0:
+        problems.append(f"adam_epsilon must be positive, got {recipe.adam_epsilon}")
+    if recipe.clip_norm is not None and recipe.clip_norm <= 0:
+        problems.append(f"clip_norm must be positive or None, got {recipe.clip_norm}")
+    if recipe.ema_momentum is not None and not 0.0 < recipe.ema_momentum < 1.0:
+        problems.append(f"ema_momentum must be in (0, 1) or None, got {recipe.ema_momentum}")
+    if recipe.backup_every != "epoch" and not (
+        isinstance(recipe.backup_every, int) and recipe.backup_every > 0
+    ):
+        problems.append(
+            f"backup_every must be 'epoch' or a positive number of steps, got "
+            f"{recipe.backup_every!r}"
+        )
+    return problems
+
+
 @dataclasses.dataclass(frozen=True)
 class Recipe:
     """Every hyper-parameter of a training run.
@@ -104,38 +140,22 @@ class Recipe:
     )
 
     def __post_init__(self):
-        problems = []
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            values = value if isinstance(value, tuple) else (value,)
-            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
-                problems.append(f"{field.name} must be finite, got {value}")
-        for field in ("image_size", "epochs", "batch_size", "lr_reference_batch"):
+        problems = common_problems(self)
+        for field in ("image_size", "lr_reference_batch"):
             if getattr(self, field) <= 0:
                 problems.append(f"{field} must be positive, got {getattr(self, field)}")
         if self.image_size % 32:
             problems.append(f"image_size must be a multiple of 32, got {self.image_size}")
-        for field in ("lr", "warmup_lr", "min_lr"):
-            if getattr(self, field) < 0:
-                problems.append(f"{field} must be >= 0, got {getattr(self, field)}")
-        if self.warmup_epochs < 0 or self.warmup_epochs > self.epochs:
-            problems.append(
-                f"warmup_epochs must be in [0, epochs={self.epochs}], got {self.warmup_epochs}"
-            )
         if not 0.0 <= self.drop_path < 1.0:
             problems.append(f"drop_path must be in [0, 1), got {self.drop_path}")
         if not 0.0 <= self.label_smoothing < 1.0:
             problems.append(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        for field in ("mixup", "cutmix", "weight_decay"):
+        for field in ("mixup", "cutmix"):
             if getattr(self, field) < 0:
                 problems.append(f"{field} must be >= 0, got {getattr(self, field)}")
         for field in ("mixup_switch_prob", "random_erasing"):
             if not 0.0 <= getattr(self, field) <= 1.0:
                 problems.append(f"{field} must be in [0, 1], got {getattr(self, field)}")
-        if self.clip_norm is not None and self.clip_norm <= 0:
-            problems.append(f"clip_norm must be positive or None, got {self.clip_norm}")
-        if self.ema_momentum is not None and not 0.0 < self.ema_momentum < 1.0:
-            problems.append(f"ema_momentum must be in (0, 1) or None, got {self.ema_momentum}")
         if self.rand_augment_magnitude is not None and not 0 <= self.rand_augment_magnitude <= 10:
             problems.append(
                 f"rand_augment_magnitude must be in [0, 10] or None, got "
@@ -161,13 +181,6 @@ class Recipe:
             problems.append(
                 f"mixed_precision must be one of {sorted(MIXED_PRECISION_POLICIES)}, got "
                 f"{self.mixed_precision!r}"
-            )
-        if self.backup_every != "epoch" and not (
-            isinstance(self.backup_every, int) and self.backup_every > 0
-        ):
-            problems.append(
-                f"backup_every must be 'epoch' or a positive number of steps, got "
-                f"{self.backup_every!r}"
             )
         if problems:
             raise ValueError(f"Invalid recipe {self.name!r}: " + "; ".join(problems) + ".")
