@@ -8,6 +8,7 @@ training on JAX in tests/test_training_jax.py."""
 import dataclasses
 import json
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -258,10 +259,13 @@ def tiny_run(tmp_path_factory):
             raise Interrupted
         original_epoch_begin(self, epoch, logs)
 
+    handler = signal.getsignal(signal.SIGTERM)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(MetricsWriter, "on_epoch_begin", interrupt_second_epoch)
         with pytest.raises(Interrupted):
             train.main(argv)
+    # A failed fit calls no callback: the run puts SIGTERM's handler back itself.
+    measured["handler_restored"] = signal.getsignal(signal.SIGTERM) == handler
     interrupted = json.loads((output / "metrics.json").read_text())
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(detection, "detect", recording_detect)
@@ -274,6 +278,7 @@ def test_training_resumes_then_the_saved_detector_gives_equal_detections(tiny_ru
     import keras
 
     output, metrics, _, measured, interrupted = tiny_run
+    assert measured["handler_restored"]
     assert interrupted["status"] == "running" and interrupted["epochs_completed"] == 1
     assert metrics["status"] == "complete" and metrics["epochs_completed"] == 2
     with open(output / "training_log.csv") as log:

@@ -481,13 +481,15 @@ class StopOnSignal(keras.callbacks.Callback):
         for sig in self.signals:
             self._previous_handlers[sig] = signal.signal(sig, self._note)
 
-    def _restore_handlers(self):
+    def restore_handlers(self):
+        """Puts back the handlers the signals had before `fit` began (at most once). `fit` calls
+        no callback when it fails, so whoever runs it calls this when it raises."""
         for sig, handler in self._previous_handlers.items():
             signal.signal(sig, handler)
         self._previous_handlers = {}
 
     def on_train_end(self, logs=None):
-        self._restore_handlers()
+        self.restore_handlers()
 
     def _stop_if_asked(self):
         asked = self.received is not None
@@ -495,7 +497,7 @@ class StopOnSignal(keras.callbacks.Callback):
             asked = bool(self.agree(asked))
         if asked:
             backup = self.backup.save_now()
-            self._restore_handlers()
+            self.restore_handlers()
             raise Preempted(self.received or "another process of the run", backup)
 
     # Only after steps: at an epoch's end the other callbacks' records of it (metrics, log,

@@ -455,6 +455,7 @@ def _train(args, held):
         recipe, work_dir, recipe.batch_size, steps, metrics_path, args.seed, resume,
         engine.agree, best_metric=task.best_metric,
     )  # fmt: skip
+    stopper = next(c for c in callbacks if isinstance(c, faults.StopOnSignal))
     started = time.time()
     try:
         for train_ds, first_epoch, end_epoch, fit_steps in fits:
@@ -479,6 +480,8 @@ def _train(args, held):
         if lost is None:
             raise
         raise LostProcess(lost) from error
+    finally:
+        stopper.restore_handlers()  # also after a failed fit, which calls no callback
     # With EMA, fit ends with the averaged weights in the model: save, measure and export those.
     model.save(os.path.join(work_dir, LAST))
     seconds = round(time.time() - started, 1)
