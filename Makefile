@@ -51,11 +51,12 @@ test-torch: $(STAMP)
 	KERAS_BACKEND=torch TF_CPP_MIN_LOG_LEVEL=2 $(PYTEST) $(BACKEND_TESTS) \
 		tests/test_hub.py::test_retinanet_on_a_coat_backbone_trains_saves_and_loads
 
-# training.train on the JAX engine: its tf.data pipelines under JAX, then one device, two host
-# devices and two processes on 127.0.0.1 (same weights), a killed process and the resumed rerun.
+# training.train on the JAX engine: its tf.data pipelines and fault handling under JAX, then one
+# device, two host devices and two processes on 127.0.0.1 (same weights), a killed process and
+# the resumed rerun, a classifier and a detector stopped by SIGTERM and resumed.
 test-train-jax: $(STAMP)
 	KERAS_BACKEND=jax TF_CPP_MIN_LOG_LEVEL=2 $(PYTEST) \
-		tests/test_tf_pipeline.py tests/test_training_jax.py
+		tests/test_tf_pipeline.py tests/test_faults.py tests/test_training_jax.py
 
 test-fast: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=2 $(PYTEST) -m "not slow"
@@ -69,8 +70,8 @@ demo: $(STAMP)
 # CoaT-Lite Tiny backbone starting from the digits classifier of `make demo`; prints the held-out
 # COCO mAP and where the picture of its detections is (demo-output/detection/detections.png).
 demo-detect: demo
-	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m training.detect --output-dir demo-output/detection \
-		--init-weights demo-output/last.keras
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m training.train --task detection --verbose 2 \
+		--output-dir demo-output/detection --init-weights demo-output/last.keras
 
 # keras_coat on TensorFlow, JAX and PyTorch beside timm, each in its own processes: cold start to
 # the first prediction phase by phase, steady inference at batch 1 and 8 (on this CPU's ISA and

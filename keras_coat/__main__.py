@@ -190,7 +190,9 @@ def _predict(args):
     images = []
     for path in args.images:
         try:
-            images.append(load_image(path, image_size=size, crop_pct=crop_pct))
+            images.append(
+                load_image(path, size, crop_pct=crop_pct, crop_mode=preprocessing.crop_mode)
+            )
         except (OSError, ValueError) as e:  # missing file, not an image, too large
             named = path in str(e)  # Pillow's and load_image's messages usually name it
             _error(f"cannot read image: {e}" if named else f"cannot read image {path!r}: {e}")
@@ -496,8 +498,12 @@ def _export_file(args, model, class_names):
     calibration = held_out = None
     if args.calibration_data:
         size = tuple(int(side) for side in model.inputs[0].shape[1:3])
+        preprocessing = getattr(model, "preprocessing", None)
+        crop = {} if preprocessing is None else {  # the model's own evaluation transform
+            "crop_pct": preprocessing.crop_pct, "crop_mode": preprocessing.crop_mode
+        }
         calibration, held_out = load_calibration_images(
-            args.calibration_data, size, args.calibration_images
+            args.calibration_data, size, args.calibration_images, **crop
         )
     result = export_model(
         model,

@@ -368,19 +368,11 @@ def _timm_preprocessing(cfg, fail):
             f"pretrained_cfg.interpolation {interpolation!r} is not one keras-coat's evaluation "
             f"transform offers ({', '.join(_TIMM_INTERPOLATIONS)})."
         )
-    crop_mode = cfg.get("crop_mode", "center")
-    # TODO(lead, at the merge of trainpath's ImagePreprocessing.crop_mode): pass crop_mode on
-    # (timm's "squash" resizes the whole image to input_size / crop_pct before the centre crop;
-    # timm's coat_lite_medium_384 uses it with crop_pct 1.0) instead of refusing it here.
-    if crop_mode != "center":
-        raise fail(
-            f"pretrained_cfg.crop_mode is {crop_mode!r}; keras-coat's evaluation transform "
-            "resizes the shorter side and crops the centre (timm's 'center') only."
-        )
     try:
         return ImagePreprocessing(
             image_size=tuple(input_size[1:]),
             crop_pct=cfg.get("crop_pct", 0.875),
+            crop_mode=cfg.get("crop_mode", "center"),  # timm's 384 checkpoint squashes
             interpolation=interpolation,
             mean=cfg.get("mean", (0.485, 0.456, 0.406)),
             std=cfg.get("std", (0.229, 0.224, 0.225)),

@@ -1,10 +1,12 @@
 """ImageNet-1k input and output conventions of the CoaT checkpoints.
 
 - `load_image`, `eval_transform`, `eval_geometry`: the evaluation transform
-  (bicubic resize of the shorter side to ``size / crop_pct``, center crop to
-  ``size``), giving float32 RGB in [0, 255], the input a model built with
-  ``include_preprocessing=True`` expects. The SavedModel export and training's
-  validation use the same functions.
+  (timm's: PIL's bicubic resize of the shorter side to ``size / crop_pct``, or of
+  both sides with ``crop_mode="squash"``, then a center crop to ``size``), giving
+  float32 RGB in [0, 255], the input a model built with
+  ``include_preprocessing=True`` expects. Graphs (tf.data pipelines, the
+  SavedModel's ``serving_bytes``) compute the same pixels with
+  `keras_coat.tf_images.eval_transform`.
 - `preprocess_input`: ImageNet mean/std normalization, for models built with
   ``include_preprocessing=False``.
 - `decode_predictions`, `class_names`, `class_wnids`: the 1000 classes in the
@@ -22,6 +24,7 @@ import numpy as np
 from keras_coat import presets as _presets
 
 __all__ = [
+    "CROP_MODES",
     "DEFAULT_CROP_PCT",
     "IMAGENET_MEAN",
     "MAX_IMAGE_PIXELS",
@@ -42,6 +45,7 @@ NUM_CLASSES = 1000
 # The published checkpoints' normalization and evaluation crop (`keras_coat.presets`).
 IMAGENET_MEAN, IMAGENET_STD = _presets.IMAGENET_MEAN, _presets.IMAGENET_STD
 DEFAULT_CROP_PCT = _presets.AUTHORS_CROP_PCT
+CROP_MODES = _presets.CROP_MODES
 # Largest image `load_image` and the exported serving_bytes signature decode, checked against the
 # image's header before decoding: a few hundred bytes of PNG or JPEG can declare gigapixels.
 # 64 megapixels (e.g. 8000 x 8000, 192 MB as 8-bit RGB) covers camera photos; the side limit
@@ -152,17 +156,19 @@ def _to_numpy(x):
         return np.asarray(x)
 
 
-def load_image(path, image_size=224, crop_pct=DEFAULT_CROP_PCT):
-    """Loads an image file with the evaluation transform (`eval_transform`).
+def load_image(path, image_size=224, crop_pct=DEFAULT_CROP_PCT, crop_mode="center"):
+    """Loads an image file with the evaluation transform, as timm does.
 
-    Pillow decodes the file and converts it to RGB; `eval_transform` then resizes and
-    center-crops it, exactly as the SavedModel's ``serving_bytes`` signature and training's
-    validation pipeline do.
+    Pillow decodes the file and converts it to RGB, then resizes it (bicubic) and crops its
+    center (`eval_geometry`): the pixels of timm's evaluation transform, and of the SavedModel's
+    ``serving_bytes`` signature and training's validation pipeline (which compute them with
+    TensorFlow ops, `keras_coat.tf_images.eval_transform`). TensorFlow is not needed.
 
     Args:
         path: image file path (or a file object) readable by Pillow.
         image_size: an int, or a ``(height, width)`` pair.
         crop_pct: the crop's share of the resized image, in (0, 1].
+        crop_mode: "center" (keep the aspect ratio) or "squash" (resize both sides), as timm's.
 
     Returns:
         A float32 NumPy array of shape ``(height, width, 3)`` with integer values in [0, 255].
@@ -173,15 +179,9 @@ def load_image(path, image_size=224, crop_pct=DEFAULT_CROP_PCT):
             extreme that the resized image would exceed `MAX_RESIZED_PIXELS`.
         OSError: the file is missing or not an image Pillow reads.
     """
-    from keras import ops
     from PIL import Image
 
-    height, width = _image_size(image_size)
-    _check_crop_pct(crop_pct)
-    if max(height, width) > MAX_IMAGE_SIDE:
-        raise ValueError(
-            f"image_size must be at most {MAX_IMAGE_SIDE} per side; received {image_size!r}."
-        )
+    _check_transform_arguments(image_size, crop_pct, crop_mode)
     name = getattr(path, "name", path)
     try:
         with warnings.catch_warnings():
@@ -193,18 +193,58 @@ def load_image(path, image_size=224, crop_pct=DEFAULT_CROP_PCT):
     with image:
         # Image.open reads only the header: check the size before decoding anything.
         _check_decoded_size(name, image.width, image.height)
-        new_rows, new_cols, _, _ = (
-            int(n) for n in eval_geometry(image.height, image.width, image_size, crop_pct)
+        return _resize_and_crop(image.convert("RGB"), name, image_size, crop_pct, crop_mode)
+
+
+def eval_transform(image, image_size=224, crop_pct=DEFAULT_CROP_PCT, crop_mode="center"):
+    """The evaluation transform of one RGB image array, as `load_image` applies it to a file.
+
+    Args:
+        image: ``(rows, cols, 3)`` RGB values in [0, 255]: a NumPy array or anything
+            `numpy.asarray` takes (a JAX array, a CPU PyTorch tensor, an eager tf.Tensor). Float
+            values are rounded to 8 bits first, as an image file holds them. In a TensorFlow
+            graph (tf.data) use `keras_coat.tf_images.eval_transform`, which gives the same
+            pixels.
+        image_size, crop_pct, crop_mode: as for `load_image`.
+
+    Returns:
+        A float32 NumPy array ``(height, width, 3)`` with integer values in [0, 255].
+    """
+    from PIL import Image
+
+    _check_transform_arguments(image_size, crop_pct, crop_mode)
+    shape = tuple(getattr(image, "shape", np.shape(image)))
+    _check_channels(shape, "eval_transform")
+    if len(shape) != 3:
+        raise ValueError(
+            f"eval_transform expects one image of shape (rows, cols, 3); received shape {shape}."
         )
-        if new_rows * new_cols > MAX_RESIZED_PIXELS:
-            raise ValueError(
-                f"{name}: resizing this {image.width}x{image.height} image for a "
-                f"{height}x{width} center crop would make it {new_cols}x{new_rows} pixels (at "
-                f"most {MAX_RESIZED_PIXELS} are allowed); crop it to a less extreme aspect "
-                "ratio first."
-            )
-        pixels = np.asarray(image.convert("RGB"))
-    return np.asarray(ops.convert_to_numpy(eval_transform(pixels, image_size, crop_pct)))
+    pixels = np.asarray(image)
+    if pixels.dtype != np.uint8:
+        pixels = np.clip(np.round(pixels.astype(np.float64)), 0, 255).astype(np.uint8)
+    _check_decoded_size("eval_transform's image", shape[1], shape[0])
+    picture = Image.fromarray(np.ascontiguousarray(pixels), mode="RGB")
+    return _resize_and_crop(picture, "eval_transform's image", image_size, crop_pct, crop_mode)
+
+
+def _resize_and_crop(image, name, image_size, crop_pct, crop_mode):
+    """A PIL RGB image resized (PIL's bicubic) and center-cropped, as timm's transform."""
+    from PIL import Image
+
+    height, width = _image_size(image_size)
+    new_rows, new_cols, top, left = (
+        int(n) for n in eval_geometry(image.height, image.width, image_size, crop_pct, crop_mode)
+    )
+    if new_rows * new_cols > MAX_RESIZED_PIXELS:
+        raise ValueError(
+            f"{name}: resizing this {image.width}x{image.height} image for a "
+            f"{height}x{width} center crop would make it {new_cols}x{new_rows} pixels (at "
+            f"most {MAX_RESIZED_PIXELS} are allowed); crop it to a less extreme aspect "
+            "ratio first."
+        )
+    resized = image.resize((new_cols, new_rows), Image.Resampling.BICUBIC)
+    pixels = np.asarray(resized)[top : top + height, left : left + width]
+    return pixels.astype(np.float32)
 
 
 def _check_decoded_size(name, width, height):
@@ -217,139 +257,103 @@ def _check_decoded_size(name, width, height):
         )
 
 
-def eval_transform(image, image_size=224, crop_pct=DEFAULT_CROP_PCT):
-    """The evaluation transform: bicubic resize (`eval_geometry`), center crop.
-
-    The one implementation behind `load_image`, the SavedModel's ``serving_bytes`` signature and
-    training's validation pipeline.
-
-    The resampling is Keras' antialiased bicubic (`keras.ops.image.resize`; on the TensorFlow
-    backend `tf.image.resize`'s kernel, computing only the crop window, so memory is bounded for
-    any aspect ratio and sizes known only when a graph runs work), applied as PIL applies its
-    own: width, then height, each rounded to 8 bits. The pixels are timm's (PIL's) but for
-    under 1% of them one, rarely two, levels off.
-
-    Args:
-        image: one RGB image ``(rows, cols, 3)``, uint8 or float in [0, 255]: a NumPy array or a
-            backend tensor (on the TensorFlow backend also a symbolic one of unknown size).
-        image_size: an int, or a ``(height, width)`` pair.
-        crop_pct: the crop's share of the resized image, in (0, 1].
-
-    Returns:
-        A float32 tensor ``(height, width, 3)`` with integer values in [0, 255].
-    """
-    from keras import ops
-
-    height, width = _image_size(image_size)
-    _check_crop_pct(crop_pct)
-    _check_channels(tuple(image.shape), "eval_transform")
-    if len(image.shape) != 3:
-        raise ValueError(
-            f"eval_transform expects one image of shape (rows, cols, 3); received shape "
-            f"{tuple(image.shape)}."
-        )
-    rows, cols = ops.shape(image)[0], ops.shape(image)[1]
-    new_rows, new_cols, top, left = eval_geometry(rows, cols, (height, width), crop_pct)
-    # PIL's order: the width first, into 8 bits, then the height; rounding in between as PIL does
-    # keeps within a level of it where one float pass is up to 20 levels off on sharp edges (the
-    # bicubic overshoot clipped twice). Each pass computes only the crop's columns (rows).
-    columns = _resize_window(ops.cast(image, "float32"), 1, new_cols, left, width)
-    cropped = _resize_window(columns, 0, new_rows, top, height)
-    # The reshape states the static shape, which a graph does not know.
-    return ops.reshape(cropped, (height, width, 3))
-
-
-def eval_geometry(rows, cols, image_size=224, crop_pct=DEFAULT_CROP_PCT):
+def eval_geometry(rows, cols, image_size=224, crop_pct=DEFAULT_CROP_PCT, crop_mode="center"):
     """Where the evaluation transform resizes a ``rows`` x ``cols`` image to and crops from.
 
-    timm's evaluation transform (``transforms_imagenet_eval``, centre crop mode): with
+    timm's evaluation transform (``transforms_imagenet_eval``): with
     ``scale = floor(side / crop_pct)`` for each side of `image_size`,
 
-    - one scale (square sizes): torchvision's ``Resize(scale)``, the shorter side becomes
-      `scale` and the longer ``floor(scale * longer / shorter)``;
-    - two scales: timm's ``ResizeKeepRatio``, the aspect ratio is kept and the image just covers
-      ``scale_h x scale_w``, the other side rounded half to even;
+    - ``crop_mode="center"``, one scale (square sizes): torchvision's ``Resize(scale)``, the
+      shorter side becomes `scale` and the longer ``floor(scale * longer / shorter)``;
+    - ``"center"``, two scales: timm's ``ResizeKeepRatio``, the aspect ratio is kept and the
+      image just covers ``scale_h x scale_w``, the other side rounded half to even;
+    - ``"squash"``: torchvision's ``Resize((scale_h, scale_w))``, whatever the aspect ratio;
 
     then torchvision's ``CenterCrop``, offsets ``round((resized - crop) / 2)`` half to even.
-    Everything is computed exactly in integers, so every backend gives the same sizes. timm's
+    Everything is computed exactly in integers, so every caller gets the same sizes. timm's
     float64 arithmetic agrees except on exact ``.5`` ties of the two-scale case, which its
     rounding errors send either way.
 
+    The one definition of the geometry: `load_image` calls it on Python ints, and
+    `keras_coat.tf_images.eval_transform` on TensorFlow tensors inside graphs.
+
     Args:
-        rows, cols: the image's size: Python ints or integer tensors (e.g. from ``tf.shape``
-            inside a graph); arrays of sizes work elementwise.
-        image_size, crop_pct: as for `eval_transform`.
+        rows, cols: the image's size: Python ints, NumPy integer arrays (elementwise) or
+            integer tf.Tensors (e.g. from ``tf.shape`` inside a graph).
+        image_size, crop_pct, crop_mode: as for `load_image`.
 
     Returns:
-        ``(resized_rows, resized_cols, top, left)``, backend integer tensors.
+        ``(resized_rows, resized_cols, top, left)``: NumPy integers (arrays for array input),
+        or int64 tf.Tensors for tensor input.
     """
-    from keras import ops
-
+    _check_transform_arguments(image_size, crop_pct, crop_mode)
     height, width = _image_size(image_size)
-    _check_crop_pct(crop_pct)
+    xp = _integer_math(rows, cols)
+    rows, cols = xp.integers(rows), xp.integers(cols)
     scale_h, scale_w = math.floor(height / crop_pct), math.floor(width / crop_pct)
-    if scale_h == scale_w:
-        shorter = ops.minimum(rows, cols)
+    if crop_mode == "squash":
+        new_rows, new_cols = rows * 0 + scale_h, cols * 0 + scale_w
+    elif scale_h == scale_w:
+        shorter = xp.minimum(rows, cols)
         new_rows, new_cols = scale_h * rows // shorter, scale_w * cols // shorter
     else:
         # rows / scale_h <= cols / scale_w: the rows set the ratio.
         rows_limit = rows * scale_w <= cols * scale_h
-        new_rows = ops.where(rows_limit, scale_h, _round_half_even(rows * scale_w, cols))
-        new_cols = ops.where(rows_limit, _round_half_even(cols * scale_h, rows), scale_w)
-    top, left = _round_half_even(new_rows - height, 2), _round_half_even(new_cols - width, 2)
+        fitted_rows = _round_half_even(rows * scale_w, cols, xp)
+        fitted_cols = _round_half_even(cols * scale_h, rows, xp)
+        new_rows = xp.where(rows_limit, rows * 0 + scale_h, fitted_rows)
+        new_cols = xp.where(rows_limit, fitted_cols, cols * 0 + scale_w)
+    top = _round_half_even(new_rows - height, 2, xp)
+    left = _round_half_even(new_cols - width, 2, xp)
     return new_rows, new_cols, top, left
 
 
-def _round_half_even(numerator, denominator):
-    """``numerator / denominator`` rounded half to even, for non-negative integers or tensors."""
-    from keras import ops
+class _NumPyIntegers:
+    """The integer operations of `eval_geometry` on Python ints and NumPy arrays."""
 
-    quotient = numerator // denominator
-    twice_remainder = 2 * (numerator - quotient * denominator)
-    tie = ops.logical_and(twice_remainder == denominator, quotient % 2 == 1)
-    # ops.add promotes (an int64 quotient plus the int32 step is int64; `+` would refuse it).
-    return ops.add(quotient, ops.cast(ops.logical_or(twice_remainder > denominator, tie), "int32"))
+    integers = staticmethod(lambda x: np.asarray(x, np.int64))
+    minimum = staticmethod(np.minimum)
+    where = staticmethod(np.where)
 
 
-def _resize_window(image, axis, new_size, start, length):
-    """`image` resized along `axis` (0: rows, 1: columns) to `new_size`, keeping only pixels
-    ``[start, start + length)`` along it; antialiased bicubic, rounded and clipped to 8 bits."""
-    import keras
-    from keras import ops
+class _TensorFlowIntegers:
+    """The same operations on tf.Tensors (int64: products of sizes stay exact)."""
 
-    if keras.backend.backend() == "tensorflow":
+    def __init__(self):
         import tensorflow as tf
 
-        # tf.image.resize's own kernel (what keras.ops.image.resize runs on this backend) with
-        # its output window moved to the crop: memory stays that of the crop for any aspect
-        # ratio, and sizes known only when a graph runs work (keras.ops.image.resize checks
-        # them with Python comparisons).
-        shape = tf.shape(image)[:2]
-        along = tf.one_hot(axis, 2)
-        scale = 1.0 + along * (tf.cast(new_size, tf.float32) / tf.cast(shape[axis], tf.float32) - 1)
-        window = tf.tensor_scatter_nd_update(shape, [[axis]], tf.constant([length], tf.int32))
-        resized = tf.raw_ops.ScaleAndTranslate(
-            images=image[tf.newaxis],
-            size=window,
-            scale=scale,
-            translation=-along * tf.cast(start, tf.float32),
-            kernel_type="keyscubic",
-            antialias=True,
-        )[0]
-    else:
-        size = [int(s) for s in ops.shape(image)[:2]]
-        size[axis] = int(new_size)
-        resized = ops.image.resize(image, size, interpolation="bicubic", antialias=True)
-        window = slice(int(start), int(start) + length)
-        resized = resized[window] if axis == 0 else resized[:, window]
-    return ops.clip(ops.round(resized), 0.0, 255.0)
+        self.integers = lambda x: tf.cast(x, tf.int64)
+        self.minimum, self.where = tf.minimum, tf.where
 
 
-def _check_crop_pct(crop_pct):
+def _integer_math(*values):
+    if any(type(v).__module__.startswith("tensorflow") for v in values):
+        return _TensorFlowIntegers()
+    return _NumPyIntegers
+
+
+def _round_half_even(numerator, denominator, xp):
+    """``numerator / denominator`` rounded half to even, for non-negative integers."""
+    quotient = numerator // denominator
+    twice_remainder = 2 * (numerator - quotient * denominator)
+    up = (twice_remainder > denominator) | (
+        (twice_remainder == denominator) & (quotient % 2 == 1)
+    )
+    return xp.where(up, quotient + 1, quotient)
+
+
+def _check_transform_arguments(image_size, crop_pct, crop_mode):
+    height, width = _image_size(image_size)
+    if max(height, width) > MAX_IMAGE_SIDE:
+        raise ValueError(
+            f"image_size must be at most {MAX_IMAGE_SIDE} per side; received {image_size!r}."
+        )
     if isinstance(crop_pct, bool) or not isinstance(crop_pct, (int, float)) or not (
         0 < crop_pct <= 1
     ):
         raise ValueError(f"crop_pct must be a number in (0, 1]; received {crop_pct!r}.")
+    if crop_mode not in CROP_MODES:
+        raise ValueError(f"crop_mode must be one of {CROP_MODES}; received {crop_mode!r}.")
 
 
 def _image_size(image_size):

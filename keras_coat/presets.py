@@ -30,6 +30,10 @@ BASE_URL = "https://vcl.ucsd.edu/coat/pretrained/"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
+# timm's evaluation crop modes that keras_coat implements: "center" resizes the shorter side
+# (keeping the aspect ratio) and crops the centre; "squash" resizes both sides to size / crop_pct
+# (ignoring the aspect ratio), then crops the centre.
+CROP_MODES = ("center", "squash")
 # The authors' evaluation (their `main.py`, DeiT's): the shorter side resized to
 # size * 256 / 224, then a centre crop of `size`, at every input size.
 AUTHORS_CROP_PCT = 224 / 256
@@ -91,14 +95,17 @@ class ImagePreprocessing:
     """How images are prepared for a model, as timm's `default_cfg` and KerasHub's
     `ImageConverter` say it: resize, centre crop, then normalize.
 
-    The evaluation transform (`keras_coat.imagenet.eval_transform`): the image is resized with
-    `interpolation` so that it just covers ``image_size / crop_pct``, then centre-cropped to
-    `image_size`; the RGB values in [0, 255] are normalized as ``(x / 255 - mean) / std``
-    (inside the model when it is built with ``include_preprocessing=True``).
+    The evaluation transform (`keras_coat.imagenet.load_image`): the image is resized with
+    `interpolation` so that it just covers ``image_size / crop_pct`` (``crop_mode="center"``,
+    the aspect ratio kept) or to exactly ``image_size / crop_pct`` (``"squash"``), then
+    centre-cropped to `image_size`; the RGB values in [0, 255] are normalized as
+    ``(x / 255 - mean) / std`` (inside the model when it is built with
+    ``include_preprocessing=True``).
 
     Attributes:
         image_size: `(height, width)` of the model input.
         crop_pct: the crop's share of the resized image, in (0, 1].
+        crop_mode: "center" or "squash", as timm's `crop_mode`.
         interpolation: "bicubic", "bilinear" or "nearest".
         mean, std: per-channel normalization of RGB values scaled to [0, 1].
     """
@@ -108,6 +115,7 @@ class ImagePreprocessing:
     interpolation: str = "bicubic"
     mean: tuple = IMAGENET_MEAN
     std: tuple = IMAGENET_STD
+    crop_mode: str = "center"
 
     def __post_init__(self):
         size = self.image_size
@@ -126,6 +134,10 @@ class ImagePreprocessing:
             0 < crop_pct <= 1
         ):
             raise ValueError(f"crop_pct must be a number in (0, 1]; received {crop_pct!r}.")
+        if self.crop_mode not in CROP_MODES:
+            raise ValueError(
+                f"crop_mode must be one of {CROP_MODES}; received {self.crop_mode!r}."
+            )
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(
                 f"interpolation must be one of {INTERPOLATIONS}; received {self.interpolation!r}."
@@ -146,12 +158,16 @@ class ImagePreprocessing:
             "interpolation": self.interpolation,
             "mean": list(self.mean),
             "std": list(self.std),
+            "crop_mode": self.crop_mode,
         }
 
     @classmethod
     def from_config(cls, config):
-        """Strict: a dict with exactly the fields of `get_config`."""
+        """Strict: a dict with exactly the fields of `get_config`; `crop_mode` may be missing
+        (configs written before it existed), and then reads as "center"."""
         fields = {f.name for f in dataclasses.fields(cls)}
+        if isinstance(config, dict) and "crop_mode" not in config:
+            config = {**config, "crop_mode": "center"}
         if not isinstance(config, dict) or set(config) != fields:
             keys = sorted(config) if isinstance(config, dict) else type(config).__name__
             raise ValueError(

@@ -1,10 +1,14 @@
-"""Detection on a CoaT backbone (training.detection, training.detect): the digit canvases and their
-boxes, COCO evaluation, the picture, and a tiny end-to-end run of the command (one training step,
-the `.keras` round trip of the KerasHub RetinaNet, resume)."""
+"""Detection on a CoaT backbone (training.detection, `python -m training.train --task detection`):
+the digit canvases and their boxes, COCO evaluation, the picture, the task's options, and one tiny
+run of the command shared by the end-to-end tests (interrupted and resumed, evaluated, the
+`.keras` round trip of the KerasHub RetinaNet). The faults of a detection run (lock, SIGTERM,
+damaged backup) are tested with the classifier's in tests/test_training_distributed.py, its
+training on JAX in tests/test_training_jax.py."""
 
 import dataclasses
 import json
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -17,6 +21,12 @@ keras_hub = pytest.importorskip("keras_hub")
 pytest.importorskip("pycocotools")
 
 RECIPE = detection.DetectionRecipe()
+TINY = '{"embed_dims": [16, 16, 16, 16], "serial_depths": [1, 1, 1, 1], "mlp_ratios": [2, 2, 2, 2]}'
+# A tiny detection run: a tiny CoaT backbone, 64x64 canvases, two steps of 2 canvases an epoch.
+TINY_RUN = [
+    "--task", "detection", "--model-config", TINY, "--canvas-size", "64", "--digit-sizes", "12",
+    "28", "--max-digits", "2", "--batch-size", "2", "--train-canvases", "4",
+]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -88,13 +98,14 @@ def test_canvases_are_seeded_and_held_out_ones_use_held_out_scans_only(source):
     assert np.array_equal(only_train.train_canvas(0, 2, 5)[0], a[0])
 
 
-def test_training_batches_are_padded_and_resume_at_their_epoch(source):
+def test_training_batches_are_padded_and_resume_at_their_epoch_and_step(source):
     recipe = dataclasses.replace(RECIPE, epochs=2, batch_size=3, train_canvases=6)
     canvases = detection.CanvasSource(recipe)
     full = list(canvases.train_dataset(seed=1).as_numpy_iterator())
     resumed = list(canvases.train_dataset(seed=1, start_epoch=1).as_numpy_iterator())
-    assert len(full) == 4 and len(resumed) == 2
-    for (x, y), (rx, ry) in zip(full[2:], resumed):
+    within = canvases.train_dataset(seed=1, start_epoch=0, start_step=1, end_epoch=1)
+    assert len(full) == 4 and len(resumed) == 2 and within.cardinality() == 1
+    for (x, y), (rx, ry) in zip(full[2:] + full[1:2], resumed + list(within.as_numpy_iterator())):
         assert np.array_equal(x, rx) and np.array_equal(y["boxes"], ry["boxes"])
     images, targets = full[0]
     assert images.shape == (3, 128, 128, 3) and images.dtype == np.float32
@@ -103,6 +114,10 @@ def test_training_batches_are_padded_and_resume_at_their_epoch(source):
     assert np.array_equal(targets["boxes"][0, : len(boxes)], boxes)
     assert (targets["boxes"][0, len(boxes) :] == -1).all()
     assert (targets["labels"][0, len(labels) :] == -1).all()
+    capped = list(canvases.train_dataset(seed=1, steps=1).as_numpy_iterator())
+    assert len(capped) == 2 and np.array_equal(capped[1][0], full[2][0])  # epoch 1, batch 0
+    with pytest.raises(ValueError, match="start_step 2 of 2 steps per epoch"):
+        canvases.train_dataset(seed=1, start_step=2)
 
 
 def test_recipe_validation():
@@ -112,6 +127,61 @@ def test_recipe_validation():
         dataclasses.replace(RECIPE, digit_sizes=(40, 20))
     with pytest.raises(ValueError, match="at least one batch"):
         dataclasses.replace(RECIPE, train_canvases=4, batch_size=8)
+    with pytest.raises(ValueError, match="held_out_canvases must be positive, got 0"):
+        dataclasses.replace(RECIPE, held_out_canvases=0)
+    with pytest.raises(ValueError, match="backup_every must be 'epoch' or a positive number"):
+        dataclasses.replace(RECIPE, backup_every=0)
+
+
+def test_every_recipe_field_is_an_option_of_the_detection_task():
+    from training import train
+
+    args = train.parse_args(
+        ["--task", "detection", "--output-dir", "x", "--model", "coat_lite_mini",
+         "--digit-sizes", "12", "28", "--aspect-ratios", "0.5", "1", "2", "--ema", "0.9",
+         "--clip-norm", "0", "--lr", "3e-4", "--backup-every", "5", "--show", "0"]
+    )  # fmt: skip
+    recipe = detection.DetectionTask(args).recipe
+    assert recipe == dataclasses.replace(
+        RECIPE, model="coat_lite_mini", digit_sizes=(12, 28), aspect_ratios=(0.5, 1.0, 2.0),
+        ema_momentum=0.9, clip_norm=None, lr=3e-4, backup_every=5,
+    )  # fmt: skip
+    # The classifier's options are not the detector's, and the other way round.
+    for argv in (["--task", "detection", "--recipe", "demo"], ["--canvas-size", "64"]):
+        with pytest.raises(SystemExit):
+            train.parse_args([*argv, "--output-dir", "x"])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--show", "-1"], "--show must be >= 0, got -1."),
+        (["--init-weights", "missing.keras"], "--init-weights: no file 'missing.keras'."),
+        (["--canvas-size", "100"], "canvas_size must be a multiple of 2**max_level = 32"),
+    ],
+)
+def test_bad_detection_options_stop_before_anything_is_written(tmp_path, capsys, argv, message):
+    from training import train
+
+    with pytest.raises(SystemExit) as stopped:
+        train.main(["--task", "detection", "--output-dir", str(tmp_path / "run"), *argv])
+    assert str(stopped.value).startswith("error: ") and message in str(stopped.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_detection_run_of_several_processes_is_refused(tmp_path, monkeypatch):
+    from training import engine_tf, train
+
+    def start_engine_of_several_processes(args):
+        engine = engine_tf.Engine(engine_tf.make_strategy("one_device"))
+        engine.several_processes = True  # as a MultiWorkerMirroredStrategy's
+        return engine
+
+    monkeypatch.setattr(train, "start_engine", start_engine_of_several_processes)
+    with pytest.raises(SystemExit, match=r"^error: --task detection trains in one process \(with "
+                       r"every device it has\); this run has several processes\.$"):
+        train.main([*TINY_RUN, "--output-dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
 
 
 # -------------------------------------------------------------------------------- evaluation
@@ -165,17 +235,17 @@ class Interrupted(Exception):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """Two one-step epochs of the real detector, interrupted after the first and resumed, then
+    """Two two-step epochs of a tiny detector, interrupted after the first and resumed, then
     evaluation, picture and save; the detections the run measured are kept to compare the saved
-    file's against."""
-    from training import detect
+    file's against. The one detector the end-to-end tests share."""
+    from training import train
     from training.callbacks import MetricsWriter
 
     output = tmp_path_factory.mktemp("detect")
     argv = [
-        "--output-dir", str(output), "--epochs", "2", "--batch-size", "2",
-        "--train-canvases", "2", "--held-out-canvases", "4", "--show", "3", "--verbose", "0",
-    ]
+        *TINY_RUN, "--output-dir", str(output), "--epochs", "2", "--held-out-canvases", "4",
+        "--show", "3", "--verbose", "0",
+    ]  # fmt: skip
     measured = {}
     original_detect, original_epoch_begin = detection.detect, MetricsWriter.on_epoch_begin
 
@@ -189,39 +259,44 @@ def tiny_run(tmp_path_factory):
             raise Interrupted
         original_epoch_begin(self, epoch, logs)
 
+    handler = signal.getsignal(signal.SIGTERM)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(MetricsWriter, "on_epoch_begin", interrupt_second_epoch)
         with pytest.raises(Interrupted):
-            detect.main(argv)
+            train.main(argv)
+    # A failed fit calls no callback: the run puts SIGTERM's handler back itself.
+    measured["handler_restored"] = signal.getsignal(signal.SIGTERM) == handler
     interrupted = json.loads((output / "metrics.json").read_text())
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(detection, "detect", recording_detect)
-        metrics = detect.main(argv)
+        metrics = train.main(argv)
     return output, metrics, argv, measured, interrupted
 
 
 @pytest.mark.slow
-def test_training_resumes_then_the_saved_detector_gives_equal_detections(tiny_run):
+def test_training_resumes_then_the_saved_detector_gives_equal_detections(tiny_run, capsys):
     import keras
 
     output, metrics, _, measured, interrupted = tiny_run
+    assert measured["handler_restored"]
     assert interrupted["status"] == "running" and interrupted["epochs_completed"] == 1
     assert metrics["status"] == "complete" and metrics["epochs_completed"] == 2
     with open(output / "training_log.csv") as log:
         assert [line.split(",")[0] for line in log][1:] == ["0", "1"]  # resumed at epoch 1
-    assert 0.0 <= metrics["map"] <= metrics["map50"] <= 1.0 and metrics["seconds"] > 0
+    assert 0.0 <= metrics["map"] <= metrics["map50"] <= 1.0
+    assert metrics["train_seconds_this_session"] > 0 and metrics["train_loss"] > 0
     assert metrics["reload_max_abs_diff"] < 1e-5
-    on_disk = json.loads((output / "metrics.json").read_text())
-    assert {k: on_disk[k] for k in ("map", "map50", "seconds")} == {
-        k: metrics[k] for k in ("map", "map50", "seconds")
-    }
-    assert not (output / "backup").exists()
+    assert (metrics["held_out_canvases"], metrics["picture"]) == (4, str(output / "detections.png"))
+    assert json.loads((output / "metrics.json").read_text()) == metrics
+    assert sorted(p.name for p in output.iterdir()) == [
+        "detections.png", "last.keras", "logs", "metrics.json", "recipe.json", "training_log.csv"
+    ]  # no backup left, no best.keras: nothing is validated during training
     with Image.open(output / "detections.png") as picture:
-        assert picture.format == "PNG" and picture.size == detection.picture_size(3, 128)
+        assert picture.format == "PNG" and picture.size == detection.picture_size(3, 64)
 
-    reloaded = keras.saving.load_model(output / "detector.keras")
+    reloaded = keras.saving.load_model(output / "last.keras")
     assert isinstance(reloaded, keras_hub.models.RetinaNetObjectDetector)
-    # Raw head outputs (the detections of a one-step detector may be few or none).
+    # Raw head outputs (the detections of a two-step detector may be few or none).
     outputs = reloaded(measured["images"])
     for name, expected in measured["outputs"].items():
         np.testing.assert_allclose(np.asarray(outputs[name]), expected, rtol=1e-5, atol=1e-5)
@@ -234,21 +309,22 @@ def test_training_resumes_then_the_saved_detector_gives_equal_detections(tiny_ru
 
 @pytest.mark.slow
 def test_a_completed_run_is_not_redone(tiny_run, capsys):
-    from training import detect
+    from training import train
 
     output, _, argv, *_ = tiny_run
-    assert detect.main(argv) == json.loads((output / "metrics.json").read_text())
-    assert "nothing to do" in capsys.readouterr().out
+    assert train.main(argv) == json.loads((output / "metrics.json").read_text())
+    assert "holds a completed run (held-out mAP@[.5:.95] " in capsys.readouterr().out
 
 
 @pytest.mark.slow
 def test_init_weights_take_the_backbone_of_a_saved_classifier(tmp_path):
     import keras_coat
 
+    recipe = dataclasses.replace(RECIPE, canvas_size=64, digit_sizes=(12, 28))
     classifier = keras_coat.CoaTLiteTiny(input_shape=(32, 32, 3), classes=10)
     path = str(tmp_path / "digits.keras")
     classifier.save(path)
-    detector = detection.build_detector(RECIPE, init_weights=path)
+    detector = detection.build_detector(dataclasses.replace(recipe, init_weights=path))
     encoder = detector.backbone.image_encoder
     for name in ("patch_embed1", "serial_blocks4_1_mlp", "cpe3", "crpe2", "norm4"):
         for got, expected in zip(
@@ -257,8 +333,12 @@ def test_init_weights_take_the_backbone_of_a_saved_classifier(tmp_path):
         ):
             np.testing.assert_array_equal(got, expected)
     with pytest.raises(ValueError, match="init_weights must be"):
-        detection.build_detector(RECIPE, init_weights=str(tmp_path / "digits.pth"))
+        detection.build_detector(
+            dataclasses.replace(recipe, init_weights=str(tmp_path / "digits.pth"))
+        )
     mini = keras_coat.CoaTLiteMini(input_shape=(32, 32, 3), classes=10)
     mini.save(str(tmp_path / "mini.keras"))
     with pytest.raises(ValueError, match="same CoaT variant"):
-        detection.build_detector(RECIPE, init_weights=str(tmp_path / "mini.keras"))
+        detection.build_detector(
+            dataclasses.replace(recipe, init_weights=str(tmp_path / "mini.keras"))
+        )

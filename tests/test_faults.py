@@ -1,9 +1,9 @@
 """training.faults: the output directory's lock, checked backups and SIGTERM, with plain
 `model.fit` on a tiny model.
 
-The tests without a `tensorflow_only` mark run on the backend of the test run and again on JAX, in
-a subprocess (`test_the_fault_tests_pass_on_jax`); the trainer-level tests on TensorFlow are in
-tests/test_training_distributed.py.
+They run on the backend of the test run: `make test` runs them on TensorFlow and again on JAX
+(`make test-train-jax`). The trainer-level tests (a classifier's and a detector's run in a
+subprocess) are in tests/test_training_distributed.py and tests/test_training_jax.py.
 """
 
 import hashlib
@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import keras
 import numpy as np
@@ -70,7 +69,8 @@ def _fit(model, backup_dir, epochs, action=None, resume=None, agree=None, save_f
     recorder = _Call(action)
     x, y = _data()
     history = model.fit(
-        x, y, batch_size=8, epochs=epochs, shuffle=False, verbose=0,
+        x, y, batch_size=8, epochs=epochs, initial_epoch=resume.epoch if resume else 0,
+        shuffle=False, verbose=0,
         callbacks=[recorder, backup, faults.StopOnSignal(backup, agree=agree)],
     )  # fmt: skip
     return history, recorder
@@ -179,6 +179,19 @@ def test_backups_are_whole_checksummed_and_the_newest_two_kept(tmp_path):
     history, _ = _fit(model, tmp_path / "backup", epochs=3, resume=backup)
     assert history.history == {} and _same(model.get_weights(), weights[3])
     assert not (tmp_path / "backup").exists()  # fit completed: removed
+
+
+def test_a_fit_that_restores_a_backup_must_start_at_its_epoch(tmp_path):
+    _interrupted_run(tmp_path / "backup", at_epoch=2)
+    resume = faults.find_backup(str(tmp_path / "backup"))
+    backup = faults.CheckedBackupAndRestore(str(tmp_path / "backup"), resume=resume)
+    x, y = _data()
+    with pytest.raises(ValueError, match=r"^The backup restored holds the state after 2 "
+                       r"epoch\(s\) \(\+0 steps\); fit started at epoch 0 instead\. Pass "
+                       r"initial_epoch=2 to fit\.$"):
+        _model().fit(x, y, batch_size=8, epochs=3, verbose=0, callbacks=[backup])
+    with pytest.raises(ValueError, match="save_freq must be 'epoch' or a positive number"):
+        faults.CheckedBackupAndRestore(str(tmp_path / "backup"), save_freq=0)
 
 
 def test_a_damaged_newest_backup_gives_way_to_the_previous_one(tmp_path):
@@ -347,22 +360,3 @@ def test_a_backup_taken_at_the_step_is_not_written_twice(tmp_path):
                        rf"{re.escape(str(tmp_path))}/backup/000001\."):
         _fit(_model(), tmp_path / "backup", 2, action=signal_at_step_2, save_freq=2)
     assert os.listdir(tmp_path / "backup") == ["000001"]
-
-
-# ---------------------------------------------------------------------------------------------
-# The same tests on JAX
-
-
-@pytest.mark.skipif(keras.backend.backend() == "jax", reason="this run is the JAX one")
-def test_the_fault_tests_pass_on_jax():
-    started = time.time()
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-         "-k", "not on_jax"],
-        cwd=ROOT, env=dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=ROOT),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-4000:]
-    tests = sum(name.startswith("test_") for name in globals()) - 1  # all but this one
-    assert re.search(rf"\b{tests} passed\b", result.stdout), result.stdout[-2000:]
-    print(f"JAX run: {time.time() - started:.0f} s")

@@ -350,8 +350,8 @@ print(json.dumps(result))
         assert got["max_diff"] < 1e-4, (repo, got["max_diff"])
         assert got["classes"] == 1000 and got["first_names"] == ["tench", "goldfish"]
         assert got["preprocessing"] == {
-            "image_size": [224, 224], "crop_pct": 0.9, "interpolation": "bicubic",
-            "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+            "image_size": [224, 224], "crop_pct": 0.9, "crop_mode": "center",
+            "interpolation": "bicubic", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
         }
         assert got["source"] == {
             "hub": f"hf://{repo}", "revision": timm_hub.repos[repo]["refs"]["main"],
@@ -408,7 +408,7 @@ REFUSALS = {
     "hf://bad/preset-bad-json": "config.json is not valid JSON",
     "hf://bad/other-variant": "pytorch_model.bin does not fit timm's coat_lite_mini",
     "hf://bad/dropped": "downloading pytorch_model.bin failed: RemoteProtocolError",
-    "hf://bad/squash": "crop_mode is 'squash'",
+    "hf://bad/border-crop": "crop_mode must be one of ('center', 'squash'); received 'border'",
     "hf://bad/changed-architecture": "model_args ['embed_dims'] change timm's coat_lite_tiny",
     "hf://bad/label-names": "label_names must be 1000 strings",
     "hf://bad/huge-head": "num_classes must be an integer in [0, 100000]",
@@ -447,7 +447,7 @@ def _bad_repos(server, preset, marker):
         "bad/other-variant": {"config.json": _timm_config(server, architecture="coat_lite_mini"),
                               "pytorch_model.bin": bin_},
         "bad/dropped": {"config.json": config, "pytorch_model.bin": bin_},
-        "bad/squash": {"config.json": _timm_config(server, cfg_crop_mode="squash"),
+        "bad/border-crop": {"config.json": _timm_config(server, cfg_crop_mode="border"),
                        "pytorch_model.bin": bin_},
         "bad/changed-architecture": {"config.json": _timm_config(
             server, model_args={"embed_dims": [64, 128, 256, 512]}), "pytorch_model.bin": bin_},
@@ -585,6 +585,9 @@ def test_timm_configs_of_the_hub_read_as_timm_means_them():
     assert hub.timm_spec(dict(five, label_names=by_index), "x").class_names == list("abcde")
     assert hub.timm_spec(dict(config, label_names=class_wnids()), "x").class_names[0] == "tench"
     assert hub.timm_spec(dict(five), "x").class_names is None
+    # timm's coat_lite_medium_384 squashes the whole image to 384 (crop_pct 1.0).
+    squash = dict(config, pretrained_cfg=dict(config["pretrained_cfg"], crop_mode="squash"))
+    assert hub.timm_spec(squash, "x").preprocessing.crop_mode == "squash"
     headless = dict(config, num_classes=0, pretrained_cfg=dict(config["pretrained_cfg"],
                                                               num_classes=0))
     assert hub.timm_spec(headless, "x").num_classes is None

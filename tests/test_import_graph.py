@@ -36,6 +36,10 @@ LAYERS = {
     # What identifies a checkpoint, and the ImageNet conventions (classes, evaluation transform).
     "keras_coat.presets": 1,
     "keras_coat.imagenet": 1,
+    # The same conventions in TensorFlow graphs, and the readers of image data sets (both import
+    # TensorFlow: only export and training use them).
+    "keras_coat.tf_images": 1,
+    "keras_coat.datasets": 1,
     # Getting weights in: reading, fetching, converting, loading.
     "keras_coat.checkpoint": 2,
     "keras_coat.weights": 2,

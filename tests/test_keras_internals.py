@@ -11,35 +11,6 @@ from keras_coat.export import serving
 from training import keras_internals as internals
 
 
-def _uniform(seed):
-    return keras.ops.convert_to_numpy(keras.random.uniform((3,), seed=internals.SeedStream(seed)))
-
-
-def test_seed_stream_draws_are_a_function_of_the_seed():
-    first = _uniform(tf.constant([1, 2], tf.int64))
-    assert np.array_equal(first, _uniform(tf.constant([1, 2], tf.int64)))
-    assert not np.array_equal(first, _uniform(tf.constant([1, 3], tf.int64)))
-    stream = internals.SeedStream(tf.constant([1, 2], tf.int64))
-    one, two = (keras.random.uniform((3,), seed=stream) for _ in range(2))
-    assert not np.array_equal(one, two)  # each draw folds in its own counter
-
-
-@pytest.fixture
-def fresh_seed_check():
-    internals._check_seed_generators_are_drawn_with_next.cache_clear()
-    yield
-    internals._check_seed_generators_are_drawn_with_next.cache_clear()
-
-
-def test_seed_stream_refuses_a_keras_that_does_not_draw_with_next(monkeypatch, fresh_seed_check):
-    monkeypatch.setattr(keras.random, "uniform", lambda shape, seed=None: keras.ops.zeros(shape))
-    monkeypatch.setattr(keras, "version", lambda: "3.16.0")
-    with pytest.raises(RuntimeError, match=r"^training's SeedStream relies on Keras internals "
-                       r"that Keras 3\.16\.0 no longer has: its random ops called "
-                       r"SeedGenerator\.next\(\) 0 times for one draw instead of once$"):
-        internals.SeedStream(tf.constant([1, 2], tf.int64))
-
-
 def _compiled_model():
     inputs = keras.Input((4,))
     model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(inputs))

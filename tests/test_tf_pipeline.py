@@ -1,6 +1,7 @@
 """The tf.data pipelines are plain TensorFlow: they run under every Keras backend (this file runs
 on TensorFlow in `make test` and on JAX in `make test-jax`), give on TensorFlow exactly what the
-Keras implementations they replace give, and split every global batch between processes."""
+Keras implementations they replace give, and split every global batch between processes. (The
+evaluation transform they use is checked against Pillow and timm in test_eval_transform.py.)"""
 
 import keras
 import numpy as np
@@ -8,7 +9,6 @@ import pytest
 import tensorflow as tf
 
 from training import augment, data, recipes
-from training.tf_eval_transform import eval_transform
 
 ON_TENSORFLOW = keras.backend.backend() == "tensorflow"
 
@@ -20,21 +20,6 @@ def _demo_recipe(**changes):
 @pytest.fixture(scope="module")
 def digits():
     return data.load_source("digits", 32)
-
-
-@pytest.mark.skipif(not ON_TENSORFLOW, reason="compares with keras.ops on TensorFlow")
-@pytest.mark.parametrize("rows, cols", [(8, 8), (40, 50), (50, 40), (300, 17), (33, 32)])
-@pytest.mark.parametrize("size, crop_pct", [(32, 1.0), (32, 0.875), (64, 0.9), (24, 0.95)])
-def test_eval_transform_is_keras_coats_bit_for_bit(rows, cols, size, crop_pct):
-    from keras_coat.imagenet import eval_transform as keras_eval_transform
-
-    image = np.random.default_rng(rows * cols).integers(0, 256, (rows, cols, 3)).astype(np.uint8)
-    in_graph = tf.function(
-        lambda x: eval_transform(x, size, crop_pct),
-        input_signature=[tf.TensorSpec((None, None, 3), tf.uint8)],
-    )
-    expected = np.asarray(keras_eval_transform(image, size, crop_pct))
-    np.testing.assert_array_equal(in_graph(image).numpy(), expected)
 
 
 class _FoldInSeeds(keras.random.SeedGenerator):

@@ -5,6 +5,7 @@ fresh `python -m training.train` process. Models are a tiny custom CoaT at 32x32
 couple of steps per epoch, to keep each test small.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -23,6 +24,17 @@ COMMON = [
     "--recipe", "demo", "--model-config", TINY, "--batch-size", "16", "--steps-per-epoch", "2",
     "--no-export", "--verbose", "2", "--seed", "3",
 ]  # fmt: skip
+# A tiny detector (training.detection) on 64x64 canvases: 3 steps of 4 canvases an epoch.
+DETECTION = [
+    "--task", "detection", "--model-config", TINY, "--canvas-size", "64", "--digit-sizes", "12",
+    "28", "--max-digits", "2", "--batch-size", "4", "--train-canvases", "12",
+    "--held-out-canvases", "4", "--show", "1", "--verbose", "2", "--seed", "3",
+]  # fmt: skip
+# Per task: its options and the files of a completed run, besides those every run leaves.
+TASKS = {
+    "classification": (COMMON, ["best.keras"]),
+    "detection": (DETECTION, ["detections.png"]),
+}
 TIMEOUT = 600
 
 # A run whose callbacks end by blocking after the first epoch (so after the first backup):
@@ -93,6 +105,9 @@ def _weights(path):
     import keras
 
     import keras_coat  # noqa: F401  (registers the layers)
+
+    with contextlib.suppress(ImportError):
+        import keras_hub  # noqa: F401  (a detector's classes)
 
     return keras.saving.load_model(path, compile=False).get_weights()
 
@@ -260,9 +275,11 @@ def test_a_run_stopped_by_sigterm_within_an_epoch_resumes_at_its_next_step(tmp_p
 
 
 @pytest.mark.slow
-def test_a_run_in_use_is_refused_sigterm_saves_and_a_damaged_backup_gives_way(tmp_path):
+@pytest.mark.parametrize("task", TASKS)
+def test_a_run_in_use_is_refused_sigterm_saves_and_a_damaged_backup_gives_way(tmp_path, task):
     out, marker = tmp_path / "run", tmp_path / "waiting"
-    args = COMMON + ["--epochs", "3", "--steps-per-epoch", "3", "--output-dir", str(out)]
+    task_args, task_files = TASKS[task]
+    args = task_args + ["--epochs", "3", "--steps-per-epoch", "3", "--output-dir", str(out)]
     first = _start([str(marker)] + args, driver=WAITING_DRIVER)
     _wait_for(marker, first)
 
@@ -307,7 +324,7 @@ def test_a_run_in_use_is_refused_sigterm_saves_and_a_damaged_backup_gives_way(tm
     )
     assert "Epoch 1/3" not in resumed and "Epoch 2/3" in resumed and "Epoch 3/3" in resumed
     assert json.loads((out / "metrics.json").read_text())["status"] == "complete"
-    assert sorted(p.name for p in out.iterdir()) == [
-        "best.keras", "damaged-backups", "last.keras", "logs", "metrics.json", "recipe.json",
-        "training_log.csv",
-    ]  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == sorted([
+        "damaged-backups", "last.keras", "logs", "metrics.json", "recipe.json",
+        "training_log.csv", *task_files,
+    ])  # fmt: skip

@@ -1,6 +1,7 @@
 """`python -m training.train` on the JAX engine, in subprocesses: one device, two host devices
 and two processes on 127.0.0.1 reach the same weights; a process killed mid-epoch stops its
-peer, and a rerun of both resumes and ends where an uninterrupted run ends.
+peer, and a rerun of both resumes and ends where an uninterrupted run ends; a classifier and a
+detector (KerasHub's RetinaNet) stopped by SIGTERM resume to an uninterrupted run's weights.
 
 Host devices (XLA_FLAGS) and JAX's distributed runtime are set up once per process, so every
 run is a fresh process with KERAS_BACKEND=jax. The model is a tiny custom CoaT at 32x32 on
@@ -17,6 +18,7 @@ import pytest
 
 from tests.test_training_distributed import (
     COMMON,
+    DETECTION,
     WAITING_DRIVER,
     _env,
     _free_ports,
@@ -179,11 +181,20 @@ def test_a_killed_process_stops_its_peer_and_a_rerun_resumes_to_the_same_weights
     assert difference == 0.0
 
 
+# Per task, the options of the run stopped by SIGTERM: the classifier with every per-step random
+# draw (drop-path, Mixup, augmentation), the detector (KerasHub's RetinaNet on JAX).
+SIGTERM_RUNS = {
+    "classification": ARGS + ["--drop-path", "0.1", "--mixup", "0.5"],
+    "detection": DETECTION + ["--epochs", "2", "--steps-per-epoch", "3", "--deterministic"],
+}
+
+
 @pytest.mark.slow
-def test_a_run_stopped_by_sigterm_within_an_epoch_resumes_to_the_same_weights(tmp_path):
+@pytest.mark.parametrize("task", SIGTERM_RUNS)
+def test_a_run_stopped_by_sigterm_within_an_epoch_resumes_to_the_same_weights(tmp_path, task):
     # One process, one device: the resume within an epoch is the engine-independent part
     # (training.faults, training.data); the drop-path states are JAX's uint32 ones.
-    args = ARGS + ["--drop-path", "0.1", "--mixup", "0.5"]
+    args = SIGTERM_RUNS[task]
     out, reference, marker = tmp_path / "run", tmp_path / "reference", tmp_path / "waiting"
     env = _jax_env(tmp_path / "compilation-cache")
     first = _start([str(marker)] + args + ["--output-dir", str(out)], env=env, driver=WAITING_DRIVER)

@@ -12,6 +12,8 @@ import math
 
 import tensorflow as tf
 
+from keras_coat.tf_images import decode_image, header_image_size
+
 PIXEL_RANGE = (0.0, 255.0)
 
 
@@ -60,18 +62,20 @@ def random_resized_crop(image, seed, size, scale, ratio):
 
 
 def decode_random_resized_crop(encoded, seed, size, scale, ratio):
-    """`random_resized_crop` of an encoded image; JPEGs decode only the crop window."""
+    """`random_resized_crop` of an encoded JPEG, PNG or BMP image (its size checked from the
+    header first, `keras_coat.tf_images`); JPEGs decode only the crop window."""
+    shape = header_image_size(encoded)
 
     def jpeg():
-        window = crop_window(tf.image.extract_jpeg_shape(encoded), seed, scale, ratio)
+        window = crop_window(shape, seed, scale, ratio)
         crop = tf.image.decode_and_crop_jpeg(encoded, window, channels=3)
         return resize(crop, (size, size))
 
     def other():
-        image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-        return random_resized_crop(image, seed, size, scale, ratio)
+        return random_resized_crop(decode_image(encoded), seed, size, scale, ratio)
 
-    image = tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
+    with tf.control_dependencies(shape):
+        image = tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
     return tf.ensure_shape(image, (size, size, 3))
 
 

@@ -23,9 +23,11 @@ def read_json(path):
 
 
 class MetricsWriter(keras.callbacks.Callback):
-    """Keeps DIR/metrics.json current: the latest and best validation results, epochs done and
-    training throughput (images per second over the epoch's training steps, input pipeline
-    included; the first epoch of a session also pays for tracing/compilation).
+    """Keeps DIR/metrics.json current: every metric Keras logs for the latest epoch (``loss``
+    as ``train_loss``, ``val_accuracy`` as itself, ...), the best validation accuracy where there
+    is one, epochs done and training throughput (images per second over the epoch's training
+    steps, input pipeline included; the first epoch of a session also pays for
+    tracing/compilation).
 
     `previous` is the file of an interrupted session, so the best result survives a resume.
     """
@@ -38,8 +40,7 @@ class MetricsWriter(keras.callbacks.Callback):
             "status": "running",
             "epochs": epochs,
             "epochs_completed": previous.get("epochs_completed", 0),
-            "best_val_accuracy": previous.get("best_val_accuracy"),
-            "best_epoch": previous.get("best_epoch"),
+            **{k: previous[k] for k in ("best_val_accuracy", "best_epoch") if k in previous},
         }
         self.global_batch = global_batch
         self._epoch_start = None
@@ -59,26 +60,19 @@ class MetricsWriter(keras.callbacks.Callback):
         self.metrics.update(
             epochs_completed=epoch + 1,
             images_per_second=self.global_batch * self._steps_run / seconds,
-            train_loss=logs.get("loss"),
-            train_accuracy=logs.get("accuracy"),
-            val_loss=logs.get("val_loss"),
-            val_accuracy=logs.get("val_accuracy"),
             learning_rate=float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)),
         )
-        best = self.metrics["best_val_accuracy"]
+        self.metrics.update(
+            {name if name.startswith("val_") else f"train_{name}": v for name, v in logs.items()}
+        )
+        best = self.metrics.get("best_val_accuracy")
         if logs.get("val_accuracy") is not None and (best is None or logs["val_accuracy"] > best):
             self.metrics.update(best_val_accuracy=logs["val_accuracy"], best_epoch=epoch + 1)
         write_json(self.path, self.metrics)
 
-    def finish(self, final_logs):
-        """The completed run's metrics, with the final model's validation results."""
-        self.metrics.update(
-            status="complete",
-            val_loss=float(final_logs["loss"]),
-            val_accuracy=float(final_logs["accuracy"]),
-        )
-        if "top5_accuracy" in final_logs:
-            self.metrics["val_top5_accuracy"] = float(final_logs["top5_accuracy"])
+    def finish(self, results):
+        """The completed run's metrics, with the final model's `results` (a dict)."""
+        self.metrics.update(status="complete", **results)
         return dict(self.metrics)
 
 

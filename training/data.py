@@ -1,14 +1,6 @@
-"""Data sources and the tf.data input pipelines, built from small named steps.
-
-Sources (`load_source`):
-  * `digits`: scikit-learn's 1,797 real 8x8 handwritten digit scans (bundled, no download),
-    upscaled to the image size, grayscale to RGB, [0, 255]; a stratified 80/20 split with a fixed
-    seed gives 1,437 training and 360 held-out images.
-  * `folder:PATH`: an image-folder tree, `PATH/train/<class>/*` and `PATH/val/<class>/*` (or
-    `validation/`); with no such split, `PATH/<class>/*` and a fixed-seed 10% held out.
-  * any TFDS image classification dataset by name (`imagenet2012`, `cifar10`, ...): `train` and
-    `validation` (or `test`). Manual datasets read their archives from `--manual-dir` (TFDS'
-    `manual_dir`, by default `<data_dir>/downloads/manual`).
+"""The tf.data input pipelines of training, built from small named steps, over the data sets
+that `keras_coat.datasets` reads (`load_source`: ``digits``, ``folder:PATH``, ``tfds:NAME`` or a
+bare TFDS name such as ``imagenet2012``, whose manual archives come from ``--manual-dir``).
 
 Pipelines have static shapes and `drop_remainder=True` everywhere (TPU-ready). The training
 pipeline is a function of (seed, epoch, position) only: each epoch is shuffled with its own seed
@@ -18,207 +10,17 @@ the real examples' weights so that Keras' batch-averaged loss and weighted accur
 means over the real examples.
 """
 
-import dataclasses
 import math
 import os
 
-import numpy as np
 import tensorflow as tf
 
+from keras_coat.datasets import Source, Split, load_source  # noqa: F401  (training's names)
+from keras_coat.tf_images import eval_transform
 from training import augment, batch_augment
-from training.tf_eval_transform import eval_transform
 
 AUTOTUNE = tf.data.AUTOTUNE
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
-DIGITS_SPLIT_SEED = 0
-DIGITS_HELD_OUT = 0.2
-FOLDER_HELD_OUT = 0.1
 SHUFFLE_BUFFER = 16_384
-
-
-@dataclasses.dataclass
-class Split:
-    """Records of one split and how to turn a record into {"image": uint8 HxWx3, "label"};
-    `encoded` gives a record's encoded image bytes where records hold files (else None)."""
-
-    records: tf.data.Dataset
-    num_examples: int
-    decode: callable
-    encoded: callable = None
-
-
-@dataclasses.dataclass
-class Source:
-    name: str
-    train: Split
-    validation: Split
-    class_names: list
-
-    @property
-    def num_classes(self):
-        return len(self.class_names)
-
-
-def load_source(name, image_size, data_dir=None, manual_dir=None):
-    """The dataset called `name` (see the module docstring)."""
-    if name == "digits":
-        return _digits_source(image_size)
-    if name.startswith("folder:"):
-        return _folder_source(name[len("folder:") :])
-    return _tfds_source(name, data_dir, manual_dir)
-
-
-def digits_split():
-    """scikit-learn's digit scans as (train images, held-out images, train labels, held-out
-    labels): [N, 8, 8] float32 in [0, 255] and int64 labels, the fixed stratified split every
-    digits-based data set uses (the held-out scans are never trained on)."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    images = digits.images.astype(np.float32) * (255.0 / 16.0)  # 0..16 -> 0..255
-    return train_test_split(
-        images,
-        digits.target.astype(np.int64),
-        test_size=DIGITS_HELD_OUT,
-        random_state=DIGITS_SPLIT_SEED,
-        stratify=digits.target,
-    )
-
-
-def _digits_source(image_size):
-    def rgb_at_image_size(images):
-        images = np.repeat(images[..., None], 3, axis=-1)
-        images = augment.resize(images, (image_size, image_size)).numpy()
-        return np.round(images).astype(np.uint8)
-
-    x_train, x_val, y_train, y_val = digits_split()
-    x_train, x_val = rgb_at_image_size(x_train), rgb_at_image_size(x_val)
-
-    def split(x, y):
-        records = tf.data.Dataset.from_tensor_slices({"image": x, "label": y})
-        return Split(records, len(y), decode=lambda record: record)
-
-    return Source(
-        "digits", split(x_train, y_train), split(x_val, y_val), [str(d) for d in range(10)]
-    )
-
-
-def _folder_source(path):
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"folder dataset: {path!r} is not a directory.")
-    subdirs = {d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d))}
-    validation_dir = next((d for d in ("val", "validation") if d in subdirs), None)
-    if "train" in subdirs and validation_dir:
-        class_names = _class_names(os.path.join(path, "train"))
-        train = _list_images(os.path.join(path, "train"), class_names)
-        validation = _list_images(os.path.join(path, validation_dir), class_names)
-    else:
-        class_names = _class_names(path)
-        files, labels = _list_images(path, class_names)
-        order = np.random.RandomState(DIGITS_SPLIT_SEED).permutation(len(files))
-        held_out = max(1, int(round(len(files) * FOLDER_HELD_OUT)))
-        if held_out >= len(files):
-            raise ValueError(f"folder dataset {path!r}: too few images to hold some out.")
-        val_idx, train_idx = order[:held_out], order[held_out:]
-        train = ([files[i] for i in train_idx], [labels[i] for i in train_idx])
-        validation = ([files[i] for i in val_idx], [labels[i] for i in val_idx])
-
-    def split(files_and_labels):
-        files, labels = files_and_labels
-        records = tf.data.Dataset.from_tensor_slices(
-            {"path": np.array(files), "label": np.array(labels, np.int64)}
-        )
-        return Split(
-            records,
-            len(files),
-            decode=_read_image_file,
-            encoded=lambda record: tf.io.read_file(record["path"]),
-        )
-
-    return Source(f"folder:{path}", split(train), split(validation), class_names)
-
-
-def _class_names(root):
-    names = sorted(
-        d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and d not in ("train",)
-    )
-    if not names:
-        raise ValueError(f"folder dataset: no class directories in {root!r}.")
-    return names
-
-
-def _list_images(root, class_names):
-    files, labels = [], []
-    for label, name in enumerate(class_names):
-        class_dir = os.path.join(root, name)
-        if not os.path.isdir(class_dir):
-            continue
-        for file in sorted(os.listdir(class_dir)):
-            if file.lower().endswith(IMAGE_EXTENSIONS):
-                files.append(os.path.join(class_dir, file))
-                labels.append(label)
-    if not files:
-        raise ValueError(
-            f"folder dataset: no images ({', '.join(IMAGE_EXTENSIONS)}) under {root!r}."
-        )
-    return files, labels
-
-
-def _read_image_file(record):
-    return {"image": _decode_image(tf.io.read_file(record["path"])), "label": record["label"]}
-
-
-def _decode_image(encoded):
-    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-    return tf.ensure_shape(image, (None, None, 3))
-
-
-def _tfds_source(name, data_dir, manual_dir):
-    import tensorflow_datasets as tfds
-
-    builder = tfds.builder(name, data_dir=data_dir)
-    try:
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
-        )
-    except Exception as error:  # TFDS raises many types (network, manual data missing, ...)
-        raise RuntimeError(
-            f"Could not prepare the TFDS dataset {name!r} in {builder.data_dir}: {error}\n"
-            "Datasets that need a download must be prepared beforehand on a machine with network "
-            "access (`tfds build`); manual datasets such as imagenet2012 read their archives from "
-            "--manual-dir."
-        ) from error
-    info = builder.info
-    image_key, label_key = info.supervised_keys or ("image", "label")
-    # Without generation metadata (e.g. under tfds.testing.mock_data) TFDS knows no splits and
-    # accepts any name: take the usual ones and count their examples.
-    splits = info.splits or {"train": None, "validation": None}
-    validation_split = next((s for s in ("validation", "test") if s in splits), None)
-    if "train" not in splits or validation_split is None:
-        raise ValueError(
-            f"TFDS dataset {name!r} needs a 'train' and a 'validation' or 'test' split; it has "
-            f"{sorted(splits)}."
-        )
-
-    def split(split_name):
-        records = builder.as_dataset(
-            split=split_name,
-            decoders={image_key: tfds.decode.SkipDecoding()},
-            read_config=tfds.ReadConfig(shuffle_seed=0),
-            shuffle_files=split_name == "train",
-        ).map(lambda ex: {"image": ex[image_key], "label": ex[label_key]})
-
-        def decode(record):
-            return {"image": _decode_image(record["image"]), "label": record["label"]}
-
-        if splits[split_name] is not None:
-            count = splits[split_name].num_examples
-        else:
-            count = int(records.reduce(0, lambda n, _: n + 1))
-        return Split(records, count, decode, encoded=lambda record: record["image"])
-
-    return Source(name, split("train"), split(validation_split), info.features[label_key].names)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,7 +28,13 @@ def _tfds_source(name, data_dir, manual_dir):
 
 
 def steps_per_epoch(recipe, source, max_steps=None):
-    """Full batches per epoch (the remainder is dropped), optionally capped at `max_steps`."""
+    """Full batches per epoch (the remainder is dropped), optionally capped at `max_steps`;
+    ValueError if `source` cannot train a classifier with `recipe`."""
+    if source.num_classes < 2:
+        raise ValueError(
+            f"{source.name} has {source.num_classes} class(es); a classifier needs at least two "
+            "(folder data sets: one folder of images per class)."
+        )
     steps = source.train.num_examples // recipe.batch_size
     if steps == 0:
         raise ValueError(
@@ -413,7 +221,8 @@ def train_dataset(
         )
 
     whole_from = start_epoch + 1 if start_step else start_epoch
-    dataset = tf.data.Dataset.range(whole_from, max(whole_from, end_epoch)).flat_map(lambda i: epoch(i, 0))
+    whole_epochs = tf.data.Dataset.range(whole_from, max(whole_from, end_epoch))
+    dataset = whole_epochs.flat_map(lambda i: epoch(i, 0))
     if start_step:
         rest_of_first = tf.data.Dataset.range(start_epoch, start_epoch + 1)
         dataset = rest_of_first.flat_map(lambda i: epoch(i, start_step)).concatenate(dataset)
@@ -442,7 +251,9 @@ def eval_dataset(recipe, source, batch_size=None, process_index=0, num_processes
 
     def transform(record):
         example = split.decode(record)
-        image = eval_transform(example["image"], size, recipe.eval_crop_pct)
+        image = eval_transform(
+            example["image"], size, recipe.eval_crop_pct, recipe.eval_crop_mode
+        )
         return image, tf.one_hot(example["label"], source.num_classes), tf.constant(weight)
 
     records, padding_count = split.records, padded - count

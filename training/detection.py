@@ -1,5 +1,6 @@
-"""Object detection with a CoaT backbone: digit canvases, the KerasHub RetinaNet, COCO mAP and
-the picture of its detections.
+"""Object detection with a CoaT backbone: a KerasHub RetinaNet learns to find handwritten digits
+on generated canvases. `DetectionTask` is what `python -m training.train --task detection` trains,
+on the same engines and with the same fault handling as a classifier (`training.train`).
 
 Data. Each canvas is a black square (`canvas_size` pixels, RGB) holding 1 to `max_digits` of
 scikit-learn's handwritten digit scans, each upscaled (bilinear) to a random square size in
@@ -8,8 +9,8 @@ exact extent of its nonzero pixels on the canvas: `[x_min, y_min, x_max, y_max]`
 ("xyxy", `x_max` exclusive), so a box's pixels `canvas[y_min:y_max, x_min:x_max]` hold the whole
 digit and its edges touch ink. Training canvases are drawn from the training scans only, each a
 function of (seed, epoch, index), so a resumed run sees the same canvases as an uninterrupted one;
-held-out canvases use only the held-out scans (`training.data.digits_split`) and a fixed seed, so
-every run is measured on the same canvases.
+held-out canvases use only the held-out scans (`keras_coat.datasets.digits_split`) and a fixed
+seed, so every run is measured on the same canvases.
 
 Evaluation is pycocotools' COCOeval ("bbox"): `map` is mAP@[.5:.95], `map50` mAP@0.5.
 """
@@ -18,8 +19,12 @@ import contextlib
 import dataclasses
 import io
 import math
+import os
+import warnings
 
 import numpy as np
+
+from training.recipes import common_problems, recipe_field
 
 MAX_TRIES_PER_DIGIT = 50  # random positions tried before a digit is left out of a canvas
 DIGIT_GAP = 1  # pixels kept free between two digits' boxes
@@ -31,36 +36,58 @@ CLASS_NAMES = [str(d) for d in range(10)]
 
 @dataclasses.dataclass(frozen=True)
 class DetectionRecipe:
-    """Every setting of a detection run (recorded in DIR/recipe.json; a resume must match)."""
+    """Every setting of a detection run (recorded in DIR/recipe.json; a resume must match).
+    Each field is also a command-line option of `python -m training.train --task detection`."""
 
-    backbone: str = "coat_lite_tiny"
-    canvas_size: int = 128
-    max_digits: int = 4
-    digit_sizes: tuple[int, int] = (20, 48)  # side of the upscaled (square) scan, pixels
-    min_level: int = 3  # feature pyramid levels P3..P5: strides 8, 16, 32
-    max_level: int = 5
-    anchor_size: float = 2.5  # anchors of 2.5 x stride x (1, 2^(1/3), 2^(2/3)) pixels
-    anchor_scales: int = 3
-    aspect_ratios: tuple[float, ...] = (1.0,)
-    head_conv_layers: int = 0  # the FPN's 3x3 output conv, then each head's output conv
-    epochs: int = 5
-    batch_size: int = 16
-    train_canvases: int = 768  # per epoch
-    held_out_canvases: int = 240
-    lr: float = 1e-3
-    warmup_epochs: float = 0.5
-    min_lr: float = 1e-5
-    weight_decay: float = 0.05
-    clip_norm: float = 10.0
-    init_weights: str | None = None
+    model: str = recipe_field("coat_lite_tiny", "the backbone's CoaT variant", set_by="--model")
+    canvas_size: int = recipe_field(128, "side of the square canvases, a multiple of 32")
+    max_digits: int = recipe_field(4, "digits on a canvas, at most")
+    digit_sizes: tuple[int, int] = recipe_field(
+        (20, 48), "side of an upscaled digit scan, pixels", metavar=("MIN", "MAX")
+    )
+    min_level: int = recipe_field(3, "first feature pyramid level (P3: stride 8)")
+    max_level: int = recipe_field(5, "last feature pyramid level (P5: stride 32)")
+    anchor_size: float = recipe_field(2.5, "anchor side in strides: 2.5 x stride x 2^(k/scales)")
+    anchor_scales: int = recipe_field(3, "anchor scales per level")
+    aspect_ratios: tuple[float, ...] = recipe_field(
+        (1.0,), "anchor aspect ratios", metavar="RATIO"
+    )
+    head_conv_layers: int = recipe_field(
+        0, "3x3 conv layers before each head's output (and the FPN's output conv)"
+    )
+    epochs: int = recipe_field(5, "training epochs")
+    batch_size: int = recipe_field(16, "global batch size, over all replicas")
+    train_canvases: int = recipe_field(768, "training canvases per epoch, new ones every epoch")
+    held_out_canvases: int = recipe_field(240, "held-out canvases the detector is measured on")
+    lr: float = recipe_field(1e-3, "peak learning rate (AdamW, warm-up then cosine)")
+    warmup_epochs: float = recipe_field(0.5, "linear warm-up from --warmup-lr, in epochs")
+    warmup_lr: float = recipe_field(1e-5, "learning rate at the start of the warm-up")
+    min_lr: float = recipe_field(1e-5, "learning rate at the end of the cosine schedule")
+    weight_decay: float = recipe_field(0.05, "AdamW decoupled weight decay")
+    adam_epsilon: float = recipe_field(1e-7, "AdamW epsilon")
+    clip_norm: float | None = recipe_field(10.0, "global gradient-norm clip, 0 disables", off=0)
+    ema_momentum: float | None = recipe_field(
+        None, "EMA momentum of the weights (evaluated and saved), 0 disables", flag="ema", off=0
+    )
+    init_weights: str | None = recipe_field(
+        None,
+        "backbone weights to start from: a .keras CoaT classifier of the same variant (make "
+        "demo's demo-output/last.keras), a .weights.h5 file or \"imagenet\" (default: random)",
+    )
+    backup_every: str | int = recipe_field(
+        "epoch", '"epoch" or a number of steps between backups', metavar="epoch|STEPS"
+    )
 
     def __post_init__(self):
-        problems = []
-        for field in ("canvas_size", "max_digits", "epochs", "batch_size", "train_canvases"):
+        problems = common_problems(self)
+        for field in ("canvas_size", "max_digits", "train_canvases", "held_out_canvases",
+                      "anchor_scales", "anchor_size"):  # fmt: skip
             if getattr(self, field) <= 0:
                 problems.append(f"{field} must be positive, got {getattr(self, field)}")
-        if self.held_out_canvases < 0:
-            problems.append(f"held_out_canvases must be >= 0, got {self.held_out_canvases}")
+        if self.head_conv_layers < 0:
+            problems.append(f"head_conv_layers must be >= 0, got {self.head_conv_layers}")
+        if not self.aspect_ratios or min(self.aspect_ratios) <= 0:
+            problems.append(f"aspect_ratios must be positive, got {self.aspect_ratios}")
         if self.canvas_size % 2**self.max_level:
             problems.append(
                 f"canvas_size must be a multiple of 2**max_level = {2**self.max_level}, got "
@@ -82,16 +109,16 @@ class DetectionRecipe:
                 f"train_canvases ({self.train_canvases}) must be at least one batch "
                 f"({self.batch_size})"
             )
-        if not 0 <= self.warmup_epochs <= self.epochs:
-            problems.append(
-                f"warmup_epochs must be in [0, epochs={self.epochs}], got {self.warmup_epochs}"
-            )
         if problems:
             raise ValueError("Invalid detection recipe: " + "; ".join(problems) + ".")
 
     @property
     def steps_per_epoch(self):
         return self.train_canvases // self.batch_size
+
+    @property
+    def peak_lr(self):
+        return self.lr
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -164,7 +191,7 @@ class CanvasSource:
     """The digit scans of both splits and the canvases a recipe draws from them."""
 
     def __init__(self, recipe):
-        from training.data import digits_split
+        from keras_coat.datasets import digits_split
 
         self.recipe = recipe
         self.train_scans, self.held_out_scans, self.train_labels, self.held_out_labels = (
@@ -192,13 +219,21 @@ class CanvasSource:
         images = np.stack([c[0] for c in canvases]) if canvases else np.zeros((0, size, size, 3))
         return images, [c[1] for c in canvases], [c[2] for c in canvases]
 
-    def train_dataset(self, seed, start_epoch=0):
+    def train_dataset(self, seed, start_epoch=0, start_step=0, end_epoch=None, steps=None):
         """Batches of (float32 images in [0, 255], {"boxes", "labels"} padded with -1) for epochs
-        `start_epoch` .. `recipe.epochs - 1`, `steps_per_epoch` batches each."""
+        `start_epoch` .. `end_epoch - 1` (default: the recipe's last), `steps` batches each
+        (default `recipe.steps_per_epoch`), the first from its batch `start_step` on: the
+        canvases of epoch e, batch b are the same whatever the start."""
         import tensorflow as tf
 
         r = self.recipe
-        per_epoch = r.steps_per_epoch * r.batch_size
+        steps = r.steps_per_epoch if steps is None else steps
+        end_epoch = r.epochs if end_epoch is None else end_epoch
+        if not 0 <= start_step < steps or not start_epoch + bool(start_step) <= end_epoch:
+            raise ValueError(
+                f"train_dataset: start_step {start_step} of {steps} steps per epoch, epochs "
+                f"{start_epoch}..{end_epoch}."
+            )
 
         def draw(epoch, index):
             image, boxes, labels = self.train_canvas(seed, int(epoch), int(index))
@@ -213,35 +248,42 @@ class CanvasSource:
             labels = tf.ensure_shape(labels, (r.max_digits,))
             return image, {"boxes": boxes, "labels": labels}
 
-        def epoch(index):
-            canvases = tf.data.Dataset.range(per_epoch).map(
-                lambda i: example(index, i),
-                num_parallel_calls=tf.data.AUTOTUNE,
+        def canvases(epoch, first):  # one epoch's canvases from index `first` on
+            indices = tf.data.Dataset.range(first, steps * r.batch_size)
+            return indices.map(
+                lambda i: example(epoch, i), num_parallel_calls=tf.data.AUTOTUNE,
                 deterministic=True,
-            )
-            return canvases.batch(r.batch_size, drop_remainder=True)
+            )  # fmt: skip
 
-        dataset = tf.data.Dataset.range(start_epoch, r.epochs).flat_map(epoch)
-        return dataset.prefetch(tf.data.AUTOTUNE)
+        epochs = tf.data.Dataset.range(start_epoch, end_epoch)
+        dataset = epochs.flat_map(
+            lambda e: canvases(e, tf.cast(e == start_epoch, tf.int64) * start_step * r.batch_size)
+        )
+        dataset = dataset.batch(r.batch_size, drop_remainder=True)
+        count = (end_epoch - start_epoch) * steps - start_step
+        return dataset.apply(tf.data.experimental.assert_cardinality(count)).prefetch(
+            tf.data.AUTOTUNE
+        )
 
 
 # ---------------------------------------------------------------------------------- detector
 
 
-def build_detector(recipe, init_weights=None):
+def build_detector(recipe, model_config=None):
     """A `keras_hub.models.RetinaNetObjectDetector` on a CoaT backbone for 10 digit classes.
 
     Images are float pixels in [0, 255] (the CoaT backbone normalizes them); boxes are "xyxy"
-    pixels. `init_weights`: None (random), "imagenet", a `.weights.h5` of a CoaT model of the
+    pixels. The backbone is `recipe.model`, or `keras_coat.CoaT(**model_config)`; its weights
+    (`recipe.init_weights`): None (random), "imagenet", a `.weights.h5` of a CoaT model of the
     same variant, or a `.keras` CoaT classifier (e.g. `make demo`'s demo-output/last.keras),
     whose backbone weights are taken (every layer but the classifier).
     """
-    import keras
     import keras_hub
 
     import keras_coat
 
     r = recipe
+    init_weights = r.init_weights
     shape = (r.canvas_size, r.canvas_size, 3)
     from_file = init_weights if init_weights not in (None, "imagenet") else None
     if from_file is not None and not str(from_file).endswith((".keras", ".weights.h5")):
@@ -250,9 +292,14 @@ def build_detector(recipe, init_weights=None):
             f"received {init_weights!r}."
         )
     weights = init_weights if from_file is None or from_file.endswith(".weights.h5") else None
-    encoder = keras_coat.create_model(
-        r.backbone, include_top=False, input_shape=shape, weights=weights
-    )
+    if model_config is not None:
+        encoder = keras_coat.CoaT(
+            **model_config, include_top=False, input_shape=shape, weights=weights
+        )
+    else:
+        encoder = keras_coat.create_model(
+            r.model, include_top=False, input_shape=shape, weights=weights
+        )
     if from_file is not None and from_file.endswith(".keras"):
         copy_backbone_weights(keras_coat.load_model(from_file, compile=False), encoder)
 
@@ -326,30 +373,21 @@ def copy_backbone_weights(source, target):
     target.backbone.set_weights(source.backbone.get_weights())
 
 
-def compile_detector(detector, recipe):
+def compile_detector(detector, recipe, steps_per_epoch=None, jit_compile=None):
+    """The recipe's optimizer (`training.optim`: AdamW, warm-up then cosine, no weight decay on
+    norms and biases) and RetinaNet's losses."""
     import keras
 
     from training import optim
 
-    steps = recipe.steps_per_epoch
-    optimizer = keras.optimizers.AdamW(
-        learning_rate=optim.WarmupCosineDecay(
-            peak_lr=recipe.lr,
-            total_steps=recipe.epochs * steps,
-            warmup_steps=round(recipe.warmup_epochs * steps),
-            warmup_lr=recipe.lr / 100,
-            min_lr=recipe.min_lr,
-        ),
-        weight_decay=recipe.weight_decay,
-        global_clipnorm=recipe.clip_norm,
-    )
-    optimizer.exclude_from_weight_decay(var_names=list(optim.NO_WEIGHT_DECAY))
+    steps = recipe.steps_per_epoch if steps_per_epoch is None else steps_per_epoch
     detector.compile(
-        optimizer=optimizer,
+        optimizer=optim.build_optimizer(recipe, steps),
         # Smooth L1 with beta 0.1 on the box deltas, as Detectron2's RetinaNet: KerasHub's default
         # Huber(delta=1) sees deltas of ~0.1 and barely moves the boxes.
         box_loss=keras.losses.Huber(delta=BOX_LOSS_BETA, reduction="sum"),
         loss_weights={"bbox_regression": 1 / BOX_LOSS_BETA, "cls_logits": 1.0},
+        jit_compile="auto" if jit_compile is None else jit_compile,
     )
     return detector
 
@@ -496,7 +534,9 @@ def draw_detections(path, images, true_boxes, true_labels, detections, min_score
         )
         found, found_labels, scores = detections[i]
         keep = np.asarray(scores) >= min_score
-        truth = [(box, TRUE_COLOR, CLASS_NAMES[int(c)]) for box, c in zip(true_boxes[i], true_labels[i])]
+        truth = [
+            (box, TRUE_COLOR, CLASS_NAMES[int(c)]) for box, c in zip(true_boxes[i], true_labels[i])
+        ]
         found = [
             (
                 box,
@@ -531,3 +571,119 @@ def _iou(a, b):
     inter = width * height
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
     return inter / union if union > 0 else 0.0
+
+
+# --------------------------------------------------------------------------------------- task
+
+RELOAD_CHECK_CANVASES = 8  # held-out canvases the saved detector is checked on
+PICTURE_FILE = "detections.png"
+
+
+class DetectionTask:
+    """`python -m training.train --task detection`: a RetinaNet on a CoaT backbone learns the
+    digit canvases of a `DetectionRecipe`; once trained, it is measured with COCO mAP on the
+    held-out canvases, checked against its saved file (last.keras) and pictured
+    (detections.png). The trainer runs it as it runs `training.train.ClassificationTask`."""
+
+    name = "detection"
+    recipe_type = DetectionRecipe
+    recipe_module = "training/detection.py"
+    best_metric = None  # nothing is validated during training
+    # The COCO evaluation runs in one process; several devices of one process are used.
+    several_processes = False
+    precision = "none"
+
+    @staticmethod
+    def add_arguments(group):
+        group.add_argument(
+            "--show", type=int, default=8, help="held-out canvases in detections.png (0: none)"
+        )
+
+    def __init__(self, args):
+        from training import recipes
+
+        if args.show < 0:
+            raise ValueError(f"--show must be >= 0, got {args.show}.")
+        changes = recipes.command_line_overrides(args, DetectionRecipe)
+        if args.model_config is not None:
+            changes["model"] = "custom"
+        elif args.model is not None:
+            changes["model"] = args.model
+        self.recipe = DetectionRecipe(**changes)
+        init = self.recipe.init_weights
+        if init not in (None, "imagenet") and not os.path.isfile(init):
+            raise ValueError(f"--init-weights: no file {init!r}.")
+        self.args = args
+        self.canvases = self.steps = None
+
+    @staticmethod
+    def completed(metrics):
+        return f"held-out mAP@[.5:.95] {metrics.get('map')}, mAP@0.5 {metrics.get('map50')}"
+
+    def load(self):
+        self.canvases = CanvasSource(self.recipe)
+        cap = self.args.steps_per_epoch
+        self.steps = min(self.recipe.steps_per_epoch, cap) if cap else self.recipe.steps_per_epoch
+
+    def train_dataset(self, seed, start_epoch, shard, start_step=0, end_epoch=None):
+        return self.canvases.train_dataset(seed, start_epoch, start_step, end_epoch, self.steps)
+
+    def validation_dataset(self, shard):
+        return None
+
+    def describe(self):
+        r = self.recipe
+        return (
+            f"RetinaNet on {r.model} (P{r.min_level}-P{r.max_level}), {r.canvas_size}x"
+            f"{r.canvas_size} canvases of 1-{r.max_digits} digits, {r.epochs} epochs x "
+            f"{self.steps} steps, peak lr {r.peak_lr:.3g}, backbone from "
+            f"{r.init_weights or 'random weights'}."
+        )
+
+    def build(self):
+        detector = build_detector(self.recipe, self.args.model_config)
+        return compile_detector(detector, self.recipe, self.steps, self.args.jit_compile)
+
+    def finish(self, model, run):
+        """COCO mAP on the held-out canvases, the picture, and the saved detector's check."""
+        import keras
+
+        images, true_boxes, true_labels = self.canvases.held_out()
+        detections = detect(model, images)
+        results = coco_evaluate(true_boxes, true_labels, detections)
+        shown = min(self.args.show, len(images))
+        if shown and run.chief:
+            results["picture"] = draw_detections(
+                os.path.join(run.output_dir, PICTURE_FILE), images[:shown], true_boxes,
+                true_labels, detections,
+            )  # fmt: skip
+        # The saved file must give the model that was measured.
+        with warnings.catch_warnings():  # the optimizer's state is not loaded: not wanted
+            warnings.filterwarnings("ignore", "Skipping variable loading for optimizer")
+            reloaded = keras.saving.load_model(
+                os.path.join(run.work_dir, "last.keras"), compile=False
+            )
+        sample = images[:RELOAD_CHECK_CANVASES].astype(np.float32)
+        results["reload_max_abs_diff"] = max(
+            float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+            for a, b in zip(
+                keras.tree.flatten(model(sample)), keras.tree.flatten(reloaded(sample))
+            )
+        )
+        results.update(
+            held_out_canvases=len(images),
+            held_out_digits=int(sum(len(b) for b in true_boxes)),
+        )
+        return results
+
+    @staticmethod
+    def done(metrics):
+        return (
+            f"held-out mAP@[.5:.95] {metrics['map']:.3f}, mAP@0.5 {metrics['map50']:.3f} on "
+            f"{metrics['held_out_canvases']} canvases ({metrics['held_out_digits']} digits), "
+            f"after {metrics['epochs_completed']} epochs; {metrics['images_per_second']:.1f} "
+            "images/s; the saved detector gives the same outputs (largest difference "
+            f"{metrics['reload_max_abs_diff']:.1e})"
+            + (f". Picture of held-out canvases: {metrics['picture']}" if "picture" in metrics
+               else "")
+        )

@@ -88,6 +88,10 @@ class Engine:
         return self.process_index == 0
 
     @property
+    def several_processes(self):
+        return self.num_processes > 1
+
+    @property
     def worker_name(self):
         return f"process-{self.process_index}"
 
@@ -249,19 +253,14 @@ def start(args, seed, deterministic=False):
     return Engine(distribution, jax.process_index(), jax.process_count())
 
 
-def export_saved_model_in_tensorflow(model_path, export_dir, class_names, crop_pct):
+def export_saved_model_in_tensorflow(model_path, export_dir, class_names):
     """Writes the SavedModel of the `.keras` file `model_path` from a TensorFlow-backend
     subprocess (a SavedModel is a TensorFlow graph; this process runs Keras on JAX)."""
     import json
     import subprocess
     import sys
 
-    request = {
-        "model": model_path,
-        "export_dir": export_dir,
-        "class_names": class_names,
-        "crop_pct": crop_pct,
-    }
+    request = {"model": model_path, "export_dir": export_dir, "class_names": class_names}
     env = {**os.environ, "KERAS_BACKEND": "tensorflow"}
     env.pop("XLA_FLAGS", None)
     for name in DISTRIBUTION_VARIABLES:

@@ -144,6 +144,7 @@ class Engine:
         self.worker_name = worker_name(strategy)
         self.process_index, self.num_processes = 0, 1  # tf.distribute shards the datasets
         self.multi_worker = is_multi_worker(strategy)
+        self.several_processes = self.multi_worker
 
     @property
     def replicas(self):

@@ -3,7 +3,7 @@
 - `OutputDirLock`: one run per output directory (and process). A second run is refused with a
   message naming the running one; the lock is an `flock` on an open file, so the kernel frees it
   when its holder dies, however it dies.
-- `CheckedBackupAndRestore` and `find_backup`: Keras' `BackupAndRestore` with backups that are
+- `CheckedBackupAndRestore` and `find_backup`: backups as Keras' `BackupAndRestore` takes them,
   published whole (written to a temporary folder, then renamed) with SHA-256 checksums beside
   them, the newest two kept. A rerun verifies them before training starts, resumes from the newest
   intact one and says which; it falls back to the previous one when the newest is damaged, and
@@ -14,7 +14,7 @@
   agreement function their engine supplies.
 
 Nothing here is specific to a backend: the callbacks use Keras' public callback API and
-`save_weights` / `load_weights`; files are plain Python.
+`save_weights` / `load_weights` only; files are plain Python.
 """
 
 import datetime
@@ -316,14 +316,16 @@ def _set_aside(backup_dir, paths):
     return folder
 
 
-class CheckedBackupAndRestore(keras.callbacks.BackupAndRestore):
-    """`keras.callbacks.BackupAndRestore` whose backups are checked before they are trusted.
+class CheckedBackupAndRestore(keras.callbacks.Callback):
+    """Backups of a `fit` as Keras' `BackupAndRestore` takes them, checked before they are
+    trusted.
 
     Each backup is a folder `backup_dir/<number>/` holding `model.weights.h5` (model and
     optimizer), `training_metadata.json` (epochs completed, steps into the next) and `SHA256SUMS`;
     it is written under a temporary name, flushed to disk and renamed, so a reader sees whole
     backups only. The newest `KEPT_BACKUPS` are kept. Restoring loads the backup that
-    `find_backup` chose before training (`resume`).
+    `find_backup` chose before training (`resume`) at the start of `fit`, which must then start
+    at the backup's epoch (`fit(..., initial_epoch=resume.epoch)`; another start is refused).
 
     A backup taken within an epoch (after step k) also records the model's random-number states.
     The `fit` that restores it must be fed the rest of that epoch only (its steps k+1.. of that
@@ -341,11 +343,23 @@ class CheckedBackupAndRestore(keras.callbacks.BackupAndRestore):
     """
 
     def __init__(self, backup_dir, save_freq="epoch", resume=None, delete_checkpoint=True):
-        super().__init__(backup_dir, save_freq=save_freq, delete_checkpoint=delete_checkpoint)
+        super().__init__()
+        if save_freq != "epoch" and not (
+            isinstance(save_freq, int) and not isinstance(save_freq, bool) and save_freq > 0
+        ):
+            raise ValueError(
+                f"save_freq must be 'epoch' or a positive number of steps; received {save_freq!r}."
+            )
+        self.backup_dir = backup_dir
+        self.save_freq = save_freq
         self.resume = resume
+        self.delete_checkpoint = delete_checkpoint
+        self._epoch = 0  # the epoch in progress (0-based), or the epochs completed after one
         self._steps_in_epoch = 0
         self._steps_before = 0  # steps of the current epoch trained before this fit
+        self._steps_since_save = 0
         self._saved_at = None
+        self._first_epoch = None  # the epoch the restoring fit must start at
 
     def on_train_begin(self, logs=None):
         if self.resume is None:
@@ -354,36 +368,46 @@ class CheckedBackupAndRestore(keras.callbacks.BackupAndRestore):
         if model.optimizer is not None and not model.optimizer.built:
             model.optimizer.build(model.trainable_variables)  # its variables are in the file
         model.load_weights(os.path.join(self.resume.path, WEIGHTS_FILE))
-        model._initial_epoch = self.resume.epoch  # what Keras' BackupAndRestore sets
-        self._current_epoch = self.resume.epoch
+        self._first_epoch = self._epoch = self.resume.epoch
         self._steps_before = self.resume.steps
         self._saved_at = (self.resume.epoch, self.resume.steps)
         self.resume = None  # restored: a later `fit` (the next epochs) continues from here
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._current_epoch = epoch
+        if self._first_epoch is not None and epoch != self._first_epoch:
+            raise ValueError(
+                f"The backup restored holds the state after {self._first_epoch} epoch(s) "
+                f"(+{self._steps_before} steps); fit started at epoch {epoch} instead. Pass "
+                f"initial_epoch={self._first_epoch} to fit."
+            )
+        self._first_epoch = None
+        self._epoch = epoch
         self._steps_in_epoch = self._steps_before
 
     def on_train_batch_end(self, batch, logs=None):
         self._steps_in_epoch = self._steps_before + batch + 1
-        super().on_train_batch_end(batch, logs)
+        if self.save_freq != "epoch":
+            self._steps_since_save += 1
+            if self._steps_since_save >= self.save_freq:
+                self._save_backup()
 
     def on_epoch_end(self, epoch, logs=None):
-        self._steps_in_epoch = self._steps_before = 0
-        super().on_epoch_end(epoch, logs)
+        self._epoch, self._steps_in_epoch, self._steps_before = epoch + 1, 0, 0
+        if self.save_freq == "epoch":
+            self._save_backup()
 
     def on_train_end(self, logs=None):
-        # Keras' fit starts at `_initial_epoch` whenever it is set: only the fit that restored
-        # the backup may, not the one that continues after it.
-        self.model._initial_epoch = None
-        super().on_train_end(logs)
+        self._first_epoch = None
+        if self.delete_checkpoint:
+            shutil.rmtree(self.backup_dir, ignore_errors=True)
 
     def save_now(self):
         """Publishes a backup of the current position (unless it is already the newest)."""
-        return self._save_model()
+        return self._save_backup()
 
-    def _save_model(self):
-        position = (self._current_epoch, self._steps_in_epoch)
+    def _save_backup(self):
+        self._steps_since_save = 0
+        position = (self._epoch, self._steps_in_epoch)
         newest = _published_backups(self.backup_dir)
         if self._saved_at == position and newest:
             return Backup(newest[0], *position)
@@ -457,13 +481,15 @@ class StopOnSignal(keras.callbacks.Callback):
         for sig in self.signals:
             self._previous_handlers[sig] = signal.signal(sig, self._note)
 
-    def _restore_handlers(self):
+    def restore_handlers(self):
+        """Puts back the handlers the signals had before `fit` began (at most once). `fit` calls
+        no callback when it fails, so whoever runs it calls this when it raises."""
         for sig, handler in self._previous_handlers.items():
             signal.signal(sig, handler)
         self._previous_handlers = {}
 
     def on_train_end(self, logs=None):
-        self._restore_handlers()
+        self.restore_handlers()
 
     def _stop_if_asked(self):
         asked = self.received is not None
@@ -471,7 +497,7 @@ class StopOnSignal(keras.callbacks.Callback):
             asked = bool(self.agree(asked))
         if asked:
             backup = self.backup.save_now()
-            self._restore_handlers()
+            self.restore_handlers()
             raise Preempted(self.received or "another process of the run", backup)
 
     # Only after steps: at an epoch's end the other callbacks' records of it (metrics, log,

@@ -7,9 +7,6 @@ and the Keras version found, instead of misbehaving silently. No Keras is refuse
 number: CI runs these on the newest Keras below 4 and on the oldest one keras_coat supports
 (pyproject.toml).
 
-- `SeedStream` (the augmentation's colour jitter): a `keras.random.SeedGenerator` whose draws are
-  a function of one seed tensor. Relies on Keras' random ops drawing their seed by calling
-  `SeedGenerator.next()` once per draw and touching nothing else of it.
 - `patch_multi_worker_fit` (training under MultiWorkerMirroredStrategy): works around
   keras-team/keras#20585 by replacing `reduce_per_replica` in Keras' TensorFlow trainer module and
   a model's private build step.
@@ -17,7 +14,6 @@ number: CI runs these on the newest Keras below 4 and on the oldest one keras_co
 TensorFlow is imported only by the functions that need it.
 """
 
-import functools
 import inspect
 import types
 
@@ -29,65 +25,6 @@ def _unsupported(piece, detail):
         f"training's {piece} relies on Keras internals that Keras {keras.version()} no longer "
         f"has: {detail}"
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# SeedStream
-
-
-class SeedStream(keras.random.SeedGenerator):
-    """A `SeedGenerator` whose draws are fold-ins of one seed tensor, without any state.
-
-    Keras random ops accept a `SeedGenerator` as `seed` and call `next()` once per draw; this one
-    returns `fold_in(seed, 1)`, `fold_in(seed, 2)`, ... (the counter advances while the graph is
-    traced, so each draw site in the graph gets its own constant). TensorFlow only (tf.data).
-
-    Args:
-        seed: a ``[2]`` integer seed tensor (e.g. one example's seed in a tf.data pipeline).
-    """
-
-    def __init__(self, seed):  # no state variable: deliberately not calling super().__init__
-        import tensorflow as tf
-
-        _check_seed_generators_are_drawn_with_next()
-        self._seed = tf.convert_to_tensor(seed)
-        self._draws = 0
-
-    def next(self, ordered=True):
-        import tensorflow as tf
-
-        self._draws += 1
-        return tf.random.experimental.stateless_fold_in(self._seed, self._draws)
-
-
-class _CountingSeed(keras.random.SeedGenerator):
-    """Counts `next()` calls; draws from a plain `SeedGenerator`, skipping its own state."""
-
-    def __init__(self):  # no state variable, as SeedStream
-        self.calls = 0
-        self._inner = keras.random.SeedGenerator(0)
-
-    def next(self, ordered=True):
-        self.calls += 1
-        return self._inner.next(ordered)
-
-
-@functools.cache
-def _check_seed_generators_are_drawn_with_next():
-    probe = _CountingSeed()
-    try:
-        keras.random.uniform((2,), seed=probe)
-        drawn = probe.calls == 1
-    except Exception as error:  # any failure means the Keras behaviour relied on is gone
-        raise _unsupported(
-            "SeedStream", f"a random op with a stateless SeedGenerator fails: {error!r}"
-        ) from error
-    if not drawn:
-        raise _unsupported(
-            "SeedStream",
-            f"its random ops called SeedGenerator.next() {probe.calls} times for one draw "
-            "instead of once",
-        )
 
 
 # ---------------------------------------------------------------------------------------------

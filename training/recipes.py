@@ -17,6 +17,8 @@ import dataclasses
 import math
 import typing
 
+from keras_coat.presets import CROP_MODES
+
 RECIPE_NAMES = ("imagenet", "finetune", "demo")
 MIXED_PRECISION_POLICIES = {
     "none": "float32",
@@ -25,11 +27,47 @@ MIXED_PRECISION_POLICIES = {
 }
 
 
-def _field(default=dataclasses.MISSING, help="", **cli):
+def recipe_field(default=dataclasses.MISSING, help="", **cli):
     """A recipe field with its command-line help. `cli` may name the `flag` when it is not the
     field's name, the value that switches an optional feature `off`, `choices`, a `metavar`,
     or `set_by`: the option that sets a field which is no plain override."""
     return dataclasses.field(default=default, metadata={"help": help, **cli})
+
+
+def common_problems(recipe):
+    """What is wrong with the fields every recipe has (`Recipe`, the detector's
+    `training.detection.DetectionRecipe`): finite numbers, epochs and batch, the optimizer and
+    its schedule (`training.optim`), backups. A list of texts, empty when nothing is."""
+    problems = []
+    for field in dataclasses.fields(recipe):
+        value = getattr(recipe, field.name)
+        values = value if isinstance(value, tuple) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            problems.append(f"{field.name} must be finite, got {value}")
+    for field in ("epochs", "batch_size"):
+        if getattr(recipe, field) <= 0:
+            problems.append(f"{field} must be positive, got {getattr(recipe, field)}")
+    for field in ("lr", "warmup_lr", "min_lr", "weight_decay"):
+        if getattr(recipe, field) < 0:
+            problems.append(f"{field} must be >= 0, got {getattr(recipe, field)}")
+    if recipe.warmup_epochs < 0 or recipe.warmup_epochs > recipe.epochs:
+        problems.append(
+            f"warmup_epochs must be in [0, epochs={recipe.epochs}], got {recipe.warmup_epochs}"
+        )
+    if recipe.adam_epsilon <= 0:
+        problems.append(f"adam_epsilon must be positive, got {recipe.adam_epsilon}")
+    if recipe.clip_norm is not None and recipe.clip_norm <= 0:
+        problems.append(f"clip_norm must be positive or None, got {recipe.clip_norm}")
+    if recipe.ema_momentum is not None and not 0.0 < recipe.ema_momentum < 1.0:
+        problems.append(f"ema_momentum must be in (0, 1) or None, got {recipe.ema_momentum}")
+    if recipe.backup_every != "epoch" and not (
+        isinstance(recipe.backup_every, int) and recipe.backup_every > 0
+    ):
+        problems.append(
+            f"backup_every must be 'epoch' or a positive number of steps, got "
+            f"{recipe.backup_every!r}"
+        )
+    return problems
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,95 +80,85 @@ class Recipe:
     given here.
     """
 
-    name: str = _field(help="the recipe", set_by="--recipe")
-    dataset: str = _field(help="digits, folder:PATH or a TFDS name")
-    model: str = _field("coat_lite_tiny", "a keras_coat variant", set_by="--model")
-    image_size: int = _field(224, "training and evaluation image size, a multiple of 32")
-    epochs: int = _field(300, "training epochs")
-    batch_size: int = _field(2048, "global batch size, over all replicas")
+    name: str = recipe_field(help="the recipe", set_by="--recipe")
+    dataset: str = recipe_field(help="digits, folder:PATH or a TFDS name")
+    model: str = recipe_field("coat_lite_tiny", "a keras_coat variant", set_by="--model")
+    image_size: int = recipe_field(224, "training and evaluation image size, a multiple of 32")
+    epochs: int = recipe_field(300, "training epochs")
+    batch_size: int = recipe_field(2048, "global batch size, over all replicas")
     # Optimizer: AdamW with decoupled weight decay, not applied to class tokens, norms, biases.
-    lr: float = _field(5e-4, "learning rate per --lr-reference-batch images")
-    lr_reference_batch: int = _field(512, "batch size that --lr is given for")
-    warmup_epochs: float = _field(5.0, "linear warm-up from --warmup-lr, in epochs")
-    warmup_lr: float = _field(1e-6, "learning rate at the start of the warm-up")
-    min_lr: float = _field(1e-5, "learning rate at the end of the cosine schedule")
-    weight_decay: float = _field(0.05, "AdamW decoupled weight decay")
-    adam_epsilon: float = _field(1e-8, "AdamW epsilon")
-    clip_norm: float | None = _field(None, "global gradient-norm clip, 0 disables", off=0)
-    ema_momentum: float | None = _field(
+    lr: float = recipe_field(5e-4, "learning rate per --lr-reference-batch images")
+    lr_reference_batch: int = recipe_field(512, "batch size that --lr is given for")
+    warmup_epochs: float = recipe_field(5.0, "linear warm-up from --warmup-lr, in epochs")
+    warmup_lr: float = recipe_field(1e-6, "learning rate at the start of the warm-up")
+    min_lr: float = recipe_field(1e-5, "learning rate at the end of the cosine schedule")
+    weight_decay: float = recipe_field(0.05, "AdamW decoupled weight decay")
+    adam_epsilon: float = recipe_field(1e-8, "AdamW epsilon")
+    clip_norm: float | None = recipe_field(None, "global gradient-norm clip, 0 disables", off=0)
+    ema_momentum: float | None = recipe_field(
         0.99996, "EMA momentum of the weights (validated, checkpointed, exported), 0 disables",
         flag="ema", off=0,
     )
     # Model.
-    drop_path: float = _field(0.1, "stochastic depth rate")
-    init_weights: str | None = _field(
+    drop_path: float = recipe_field(0.1, "stochastic depth rate")
+    init_weights: str | None = recipe_field(
         None, '"imagenet", a weights file or a preset reference (built-in name, preset '
         "directory, .keras file, hf://owner/repo) to start from; a preset sets the architecture",
     )
     # Loss and batch mixing.
-    label_smoothing: float = _field(0.1, "label smoothing")
-    mixup: float = _field(0.8, "Mixup Beta(alpha, alpha), 0 disables")
-    cutmix: float = _field(1.0, "CutMix Beta(alpha, alpha), 0 disables")
-    mixup_switch_prob: float = _field(0.5, "with both on: probability of CutMix for a batch")
+    label_smoothing: float = recipe_field(0.1, "label smoothing")
+    mixup: float = recipe_field(0.8, "Mixup Beta(alpha, alpha), 0 disables")
+    cutmix: float = recipe_field(1.0, "CutMix Beta(alpha, alpha), 0 disables")
+    mixup_switch_prob: float = recipe_field(0.5, "with both on: probability of CutMix for a batch")
     # Per-image augmentation.
-    crop_scale: tuple[float, float] = _field(
+    crop_scale: tuple[float, float] = recipe_field(
         (0.08, 1.0), "random-resized-crop area range", metavar=("MIN", "MAX")
     )
-    crop_ratio: tuple[float, float] = _field(
+    crop_ratio: tuple[float, float] = recipe_field(
         (3 / 4, 4 / 3), "random-resized-crop aspect-ratio range", metavar=("MIN", "MAX")
     )
-    horizontal_flip: bool = _field(True, "random horizontal flips")
-    rand_augment_ops: int = _field(2, "RandAugment ops per image")
-    rand_augment_magnitude: float | None = _field(
+    horizontal_flip: bool = recipe_field(True, "random horizontal flips")
+    rand_augment_ops: int = recipe_field(2, "RandAugment ops per image")
+    rand_augment_magnitude: float | None = recipe_field(
         9.0, "RandAugment magnitude (0-10), -1 disables", flag="rand_augment", off=-1
     )
-    color_jitter: float | None = _field(
+    color_jitter: float | None = recipe_field(
         0.4, "colour jitter strength (only used when RandAugment is off), 0 disables", off=0
     )
-    random_erasing: float = _field(0.25, "random erasing probability, 0 disables")
-    repeated_augmentations: int = _field(3, "copies of each image per epoch (DeiT's RASampler)")
-    eval_crop_pct: float = _field(0.875, "evaluation: resize to size / crop_pct, center crop")
+    random_erasing: float = recipe_field(0.25, "random erasing probability, 0 disables")
+    repeated_augmentations: int = recipe_field(
+        3, "copies of each image per epoch (DeiT's RASampler)"
+    )
+    eval_crop_pct: float = recipe_field(0.875, "evaluation: resize to size / crop_pct, center crop")
+    eval_crop_mode: str = recipe_field(
+        "center", "evaluation: keep the aspect ratio (center) or resize both sides (squash)",
+        choices=CROP_MODES,
+    )
     # Numerics.
-    mixed_precision: str = _field(
+    mixed_precision: str = recipe_field(
         "bfloat16", "mixed precision policy", choices=sorted(MIXED_PRECISION_POLICIES)
     )
-    backup_every: str | int = _field(
+    backup_every: str | int = recipe_field(
         "epoch", '"epoch" or a number of steps between backups', metavar="epoch|STEPS"
     )
 
     def __post_init__(self):
-        problems = []
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            values = value if isinstance(value, tuple) else (value,)
-            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
-                problems.append(f"{field.name} must be finite, got {value}")
-        for field in ("image_size", "epochs", "batch_size", "lr_reference_batch"):
+        problems = common_problems(self)
+        for field in ("image_size", "lr_reference_batch"):
             if getattr(self, field) <= 0:
                 problems.append(f"{field} must be positive, got {getattr(self, field)}")
         if self.image_size % 32:
             problems.append(f"image_size must be a multiple of 32, got {self.image_size}")
-        for field in ("lr", "warmup_lr", "min_lr"):
-            if getattr(self, field) < 0:
-                problems.append(f"{field} must be >= 0, got {getattr(self, field)}")
-        if self.warmup_epochs < 0 or self.warmup_epochs > self.epochs:
-            problems.append(
-                f"warmup_epochs must be in [0, epochs={self.epochs}], got {self.warmup_epochs}"
-            )
         if not 0.0 <= self.drop_path < 1.0:
             problems.append(f"drop_path must be in [0, 1), got {self.drop_path}")
         if not 0.0 <= self.label_smoothing < 1.0:
             problems.append(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        for field in ("mixup", "cutmix", "weight_decay"):
+        for field in ("mixup", "cutmix"):
             if getattr(self, field) < 0:
                 problems.append(f"{field} must be >= 0, got {getattr(self, field)}")
         for field in ("mixup_switch_prob", "random_erasing"):
             if not 0.0 <= getattr(self, field) <= 1.0:
                 problems.append(f"{field} must be in [0, 1], got {getattr(self, field)}")
-        if self.clip_norm is not None and self.clip_norm <= 0:
-            problems.append(f"clip_norm must be positive or None, got {self.clip_norm}")
-        if self.ema_momentum is not None and not 0.0 < self.ema_momentum < 1.0:
-            problems.append(f"ema_momentum must be in (0, 1) or None, got {self.ema_momentum}")
         if self.rand_augment_magnitude is not None and not 0 <= self.rand_augment_magnitude <= 10:
             problems.append(
                 f"rand_augment_magnitude must be in [0, 10] or None, got "
@@ -148,17 +176,14 @@ class Recipe:
             )
         if not 0.0 < self.eval_crop_pct <= 1.0:
             problems.append(f"eval_crop_pct must be in (0, 1], got {self.eval_crop_pct}")
+        if self.eval_crop_mode not in CROP_MODES:
+            problems.append(
+                f"eval_crop_mode must be one of {list(CROP_MODES)}, got {self.eval_crop_mode!r}"
+            )
         if self.mixed_precision not in MIXED_PRECISION_POLICIES:
             problems.append(
                 f"mixed_precision must be one of {sorted(MIXED_PRECISION_POLICIES)}, got "
                 f"{self.mixed_precision!r}"
-            )
-        if self.backup_every != "epoch" and not (
-            isinstance(self.backup_every, int) and self.backup_every > 0
-        ):
-            problems.append(
-                f"backup_every must be 'epoch' or a positive number of steps, got "
-                f"{self.backup_every!r}"
             )
         if problems:
             raise ValueError(f"Invalid recipe {self.name!r}: " + "; ".join(problems) + ".")
@@ -271,14 +296,16 @@ def flag(field):
     return "--" + field.metadata.get("flag", field.name).replace("_", "-")
 
 
-def add_override_arguments(group):
-    """Adds an option for every recipe field not set by another option (see `flag`).
+def add_override_arguments(group, recipe_type=Recipe):
+    """Adds an option for every field of the recipe dataclass `recipe_type` (its fields made
+    with `recipe_field`) not set by another option (see `flag`).
 
-    Options are typed from the field's annotation (a finite number, an int, a MIN MAX pair,
-    --x/--no-x for booleans); ``none`` switches an optional field off, as does its `off` value.
-    Only options given on the command line appear in the parsed namespace.
+    Options are typed from the field's annotation (a finite number, an int, a MIN MAX pair or a
+    list of numbers for tuples, --x/--no-x for booleans); ``none`` switches an optional field
+    off, as does its `off` value. Only options given on the command line appear in the parsed
+    namespace.
     """
-    for field in dataclasses.fields(Recipe):
+    for field in dataclasses.fields(recipe_type):
         if "set_by" in field.metadata:
             continue
         meta = field.metadata
@@ -286,8 +313,12 @@ def add_override_arguments(group):
         if field.type is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(field.type) is tuple:
-            pair = typing.get_args(field.type)
-            kwargs.update(type=_finite_float, nargs=len(pair), metavar=meta["metavar"])
+            items = typing.get_args(field.type)
+            kwargs.update(
+                type=_finite_float if items[0] is float else int,
+                nargs="+" if Ellipsis in items else len(items),
+                metavar=meta["metavar"],
+            )
         elif "choices" in meta:
             kwargs.update(choices=meta["choices"])
         else:
@@ -306,10 +337,10 @@ def add_override_arguments(group):
         group.add_argument(flag(field), **kwargs)
 
 
-def command_line_overrides(args):
+def command_line_overrides(args, recipe_type=Recipe):
     """The recipe fields given on the command line (`add_override_arguments`), as a dict."""
     changes = {}
-    for field in dataclasses.fields(Recipe):
+    for field in dataclasses.fields(recipe_type):
         if "set_by" not in field.metadata and hasattr(args, field.name):
             value = getattr(args, field.name)
             changes[field.name] = tuple(value) if isinstance(value, list) else value

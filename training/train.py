@@ -1,8 +1,10 @@
-"""Train a CoaT classifier.
+"""Train a CoaT model: an image classifier, or a KerasHub RetinaNet detector on a CoaT backbone.
 
-    python -m training.train --model coat_lite_tiny --dataset NAME --output-dir DIR
+    python -m training.train --output-dir DIR [--task classification|detection] [options]
 
-One entry point for every setting: a recipe (`--recipe imagenet|finetune|demo`, see
+One entry point for every task and setting: a task (`--task`: a classifier on a data set of
+`keras_coat.datasets`, or a detector of handwritten digits on generated canvases,
+`training.detection`), its recipe (`--recipe imagenet|finetune|demo` for classifiers, see
 `training.recipes`) plus command-line overrides, on either Keras engine: TensorFlow with any
 tf.distribute strategy (`training.engine_tf`), or JAX with keras.distribution data parallelism
 over devices and processes (`training.engine_jax`); KERAS_BACKEND or --backend picks. Mixed
@@ -15,15 +17,19 @@ one (training.faults). Outputs in DIR:
   recipe.json        the resolved recipe (a resume must use the same one)
   backup/            the newest two backups (training.faults), removed when the run completes
   last.keras         the model after the latest epoch (the final model once complete)
-  best.keras         the model of the epoch with the best validation accuracy
   training_log.csv   one row per epoch; logs/ TensorBoard
-  metrics.json       val_accuracy, val_loss, epochs_completed, images_per_second, ...
-  export/1/          TensorFlow SavedModel for serving (keras_coat.export; from JAX through a
+  metrics.json       the final measurements, epochs_completed, images_per_second, ...
+  classification:
+    best.keras       the model of the epoch with the best validation accuracy
+    export/1/        TensorFlow SavedModel for serving (keras_coat.export; from JAX through a
                      TensorFlow-backend subprocess)
+  detection:
+    detections.png   held-out canvases: the true boxes beside the detections
 """
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -36,22 +42,30 @@ from keras_coat.utils.files import check_can_create_folder
 from training import faults
 from training import recipes as recipes_lib
 from training.callbacks import read_json, write_json
+from training.detection import DetectionTask
 
 BACKENDS = ("tensorflow", "jax")
-
-BACKUP_METADATA = "training_metadata.json"
+TASK_NAMES = ("classification", "detection")
+LAST = "last.keras"
 
 
 def parse_args(argv=None):
+    task = TASKS[_task_name(argv)]
     parser = argparse.ArgumentParser(
         prog="python -m training.train",
         # Not argparse's list of every option: an error then stays two short lines.
-        usage="%(prog)s --output-dir DIR [--recipe NAME] [options] (see --help)",
+        usage="%(prog)s --output-dir DIR [--task NAME] [--recipe NAME] [options] (see --help; "
+        "--task detection --help for the detector's options)",
         description=__doc__.split("\n\n")[2],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     run = parser.add_argument_group("run")
-    run.add_argument("--recipe", choices=recipes_lib.RECIPE_NAMES, default="imagenet")
+    run.add_argument(
+        "--task",
+        choices=TASK_NAMES,
+        default="classification",
+        help="an image classifier, or a KerasHub RetinaNet detector on a CoaT backbone",
+    )
     run.add_argument(
         "--model", help="a keras_coat variant, e.g. coat_lite_tiny (default: the recipe's)"
     )
@@ -62,8 +76,6 @@ def parse_args(argv=None):
         '(e.g. \'{"embed_dims": [16, 16, 16, 16], "serial_depths": [1, 1, 1, 1], '
         '"mlp_ratios": [2, 2, 2, 2]}\'); replaces --model',
     )
-    run.add_argument("--data-dir", help="TFDS data_dir")
-    run.add_argument("--manual-dir", help="TFDS manual_dir (imagenet2012's archives)")
     run.add_argument("--output-dir", required=True)
     run.add_argument("--seed", type=int, default=0)
     run.add_argument(
@@ -75,7 +87,6 @@ def parse_args(argv=None):
     run.add_argument(
         "--verbose", type=int, default=1, choices=(0, 1, 2), help="Keras fit verbosity"
     )
-    run.add_argument("--no-export", action="store_true", help="skip the SavedModel export")
     run.add_argument(
         faults.RESTART_FLAG,
         action="store_true",
@@ -87,6 +98,7 @@ def parse_args(argv=None):
         choices=BACKENDS,
         help="the Keras engine (default: KERAS_BACKEND, else Keras' configured backend)",
     )
+    task.add_arguments(parser.add_argument_group(f"{task.name} task"))
 
     from training import engine_jax, engine_tf
 
@@ -105,11 +117,19 @@ def parse_args(argv=None):
     recipes_lib.add_override_arguments(
         parser.add_argument_group(
             "recipe overrides",
-            "each replaces the recipe's value (training/recipes.py); an optional feature "
+            f"each replaces the recipe's value ({task.recipe_module}); an optional feature "
             '(FLOAT|none) is switched off by "none" or the value its help names',
-        )
+        ),
+        task.recipe_type,
     )
     return parser.parse_args(argv)
+
+
+def _task_name(argv):
+    """The --task of a command line (the options offered depend on it)."""
+    parser = argparse.ArgumentParser(prog="python -m training.train", add_help=False)
+    parser.add_argument("--task", choices=TASK_NAMES, default="classification")
+    return parser.parse_known_args(argv)[0].task
 
 
 def resolve_recipe(args):
@@ -140,20 +160,26 @@ def build_model(recipe, num_classes, model_config=None):
         drop_path_rate=recipe.drop_path,
     )
     if model_config is not None:
-        return keras_coat.CoaT(**model_config, weights=init, **kwargs)
-    if init is None or init.endswith(WEIGHT_FILE_SUFFIXES):
-        return keras_coat.create_model(recipe.model, weights=init, **kwargs)
-    if init == "imagenet":
-        size = (recipe.image_size, recipe.image_size)
-        init = keras_coat.presets.checkpoint_for(recipe.model, size).name
-    return keras_coat.CoaTImageClassifier.from_preset(
-        init,
-        image_shape=kwargs["input_shape"],
-        drop_path_rate=recipe.drop_path,
-        num_classes=num_classes,
-        activation="softmax",
-        include_preprocessing=True,
+        model = keras_coat.CoaT(**model_config, weights=init, **kwargs)
+    elif init is None or init.endswith(WEIGHT_FILE_SUFFIXES):
+        model = keras_coat.create_model(recipe.model, weights=init, **kwargs)
+    else:
+        if init == "imagenet":
+            size = (recipe.image_size, recipe.image_size)
+            init = keras_coat.presets.checkpoint_for(recipe.model, size).name
+        model = keras_coat.CoaTImageClassifier.from_preset(
+            init,
+            image_shape=kwargs["input_shape"],
+            drop_path_rate=recipe.drop_path,
+            num_classes=num_classes,
+            activation="softmax",
+            include_preprocessing=True,
+        )
+    # The model carries the evaluation transform it is validated with, for its exports.
+    model.preprocessing = dataclasses.replace(
+        model.preprocessing, crop_pct=recipe.eval_crop_pct, crop_mode=recipe.eval_crop_mode
     )
+    return model
 
 
 def check_init_architecture(model, requested, init_weights):
@@ -205,20 +231,6 @@ def read_run_file(path):
         ) from None
 
 
-def backed_up_epoch(backup_dir):
-    """The epoch a BackupAndRestore backup in `backup_dir` resumes at (0 without backup)."""
-    path = os.path.join(backup_dir, BACKUP_METADATA)
-    metadata = read_run_file(path)
-    if metadata is None:
-        return 0
-    try:
-        return int(metadata["epoch"])
-    except (TypeError, KeyError, ValueError):
-        raise SetupError(
-            f"{path} holds no epoch number; delete {backup_dir} to start the run over."
-        ) from None
-
-
 def check_same_recipe(path, recipe, resuming):
     """A resumed run must use the recipe it started with.
 
@@ -229,6 +241,14 @@ def check_same_recipe(path, recipe, resuming):
     if not resuming:
         return current
     previous = read_run_file(path)
+    if previous is not None:
+        # A field added since the run started reads as its default.
+        defaults = {
+            f.name: json.loads(json.dumps(f.default))
+            for f in dataclasses.fields(recipe)
+            if f.default is not dataclasses.MISSING
+        }
+        previous = {**{k: v for k, v in defaults.items() if k in current}, **previous}
     if previous is not None and previous != current:
         keys = set(previous) | set(current)
         changed = sorted(k for k in keys if previous.get(k) != current.get(k))
@@ -241,10 +261,20 @@ def check_same_recipe(path, recipe, resuming):
 
 
 def make_callbacks(
-    recipe, work_dir, global_batch, steps, metrics_path, seed, resume=None, agree=None
+    recipe,
+    work_dir,
+    global_batch,
+    steps,
+    metrics_path,
+    seed,
+    resume=None,
+    agree=None,
+    best_metric="val_accuracy",
 ):
     """The run's callbacks and its MetricsWriter. `resume`: the backup to restore
-    (faults.find_backup); `agree`: for several processes, faults.StopOnSignal's agreement."""
+    (faults.find_backup); `agree`: for several processes, faults.StopOnSignal's agreement;
+    `best_metric`: the validation metric whose best epoch best.keras keeps (None: no
+    best.keras)."""
     import keras
 
     from training.callbacks import MetricsWriter, ReseedModelRandomness
@@ -263,20 +293,22 @@ def make_callbacks(
         else ReseedModelRandomness(seed)
     )
     callbacks = [backup, faults.StopOnSignal(backup, agree=agree), reseed]
-    if recipe.ema_momentum is not None:
+    if getattr(recipe, "ema_momentum", None) is not None:
         # Validation and the epoch's checkpoints see the EMA weights, as the reference evaluates
         # its EMA model. After BackupAndRestore, so backups keep the raw weights to resume from.
         callbacks.append(keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
+    callbacks += [metrics_writer, keras.callbacks.ModelCheckpoint(os.path.join(work_dir, LAST))]
+    if best_metric is not None:
+        callbacks.append(
+            keras.callbacks.ModelCheckpoint(
+                os.path.join(work_dir, "best.keras"),
+                monitor=best_metric,
+                mode="max",
+                save_best_only=True,
+                initial_value_threshold=best,
+            )
+        )
     callbacks += [
-        metrics_writer,
-        keras.callbacks.ModelCheckpoint(os.path.join(work_dir, "last.keras")),
-        keras.callbacks.ModelCheckpoint(
-            os.path.join(work_dir, "best.keras"),
-            monitor="val_accuracy",
-            mode="max",
-            save_best_only=True,
-            initial_value_threshold=best,
-        ),
         keras.callbacks.CSVLogger(os.path.join(work_dir, "training_log.csv"), append=True),
         keras.callbacks.TensorBoard(os.path.join(work_dir, "logs")),
     ]
@@ -338,12 +370,18 @@ def main(argv=None):
 
 def _train(args, held):
     with refuse_setup_errors():
-        recipe = resolve_recipe(args)
+        task = TASKS[args.task](args)
+        recipe = task.recipe
         check_can_create_folder(args.output_dir, f"--output-dir {args.output_dir!r}")
 
         # Devices first: nothing may touch the backend's runtime before this.
         engine = start_engine(args)
-        recipes_lib.set_precision(recipe.mixed_precision)
+        if engine.several_processes and not task.several_processes:
+            raise SetupError(
+                f"--task {task.name} trains in one process (with every device it has); this "
+                "run has several processes."
+            )
+        recipes_lib.set_precision(task.precision)
         chief = engine.chief
         # Non-chief workers write the same files, to a private directory.
         work_dir = (
@@ -364,9 +402,8 @@ def _train(args, held):
         previous = read_run_file(metrics_path)
         if previous and previous.get("status") == "complete":
             say(
-                f"{args.output_dir} holds a completed run ({previous.get('epochs_completed')} "
-                f"epochs, val_accuracy {previous.get('val_accuracy')}); nothing to do. Use a new "
-                "--output-dir to train again."
+                f"{args.output_dir} holds a completed run ({task.completed(previous)}); nothing "
+                "to do. Use a new --output-dir to train again."
             )
             return previous
         backup_dir = os.path.join(work_dir, "backup")
@@ -384,12 +421,8 @@ def _train(args, held):
         recipe_path = os.path.join(work_dir, "recipe.json")
         recorded_recipe = check_same_recipe(recipe_path, recipe, resuming)
 
-        from training import data
-
-        source = data.load_source(
-            recipe.dataset, recipe.image_size, args.data_dir, args.manual_dir
-        )
-        steps = data.steps_per_epoch(recipe, source, args.steps_per_epoch)
+        task.load()
+        steps = task.steps
         shard = dict(process_index=engine.process_index, num_processes=engine.num_processes)
         # A backup taken within an epoch (after step k) resumes in two `fit` calls: the rest of
         # that epoch (its batches k+1.., `steps - k` steps), then the epochs after it. One
@@ -401,9 +434,9 @@ def _train(args, held):
         within_epoch = resume.steps if resume else 0
         fits = [  # (dataset, first epoch, end epoch, steps per epoch)
             (
-                data.train_dataset(
-                    recipe, source, args.seed, start_epoch, args.steps_per_epoch, **shard,
-                    start_step=within_epoch, end_epoch=start_epoch + 1,
+                task.train_dataset(
+                    args.seed, start_epoch, shard, start_step=within_epoch,
+                    end_epoch=start_epoch + 1,
                 ),
                 start_epoch, start_epoch + 1, steps - within_epoch,
             )
@@ -412,22 +445,15 @@ def _train(args, held):
         # Called even with no epoch left when it is the only fit: its start restores the backup
         # (a run stopped after its last epoch, before evaluation and export).
         if first_whole < recipe.epochs or not fits:
-            whole_epochs = data.train_dataset(
-                recipe, source, args.seed, first_whole, args.steps_per_epoch, **shard
-            )
+            whole_epochs = task.train_dataset(args.seed, first_whole, shard)
             fits.append((whole_epochs, first_whole, recipe.epochs, steps))
-        val_ds = data.eval_dataset(recipe, source, **shard)
+        val_ds = task.validation_dataset(shard)
 
         replicas = engine.replicas
         say(
-            f"{engine.describe()}, global batch "
-            f"{recipe.batch_size} ({recipe.batch_size / replicas:g} per replica), precision "
-            f"{recipe.mixed_precision}.\nRecipe {recipe.name}: {recipe.model} at "
-            f"{recipe.image_size}px on {source.name} ({source.train.num_examples} train / "
-            f"{source.validation.num_examples} held-out images, {source.num_classes} classes), "
-            f"{recipe.epochs} epochs x {steps} steps, peak lr {recipe.peak_lr:.3g}.\n"
-            "Training pipeline: "
-            + " -> ".join(data.TrainTransform(recipe, source.num_classes).step_names)
+            f"{engine.describe()}, global batch {recipe.batch_size} "
+            f"({recipe.batch_size / replicas:g} per replica), precision {task.precision}.\n"
+            + task.describe()
         )
         if resume:
             say(
@@ -441,17 +467,17 @@ def _train(args, held):
             )
 
         with engine.scope():
-            model = build_model(recipe, source.num_classes, args.model_config)
-            check_init_architecture(model, args.model, recipe.init_weights)
-            compile_model(model, recipe, steps, args.jit_compile)
+            model = task.build()
             engine.prepare(model, val_ds)
         # Only now, with everything checked, does the run leave files behind.
         os.makedirs(work_dir, exist_ok=True)
         write_json(recipe_path, recorded_recipe)
 
     callbacks, metrics_writer = make_callbacks(
-        recipe, work_dir, recipe.batch_size, steps, metrics_path, args.seed, resume, engine.agree
-    )
+        recipe, work_dir, recipe.batch_size, steps, metrics_path, args.seed, resume,
+        engine.agree, best_metric=task.best_metric,
+    )  # fmt: skip
+    stopper = next(c for c in callbacks if isinstance(c, faults.StopOnSignal))
     started = time.time()
     try:
         for train_ds, first_epoch, end_epoch, fit_steps in fits:
@@ -476,28 +502,128 @@ def _train(args, held):
         if lost is None:
             raise
         raise LostProcess(lost) from error
-    # With EMA, fit ends with the averaged weights in the model: measure, save and export those.
-    final = model.evaluate(val_ds, verbose=0, return_dict=True)
-    model.save(os.path.join(work_dir, "last.keras"))
-    metrics = metrics_writer.finish(final)
-    metrics["train_seconds_this_session"] = round(time.time() - started, 1)
-
-    if chief and not args.no_export:
-        export_dir = os.path.join(args.output_dir, "export")
-        metrics["export_dir"] = export(model, work_dir, export_dir, source, recipe)
+    finally:
+        stopper.restore_handlers()  # also after a failed fit, which calls no callback
+    # With EMA, fit ends with the averaged weights in the model: save, measure and export those.
+    model.save(os.path.join(work_dir, LAST))
+    seconds = round(time.time() - started, 1)
+    run = Run(args.output_dir, work_dir, chief, val_ds)
+    metrics = metrics_writer.finish(task.finish(model, run))
+    metrics["train_seconds_this_session"] = seconds
     write_json(metrics_path, metrics)
     shutil.rmtree(backup_dir, ignore_errors=True)  # the run is complete: nothing to resume
-    say(
-        f"Done: val_accuracy {metrics['val_accuracy']:.4f}, val_loss {metrics['val_loss']:.4f} "
-        f"after {metrics['epochs_completed']} epochs; {metrics['images_per_second']:.1f} "
-        f"images/s. Outputs in {args.output_dir}."
-    )
+    say(f"Done: {task.done(metrics)}. Outputs in {args.output_dir}.")
     return metrics
 
 
-def export(model, work_dir, export_dir, source, recipe):
+@dataclasses.dataclass
+class Run:
+    """Where a run's outputs go: what a task's `finish` needs besides the model."""
+
+    output_dir: str
+    work_dir: str  # output_dir, or a non-chief process's private folder in it
+    chief: bool
+    validation: object  # the validation dataset, or None
+
+
+class ClassificationTask:
+    """A CoaT image classifier on a data set of `keras_coat.datasets`; its recipes are in
+    `training.recipes`, its pipelines in `training.data`.
+
+    A task tells the trainer what it trains (`recipe`, `build`), on what (`load`,
+    `train_dataset`, `validation_dataset`) and what to do with the result (`finish`); the
+    trainer does the rest, the same for every task (`training.detection.DetectionTask`).
+    """
+
+    name = "classification"
+    recipe_type = recipes_lib.Recipe
+    recipe_module = "training/recipes.py"
+    best_metric = "val_accuracy"
+    several_processes = True
+
+    @staticmethod
+    def add_arguments(group):
+        group.add_argument("--recipe", choices=recipes_lib.RECIPE_NAMES, default="imagenet")
+        group.add_argument("--data-dir", help="TFDS data_dir")
+        group.add_argument("--manual-dir", help="TFDS manual_dir (imagenet2012's archives)")
+        group.add_argument("--no-export", action="store_true", help="skip the SavedModel export")
+
+    def __init__(self, args):
+        self.args = args
+        self.recipe = resolve_recipe(args)
+        self.precision = self.recipe.mixed_precision
+        self.source = self.steps = None
+
+    @staticmethod
+    def completed(metrics):
+        return (
+            f"{metrics.get('epochs_completed')} epochs, val_accuracy "
+            f"{metrics.get('val_accuracy')}"
+        )
+
+    def load(self):
+        from training import data
+
+        args, recipe = self.args, self.recipe
+        self.source = data.load_source(
+            recipe.dataset, recipe.image_size, args.data_dir, args.manual_dir
+        )
+        self.steps = data.steps_per_epoch(recipe, self.source, args.steps_per_epoch)
+
+    def train_dataset(self, seed, start_epoch, shard, start_step=0, end_epoch=None):
+        from training import data
+
+        return data.train_dataset(
+            self.recipe, self.source, seed, start_epoch, self.args.steps_per_epoch, **shard,
+            start_step=start_step, end_epoch=end_epoch,
+        )  # fmt: skip
+
+    def validation_dataset(self, shard):
+        from training import data
+
+        return data.eval_dataset(self.recipe, self.source, **shard)
+
+    def describe(self):
+        from training import data
+
+        r, source = self.recipe, self.source
+        return (
+            f"Recipe {r.name}: {r.model} at {r.image_size}px on {source.name} "
+            f"({source.train.num_examples} train / {source.validation.num_examples} held-out "
+            f"images, {source.num_classes} classes), {r.epochs} epochs x {self.steps} steps, "
+            f"peak lr {r.peak_lr:.3g}.\nTraining pipeline: "
+            + " -> ".join(data.TrainTransform(r, source.num_classes).step_names)
+        )
+
+    def build(self):
+        model = build_model(self.recipe, self.source.num_classes, self.args.model_config)
+        check_init_architecture(model, self.args.model, self.recipe.init_weights)
+        return compile_model(model, self.recipe, self.steps, self.args.jit_compile)
+
+    def finish(self, model, run):
+        """Measures the final model on the validation split and exports it."""
+        final = model.evaluate(run.validation, verbose=0, return_dict=True)
+        results = {"val_loss": float(final["loss"]), "val_accuracy": float(final["accuracy"])}
+        if "top5_accuracy" in final:
+            results["val_top5_accuracy"] = float(final["top5_accuracy"])
+        if run.chief and not self.args.no_export:
+            export_dir = os.path.join(run.output_dir, "export")
+            results["export_dir"] = export(model, run.work_dir, export_dir, self.source)
+        return results
+
+    @staticmethod
+    def done(metrics):
+        return (
+            f"val_accuracy {metrics['val_accuracy']:.4f}, val_loss {metrics['val_loss']:.4f} "
+            f"after {metrics['epochs_completed']} epochs; {metrics['images_per_second']:.1f} "
+            "images/s"
+        )
+
+
+def export(model, work_dir, export_dir, source):
     """Writes the SavedModel export_dir/1 of the trained model, which is saved as
-    work_dir/last.keras; returns its path."""
+    work_dir/last.keras; returns its path. Its serving_bytes signature applies the evaluation
+    transform the model carries (`build_model`)."""
     if keras.backend.backend() == "tensorflow":
         from keras_coat.export import export_saved_model
 
@@ -506,19 +632,18 @@ def export(model, work_dir, export_dir, source, recipe):
             export_dir,
             version=1,
             class_names=source.class_names,
-            crop_pct=recipe.eval_crop_pct,
             overwrite=True,
         )
     else:
         from training.engine_jax import export_saved_model_in_tensorflow
 
         export_saved_model_in_tensorflow(
-            os.path.join(work_dir, "last.keras"),
-            export_dir,
-            source.class_names,
-            recipe.eval_crop_pct,
+            os.path.join(work_dir, LAST), export_dir, source.class_names
         )
     return os.path.join(export_dir, "1")
+
+
+TASKS = {"classification": ClassificationTask, "detection": DetectionTask}
 
 
 if __name__ == "__main__":

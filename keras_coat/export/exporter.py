@@ -101,7 +101,8 @@ def export_model(
         verify: run the written file in its runtime and compare it with the Keras model.
         min_top1_agreement: fail a reduced-precision export whose top-1 agreement with the Keras
             model on the held-out images is lower than this (default: only report it).
-        **saved_model_options: ``version``, ``crop_pct``, ``top_k`` for ``"saved_model"``.
+        **saved_model_options: ``version``, ``crop_pct``, ``crop_mode``, ``top_k`` for
+            ``"saved_model"``.
 
     Returns:
         An ``ExportResult``.

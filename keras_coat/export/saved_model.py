@@ -11,11 +11,12 @@ keras_coat) and in TF Serving. It has two signatures, both returning the same ou
     ``keras_coat.imagenet.MAX_IMAGE_PIXELS`` pixels and ``MAX_IMAGE_SIDE`` per side, checked
     from the header before decoding (other formats and larger images are ``INVALID_ARGUMENT``;
     GIF and WebP are refused because an animated file decodes every frame). Each image is
-    decoded to RGB and goes through ``keras_coat.imagenet.eval_transform``, the evaluation
-    transform that ``load_image`` and training's validation also use: bicubic resize so that
-    the shorter side is ``int(size / crop_pct)`` (a non-square size: so that it just covers
-    ``int(side / crop_pct)`` on both sides, aspect ratio kept), rounding to integer pixel
-    values, center crop to the model's size.
+    decoded to RGB and goes through the evaluation transform (``keras_coat.tf_images``), whose
+    pixels are those of ``keras_coat.imagenet.load_image`` and training's validation (Pillow's,
+    timm's): bicubic resize so that the shorter side is ``int(size / crop_pct)`` (a non-square
+    size: so that it just covers ``int(side / crop_pct)`` on both sides, aspect ratio kept; with
+    ``crop_mode="squash"`` both sides to ``int(side / crop_pct)``), center crop to the model's
+    size.
 
 Outputs: ``probabilities`` float32 ``[batch, classes]``; the ``top_k`` best ``classes`` (int32
 indices), their ``scores`` (float32) and ``class_names`` (string), each ``[batch, top_k]``.
@@ -48,6 +49,7 @@ def export_saved_model(
     class_names=None,
     image_size=None,
     crop_pct=None,
+    crop_mode=None,
     top_k=5,
     overwrite=False,
     model_input="auto",
@@ -71,6 +73,8 @@ def export_saved_model(
         crop_pct: the evaluation crop fraction used by ``serving_bytes`` (0 < crop_pct <= 1).
             Default: the crop fraction of ``model.preprocessing`` when the model carries one,
             else ``keras_coat.imagenet.DEFAULT_CROP_PCT``.
+        crop_mode: the evaluation crop mode of ``serving_bytes``, "center" or "squash" (as
+            timm's). Default: that of ``model.preprocessing``, else "center".
         top_k: how many best classes the signatures return (at most ``classes``).
         overwrite: replace an existing ``directory/<version>``; otherwise that is an error.
         model_input: ``"pixels"`` if the model normalizes [0, 255] pixels itself,
@@ -99,6 +103,7 @@ def export_saved_model(
         class_names=class_names,
         image_size=image_size,
         crop_pct=crop_pct,
+        crop_mode=crop_mode,
         model_input=model_input,
         model_output=model_output,
     )
@@ -170,7 +175,9 @@ def _build_archive(model, classify, contract):
 
     def serve_bytes(image_bytes):
         images = tf.map_fn(
-            lambda data: serving.eval_resize_and_crop(data, height, width, contract.crop_pct),
+            lambda data: serving.eval_resize_and_crop(
+                data, height, width, contract.crop_pct, contract.crop_mode
+            ),
             image_bytes,
             fn_output_signature=tf.TensorSpec((height, width, 3), tf.float32),
             parallel_iterations=DECODE_PARALLELISM,

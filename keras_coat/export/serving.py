@@ -14,7 +14,8 @@ This module holds what the formats share:
   `pixels_to_probabilities`, `frozen`: that graph traced and frozen for the file formats;
 - `checked_pixels`: the shape and value checks of a served pixel batch;
 - `eval_resize_and_crop`: decoding of JPEG, PNG or BMP bytes (size checked from the header
-  before decoding) and the evaluation resize and crop, for the SavedModel's ``serving_bytes``;
+  before decoding) and the evaluation resize and crop (`keras_coat.tf_images`), for the
+  SavedModel's ``serving_bytes``;
 - `check_runtime_probabilities`: the comparison of an export, run in its runtime, with the
   Keras model.
 """
@@ -26,15 +27,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_coat import tf_images
 from keras_coat.imagenet import (
+    CROP_MODES,
     DEFAULT_CROP_PCT,
     IMAGENET_MEAN,
     IMAGENET_STD,
-    MAX_IMAGE_PIXELS,
-    MAX_IMAGE_SIDE,
     NUM_CLASSES,
     class_names as imagenet_class_names,
-    eval_transform,
 )
 
 INPUT_NAME = "images"
@@ -53,7 +53,7 @@ class ServingContract:
     """What an export of one model serves.
 
     ``height``, ``width``: the pixel input size; ``classes``: the number of classes;
-    ``class_names``: one string per class; ``crop_pct``: the evaluation crop fraction of
+    ``class_names``: one string per class; ``crop_pct``, ``crop_mode``: the evaluation crop of
     ``serving_bytes``; ``mean``, ``std``: the normalization (fractions of 255, as
     ``keras_coat.imagenet.IMAGENET_MEAN``) the graph applies when ``normalize``; ``softmax``:
     whether the graph applies a softmax to the model's output.
@@ -64,6 +64,7 @@ class ServingContract:
     classes: int
     class_names: tuple
     crop_pct: float
+    crop_mode: str
     mean: tuple
     std: tuple
     normalize: bool
@@ -89,14 +90,16 @@ def serving_contract(
     class_names=None,
     image_size=None,
     crop_pct=None,
+    crop_mode=None,
     model_input="auto",
     model_output="auto",
 ):
     """Checks `model` and the arguments; returns the `ServingContract` of its exports.
 
     ``class_names`` default: ``model.class_names`` if the model carries them, else the ImageNet
-    names for 1000 classes, ``"class_<i>"`` otherwise. ``crop_pct`` default: the crop fraction
-    of ``model.preprocessing`` if the model carries one, else ``DEFAULT_CROP_PCT``;
+    names for 1000 classes, ``"class_<i>"`` otherwise. ``crop_pct`` and ``crop_mode`` default:
+    those of ``model.preprocessing`` if the model carries one, else ``DEFAULT_CROP_PCT`` and
+    "center";
     ``image_size`` default for a model without a fixed input size: its
     ``model.preprocessing.image_size``. The other arguments are those of
     `keras_coat.export.export_saved_model`.
@@ -115,6 +118,10 @@ def serving_contract(
         or not 0.0 < crop_pct <= 1.0
     ):
         raise ValueError(f"`crop_pct` must be in (0, 1]; received {crop_pct!r}.")
+    if crop_mode is None:
+        crop_mode = _preprocessing_value(preprocessing, ("crop_mode",)) or "center"
+    if crop_mode not in CROP_MODES:
+        raise ValueError(f"`crop_mode` must be one of {CROP_MODES}; received {crop_mode!r}.")
     interpolation = _preprocessing_value(preprocessing, ("interpolation",))
     if interpolation is not None and str(interpolation).lower() != SERVED_INTERPOLATION:
         raise ValueError(
@@ -135,6 +142,7 @@ def serving_contract(
         classes=classes,
         class_names=tuple(resolve_class_names(class_names, classes)),
         crop_pct=float(crop_pct),
+        crop_mode=crop_mode,
         mean=mean,
         std=std,
         normalize=needs_normalization(model, model_input),
@@ -405,82 +413,15 @@ def checked_pixels(images, height, width):
         return tf.identity(images)
 
 
-# Formats serving_bytes decodes: those whose size it reads from the header before decoding.
-# GIF and WebP are refused: an animated file makes the decoder hold every frame, and the frame
-# count is not in any header.
-SERVED_FORMATS = "JPEG, PNG or BMP"
-
-
-def header_image_size(image_bytes):
-    """``(height, width)`` (int64) read from the header of a JPEG, PNG or BMP, before decoding.
-
-    Raises InvalidArgument (when run) for another format, or a size over `MAX_IMAGE_SIDE` or
-    `MAX_IMAGE_PIXELS`: a tiny file can declare gigapixels.
-    """
-    # 32 header bytes, zero-padded so that short inputs index safely.
-    head = tf.strings.substr(tf.strings.join([tf.strings.substr(image_bytes, 0, 32),
-                                              tf.constant(b"\0" * 32)]), 0, 32)
-    b = tf.cast(tf.io.decode_raw(head, tf.uint8), tf.int64)
-
-    def big_endian(i):
-        return b[i] * 2**24 + b[i + 1] * 2**16 + b[i + 2] * 2**8 + b[i + 3]
-
-    def little_endian_signed(i):
-        value = b[i] + b[i + 1] * 2**8 + b[i + 2] * 2**16 + b[i + 3] * 2**24
-        return tf.where(value >= 2**31, value - 2**32, value)
-
-    not_empty = tf.debugging.Assert(
-        tf.strings.length(image_bytes) > 0, ["serving_bytes received an empty image"]
-    )
-    with tf.control_dependencies([not_empty]):
-        is_jpeg = tf.io.is_jpeg(image_bytes)
-    is_png = tf.strings.substr(head, 0, 8) == b"\x89PNG\r\n\x1a\n"
-    is_bmp = tf.strings.substr(head, 0, 2) == b"BM"
-    known = tf.debugging.Assert(
-        is_jpeg | is_png | is_bmp,
-        [f"serving_bytes accepts {SERVED_FORMATS} images; this one (bytes:",
-         tf.strings.length(image_bytes), ") is in another format or not an image"],
-    )
-    with tf.control_dependencies([known]):
-        size = tf.cond(
-            is_jpeg,
-            lambda: tf.cast(tf.image.extract_jpeg_shape(image_bytes)[:2], tf.int64),
-            lambda: tf.where(
-                is_png,
-                tf.stack([big_endian(20), big_endian(16)]),
-                # BMP: signed 32-bit width and height (negative height: rows top-down).
-                tf.abs(tf.stack([little_endian_signed(22), little_endian_signed(18)])),
-            ),
-        )
-    height, width = size[0], size[1]
-    in_bounds = tf.debugging.Assert(
-        (tf.minimum(height, width) >= 1)
-        & (tf.maximum(height, width) <= MAX_IMAGE_SIDE)
-        & (height * width <= MAX_IMAGE_PIXELS),
-        [f"the image's header declares a size (height, width) outside the served limits "
-         f"(each side 1 to {MAX_IMAGE_SIDE} pixels, at most {MAX_IMAGE_PIXELS} pixels):",
-         height, width],
-    )
-    with tf.control_dependencies([in_bounds]):
-        return tf.identity(height), tf.identity(width)
-
-
-def eval_resize_and_crop(image_bytes, height, width, crop_pct):
+def eval_resize_and_crop(image_bytes, height, width, crop_pct, crop_mode="center"):
     """Decodes one encoded image and applies the evaluation transform; float32 [H, W, 3].
 
     Memory is bounded whatever the image declares: the size is checked from the header before
-    decoding, and `eval_transform` resamples only the crop window, never the whole resized image.
+    decoding (`keras_coat.tf_images.decode_image`), and the transform resamples only the crop
+    window, never the whole resized image.
     """
-    h, w = header_image_size(image_bytes)
-    with tf.control_dependencies([h, w]):
-        image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
-    decoded = tf.shape(image, out_type=tf.int64)
-    agrees = tf.debugging.Assert(
-        tf.reduce_all(decoded[:2] == tf.stack([h, w])),
-        ["the decoded image's size differs from its header's:", decoded[:2], h, w],
-    )
-    with tf.control_dependencies([agrees]):
-        return eval_transform(image, (height, width), crop_pct)
+    image = tf_images.decode_image(image_bytes, "serving_bytes' image")
+    return tf_images.eval_transform(image, (height, width), crop_pct, crop_mode)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -56,9 +56,12 @@ def create_temporary(path, prefix=""):
 
 
 def fsync(path):
-    """Flushes the written file `path` to disk."""
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
+    """Flushes the file (or folder) `path` to disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def sha256(path):
