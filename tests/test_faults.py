@@ -1,9 +1,8 @@
 """training.faults: the output directory's lock, checked backups and SIGTERM, with plain
 `model.fit` on a tiny model.
 
-The tests without a `tensorflow_only` mark run on the backend of the test run and again on JAX, in
-a subprocess (`test_the_fault_tests_pass_on_jax`); the trainer-level tests on TensorFlow are in
-tests/test_training_distributed.py.
+Every test runs on TensorFlow and on JAX (the `backends` marker: `make test`'s TensorFlow and JAX
+passes); the trainer-level tests on TensorFlow are in tests/test_training_distributed.py.
 """
 
 import hashlib
@@ -25,6 +24,7 @@ from training import faults
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4  # per epoch
+pytestmark = pytest.mark.backends("tensorflow", "jax")
 
 
 def _model():
@@ -326,7 +326,7 @@ def test_processes_stop_at_the_same_step_when_any_of_them_is_asked(tmp_path):
     assert wishes == [False, False]
 
 
-@pytest.mark.skipif(keras.backend.backend() != "jax", reason="JAX's agreement function")
+@pytest.mark.backends("jax")  # JAX's agreement function
 def test_jax_agreement_of_one_process_is_its_own_wish(tmp_path):
     assert faults.any_process_on_jax(True) is True and faults.any_process_on_jax(False) is False
 
@@ -347,22 +347,3 @@ def test_a_backup_taken_at_the_step_is_not_written_twice(tmp_path):
                        rf"{re.escape(str(tmp_path))}/backup/000001\."):
         _fit(_model(), tmp_path / "backup", 2, action=signal_at_step_2, save_freq=2)
     assert os.listdir(tmp_path / "backup") == ["000001"]
-
-
-# ---------------------------------------------------------------------------------------------
-# The same tests on JAX
-
-
-@pytest.mark.skipif(keras.backend.backend() == "jax", reason="this run is the JAX one")
-def test_the_fault_tests_pass_on_jax():
-    started = time.time()
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-         "-k", "not on_jax"],
-        cwd=ROOT, env=dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=ROOT),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-4000:]
-    tests = sum(name.startswith("test_") for name in globals()) - 1  # all but this one
-    assert re.search(rf"\b{tests} passed\b", result.stdout), result.stdout[-2000:]
-    print(f"JAX run: {time.time() - started:.0f} s")

@@ -42,6 +42,7 @@ def _round_trip(model, x, path):
 
 
 @pytest.mark.slow
+@pytest.mark.backends("tensorflow", "torch")
 def test_retinanet_on_a_coat_backbone_trains_saves_and_loads(tmp_path):
     encoder = keras_coat.CoaTLiteTiny(include_top=False, input_shape=(SIZE, SIZE, 3))
     backbone = keras_hub.models.RetinaNetBackbone(

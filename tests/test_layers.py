@@ -9,6 +9,8 @@ from keras import ops
 
 from keras_coat import layers as coat_layers
 
+pytestmark = pytest.mark.backends("tensorflow", "jax", "torch")
+
 RNG = np.random.RandomState(0)
 
 

@@ -14,6 +14,8 @@ from keras import ops
 import keras_coat
 from keras_coat.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
+pytestmark = pytest.mark.backends("tensorflow", "jax", "torch")
+
 FACTORIES = {
     "coat_lite_tiny": keras_coat.CoaTLiteTiny,
     "coat_lite_mini": keras_coat.CoaTLiteMini,

@@ -28,6 +28,7 @@ from tests.reference import (
     torch_forward,
 )
 
+pytestmark = pytest.mark.backends("tensorflow", "jax", "torch")
 TOLERANCE = 1e-4
 # Every variant at its published resolutions on TensorFlow. The JAX and PyTorch runs check every
 # variant at 64x64, a tenth of the cost; their 256x320 tests below cover the large grids.

@@ -23,6 +23,8 @@ from keras_coat.convert import ConversionError
 from keras_coat.loading import load_keras_weights
 from tests._weights_fixtures import import_blocker
 
+pytestmark = pytest.mark.backends("tensorflow", "jax", "torch")
+
 PACKAGE_DIR = os.path.dirname(keras_coat.__file__)
 REPO_ROOT = os.path.dirname(PACKAGE_DIR)
 TINY_LITE = dict(embed_dims=(16, 16, 24, 32), serial_depths=(1, 1, 1, 1), mlp_ratios=(2, 2, 2, 2))
@@ -88,6 +90,7 @@ def _outputs(model):
 
 
 @pytest.mark.slow
+@pytest.mark.backends("tensorflow")
 @pytest.mark.parametrize("variant", list(keras_coat.MODEL_CONFIGS))
 def test_every_variant_saves_and_loads_as_itself(variant, tmp_path, capsys, caplog):
     classifier = keras_coat.create_model(variant, input_shape=(SIZE, SIZE, 3), classes=10)
@@ -290,6 +293,7 @@ def test_imports_in_functions_count_for_the_import_graph(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.backends("tensorflow")
 def test_the_package_works_without_keras_hub(tmp_path):
     program = import_blocker("keras_hub") + textwrap.dedent(f"""
         import keras

@@ -1,6 +1,6 @@
-"""The tf.data pipelines are plain TensorFlow: they run under every Keras backend (this file runs
-on TensorFlow in `make test` and on JAX in `make test-jax`), give on TensorFlow exactly what the
-Keras implementations they replace give, and split every global batch between processes."""
+"""The tf.data pipelines are plain TensorFlow: they run under every Keras backend (the pipeline
+test marked for it runs on JAX as well), give on TensorFlow exactly what the Keras
+implementations they replace give, and split every global batch between processes."""
 
 import keras
 import numpy as np
@@ -9,8 +9,6 @@ import tensorflow as tf
 
 from training import augment, data, recipes
 from training.tf_eval_transform import eval_transform
-
-ON_TENSORFLOW = keras.backend.backend() == "tensorflow"
 
 
 def _demo_recipe(**changes):
@@ -22,7 +20,6 @@ def digits():
     return data.load_source("digits", 32)
 
 
-@pytest.mark.skipif(not ON_TENSORFLOW, reason="compares with keras.ops on TensorFlow")
 @pytest.mark.parametrize("rows, cols", [(8, 8), (40, 50), (50, 40), (300, 17), (33, 32)])
 @pytest.mark.parametrize("size, crop_pct", [(32, 1.0), (32, 0.875), (64, 0.9), (24, 0.95)])
 def test_eval_transform_is_keras_coats_bit_for_bit(rows, cols, size, crop_pct):
@@ -49,7 +46,6 @@ class _FoldInSeeds(keras.random.SeedGenerator):
         return tf.random.experimental.stateless_fold_in(self._seed, self._draws)
 
 
-@pytest.mark.skipif(not ON_TENSORFLOW, reason="compares with Keras layers on TensorFlow")
 @pytest.mark.parametrize("strength", [0.1, 0.4, 0.9])
 def test_color_jitter_is_keras_preprocessing_layers_bit_for_bit(strength):
     s = strength
@@ -80,6 +76,7 @@ def test_color_jitter_is_keras_preprocessing_layers_bit_for_bit(strength):
         )
 
 
+@pytest.mark.backends("tensorflow", "jax")
 def test_pipelines_with_color_jitter_run_under_this_backend(digits):
     recipe = _demo_recipe(color_jitter=0.4)
     images, labels = next(iter(data.train_dataset(recipe, digits, seed=0, max_steps=1)))

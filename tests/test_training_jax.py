@@ -26,6 +26,9 @@ from tests.test_training_distributed import (
     _weights,
 )
 
+# The runs are subprocesses on JAX whatever this process runs on: the JAX pass runs them.
+pytestmark = pytest.mark.backends("jax")
+
 ARGS = COMMON + ["--epochs", "2", "--steps-per-epoch", "3", "--deterministic"]
 # XLA's compilation of the train step dominates these runs (about a minute of CPU each); on a
 # busy machine four of them at once take many minutes.
