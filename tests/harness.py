@@ -431,8 +431,9 @@ def check_int8_quantization(model, images):
     assert modes and set(modes.values()) == {"int8"}, modes
     assert "head" in modes and any(name.endswith("_proj") for name in modes), sorted(modes)
     _assert_same_outputs(quantized(images), model(images), "int8 against float32", atol=0.02)
+    # Compiled (predict) and eager calls round the int8 rescaling differently.
     _assert_same_outputs(quantized.predict(images, verbose=0), quantized(images),
-                         "int8 predict against call", atol=1e-5)
+                         "int8 predict against call", atol=1e-4)
 
 
 # Each check as `check(case, model, directory)`: `model` is what `case.build()` gave, which the
