@@ -52,10 +52,12 @@ venv: $(TEST_STAMP) $(OLDEST_KERAS)/.installed
 # One pytest pass per Keras backend over the whole tree; each test declares the backends it runs
 # on (`@pytest.mark.backends(...)`, TensorFlow only by default; tests/conftest.py). Two workers
 # (pytest-xdist), a test file each at a time: CI has 2 cores, many tests wait on subprocesses
-# while the other worker computes, and a file's module-scoped fixtures (exports, compiled runs)
-# are then built once. Each pass prints its time and every worker's peak resident memory.
+# while the other worker computes, and a file's module-scoped fixtures (exports, trained and
+# compiled runs) are built once. The longest files go first (conftest's LONGEST_FILES, kept in
+# that order by --no-loadscope-reorder). Each pass prints its time, its slowest tests and every
+# worker's peak resident memory.
 PYTEST := TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile \
-	--durations=15
+	--no-loadscope-reorder --durations=15
 define pass
 	@echo "==> tests on the $(1) backend"
 	@start=$$(date +%s); KERAS_BACKEND=$(1) $(PYTEST) $(2); status=$$?; \
@@ -82,7 +84,7 @@ coverage: $(TEST_STAMP) $(OLDEST_KERAS)/.installed
 		echo "==> tests on the $$backend backend, under coverage"; \
 		COVERAGE_FILE=$(COVERAGE_DATA)/.coverage KERAS_BACKEND=$$backend \
 			TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m coverage run -m pytest -q -p no:cacheprovider \
-			-n 2 --dist loadfile || status=1; \
+			-n 2 --dist loadfile --no-loadscope-reorder || status=1; \
 	done; \
 	COVERAGE_FILE=$(COVERAGE_DATA)/.coverage $(PY) -m coverage combine -q $(COVERAGE_DATA); \
 	COVERAGE_FILE=$(COVERAGE_DATA)/.coverage $(PY) -m coverage report --skip-covered; \

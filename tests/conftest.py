@@ -179,6 +179,17 @@ def pytest_collection_finish(session):
     gc.freeze()
 
 
+# The test files that take longest (measured, longest first), which `make test`'s two workers
+# start with: a worker takes a whole file at a time (`--dist loadfile`, in collection order with
+# `--no-loadscope-reorder`), so a long file started last would leave the other worker idle.
+LONGEST_FILES = (
+    "test_training_jax.py", "test_training_distributed.py", "test_export_formats.py",
+    "test_harness.py", "test_export.py", "test_training.py", "test_readme.py",
+    "test_detection.py", "test_benchmarks.py", "test_models.py", "test_parity.py",
+    "test_cli.py", "test_weights.py", "test_faults.py",
+)
+
+
 def pytest_collection_modifyitems(config, items):
     backend = keras.config.backend()
     selected, deselected = [], []
@@ -186,7 +197,10 @@ def pytest_collection_modifyitems(config, items):
         (selected if backend in declared_backends(item) else deselected).append(item)
     if deselected:
         config.hook.pytest_deselected(items=deselected)
-        items[:] = selected
+    rank = {name: index for index, name in enumerate(LONGEST_FILES)}
+    # A stable sort: the other files keep their order, after the long ones.
+    selected.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+    items[:] = selected
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,7 +316,8 @@ class _MemoryReport:
                     write(f"{name} {label}: {peak / GIB:.2f} GB (reached in {nodeid})")
             raised = ", ".join(f"{test} +{grown / GIB:.2f} GB" for grown, test in
                                reversed(report.get("growth", [])))
-            write(f"{name}: the tests that raised its peak most: {raised}")
+            if raised:
+                write(f"{name}: the tests that raised its peak most: {raised}")
         for name, report in sorted(self.workers.items()):
             for key, nodeid in report["over"]:
                 process = f"a child of {name}" if key == "children" else name

@@ -217,6 +217,7 @@ def test_train_memory_table_reports_medians_ratios_and_the_median_rounds_phases(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # measured up to 267 s on a busy machine (pyproject: 300 s)
 def test_train_memory_runs_fit_on_jax_and_tensorflow_and_timm_on_a_tiny_model(capsys):
     args = ["--configs", "demo", "--rounds", "1", "--warmup", "1", "--steps", "1", "--no-write",
             "--model-config", json.dumps(TINY_COAT)]  # fmt: skip

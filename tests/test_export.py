@@ -531,6 +531,7 @@ VARIANTS = [("coat_lite_tiny", 224), ("coat_tiny", 224), ("coat_lite_tiny", 384)
 
 @pytest.mark.slow
 @pytest.mark.parametrize("variant, size", VARIANTS)
+@pytest.mark.timeout(900)  # measured up to 185 s on a busy machine (pyproject: 300 s)
 def test_published_variants_export(variant, size, tmp_path):
     model = keras_coat.create_model(variant, input_shape=(size, size, 3))
     start = time.perf_counter()
@@ -558,6 +559,7 @@ def test_published_variants_export(variant, size, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # measured up to 149 s on a busy machine (pyproject: 300 s)
 def test_command_line_exports_and_explains(tmp_path):
     names = tmp_path / "names.txt"
     names.write_text("cat\ndog\nbird\n", encoding="utf-8")
@@ -607,6 +609,7 @@ def test_command_line_needs_an_output_directory(capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # measured up to 135 s on a busy machine (pyproject: 300 s)
 def test_other_backends_are_told_how_to_export(tmp_path):
     """On JAX the export refuses with what to do, before writing anything; so does the CLI."""
     script = f"""
