@@ -16,6 +16,7 @@ from keras_coat.layers import (
     PatchEmbedding,
     TokenLayerNormalization,
     TokensToFeatureMap,
+    quantize_model,
 )
 from keras_coat.presets import VARIANTS
 
@@ -243,6 +244,11 @@ class CoaTBackbone(keras.Model):
         # A plain dict, set past Keras' attribute tracking: a tracked dict is no longer a dict
         # that JAX accepts as the outputs of `keras.Model(model.input, model.pyramid_outputs)`.
         object.__setattr__(self, "_pyramid_outputs", pyramid)
+
+    def quantize(self, mode=None, **kwargs):
+        """Keras' `Model.quantize` (e.g. `"int8"`) of the layers Keras can quantize: the dense
+        projections (MLPs, attention outputs, head); the rest keeps float weights, silently."""
+        return quantize_model(super().quantize, mode, **kwargs)
 
     @property
     def pyramid_outputs(self):

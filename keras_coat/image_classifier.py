@@ -7,7 +7,7 @@ from keras import layers
 
 from keras_coat import initializers, legacy, loader, preset_io, presets
 from keras_coat.backbone import _PACKAGE, CoaTBackbone
-from keras_coat.layers import ScaleAggregation, TokenPooling, TokensToFeatureMap
+from keras_coat.layers import ScaleAggregation, TokenPooling, TokensToFeatureMap, quantize_model
 from keras_coat.presets import ImagePreprocessing
 
 POOLING_MODES = ("token", "avg", "max", None)
@@ -152,6 +152,11 @@ class CoaTImageClassifier(keras.Model):
         self.preprocessing = preprocessing
         self.class_names = class_names
         object.__setattr__(self, "_pyramid_outputs", pyramid)
+
+    def quantize(self, mode=None, **kwargs):
+        """Keras' `Model.quantize` (e.g. `"int8"`) of the layers Keras can quantize: the dense
+        projections (MLPs, attention outputs, head); the rest keeps float weights, silently."""
+        return quantize_model(super().quantize, mode, **kwargs)
 
     @property
     def pyramid_outputs(self):

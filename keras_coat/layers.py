@@ -7,6 +7,10 @@ as a call argument, because the same shared layer is called at every block of it
 Everything here is written with ``keras.ops`` only, so it runs on the TensorFlow and JAX backends.
 """
 
+import inspect
+import re
+import warnings
+
 import keras
 import numpy as np
 from keras import layers, ops
@@ -431,6 +435,16 @@ class TokenwiseDense(layers.Dense):
         flat = super().call(flat, training=training)
         return ops.reshape(flat, (*ops.shape(inputs)[:-1], self.units))
 
+    def quantize(self, mode=None, type_check=True, **kwargs):
+        # Keras' Dense quantizes only Dense itself unless told that a subclass computes as it
+        # does (this one only adds the 2-D view, kept by `quantized_call`).
+        super().quantize(mode, type_check=False, **kwargs)
+
+    def quantized_call(self, inputs, training=None):
+        flat = ops.reshape(inputs, (-1, inputs.shape[-1]))
+        flat = super().quantized_call(flat, training=training)
+        return ops.reshape(flat, (*ops.shape(inputs)[:-1], self.units))
+
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class StochasticDepth(layers.Layer):
@@ -562,3 +576,41 @@ class ScaleAggregation(layers.Layer):
 
     def compute_output_shape(self, input_shape):
         return input_shape[0]
+
+
+def can_be_quantized(layer):
+    """Whether Keras' `Model.quantize` can quantize `layer`: it defines `quantize` (Keras' Dense,
+    EinsumDense and Embedding, CoaT's TokenwiseDense). Keras has no quantized form of the others
+    (convolutions, norms, CoaT's fused QKV projection, layers without weights): they keep their
+    float weights."""
+    return type(layer).quantize is not layers.Layer.quantize
+
+
+def quantize_model(quantize, mode=None, filters=None, **kwargs):
+    """Keras' `Model.quantize` (the bound `quantize` of a CoaT model's parent class) over the
+    layers that `can_be_quantized`, and among them those `filters` selects (Keras' meaning: a
+    regular expression or a list of them searched in the layer name, or a callable of the
+    layer). Keras otherwise warns once for every other layer of the model."""
+
+    def chosen(layer):
+        if not can_be_quantized(layer):
+            return False
+        if filters is None:
+            return True
+        if isinstance(filters, str):
+            return re.search(filters, layer.name) is not None
+        if isinstance(filters, (list, tuple)):
+            return any(re.search(pattern, layer.name) for pattern in filters)
+        return bool(filters(layer))
+
+    if "filters" in inspect.signature(keras.Model.quantize).parameters:
+        return quantize(mode, filters=chosen, **kwargs)
+    if filters is not None:
+        raise ValueError(f"`filters` needs a newer Keras than {keras.version()}.")
+    # Keras before `filters`: it tries every layer; its warnings for those it cannot quantize
+    # say nothing about this model.
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"Layer \w+ does not have a `quantize` method implemented"
+        )
+        return quantize(mode, **kwargs)

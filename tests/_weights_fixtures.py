@@ -15,7 +15,7 @@ import textwrap
 import threading
 import zipfile
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import REPO_ROOT, subprocess_env  # noqa: F401 (REPO_ROOT: for the tests)
 
 
 def sha256_of(path):
@@ -237,10 +237,7 @@ def run_without_torch(code, env_updates=None, timeout=600):
     Returns the CompletedProcess; raises AssertionError with the output when
     it exits non-zero.
     """
-    env = dict(os.environ)
-    env.update(env_updates or {})
-    env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    env = subprocess_env(**(env_updates or {}))
     program = _BLOCK_TORCH + textwrap.dedent(code) + '\nassert "torch" not in sys.modules\n'
     result = subprocess.run(
         [sys.executable, "-c", program],

@@ -8,7 +8,6 @@ came back.
 
 import io
 import json
-import os
 import struct
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from PIL import Image
 import keras_coat
 from keras_coat.export import serving
 from keras_coat.export import export_saved_model
+from tests.conftest import ADDRESS_SPACE_LIMIT, subprocess_env
 
 pytestmark = pytest.mark.adversarial
 
@@ -35,10 +35,6 @@ CLIENT = r'''
 import json, resource, sys
 import numpy as np
 import tensorflow as tf
-
-def vm_size():
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmSize:"))
 
 job = json.load(open(sys.argv[1]))
 loaded = tf.saved_model.load(job["dir"])
@@ -57,8 +53,7 @@ def run(fn, **inputs):
 
 before = run(default, images=tf.constant(good_pixels))
 run(from_bytes, image_bytes=tf.constant(good_bytes))
-limit = vm_size() + job["margin_mb"] * 2**20
-resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+limit_address_space(job["margin_mb"])  # tests/conftest.py's ADDRESS_SPACE_LIMIT, run first
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 report = {"pixels": {}, "bytes": {}}
 for name, path in job["pixels"].items():
@@ -181,9 +176,8 @@ def served(tmp_path_factory):
         (root / f"{name}.bin").write_bytes(data)
         job["bytes"][name] = str(root / f"{name}.bin")
     (root / "job.json").write_text(json.dumps(job))
-    (root / "client.py").write_text(CLIENT)
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "KERAS_BACKEND")}
-    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    (root / "client.py").write_text(ADDRESS_SPACE_LIMIT + CLIENT)
+    env = subprocess_env(PYTHONPATH=None, KERAS_BACKEND=None)  # TensorFlow alone
     result = subprocess.run(
         [sys.executable, str(root / "client.py"), str(root / "job.json"), str(root / "out.json")],
         cwd=root, env=env, capture_output=True, text=True, timeout=300,

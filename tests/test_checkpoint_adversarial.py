@@ -27,6 +27,7 @@ import pytest
 from keras_coat import checkpoint
 from keras_coat.checkpoint import CheckpointError, UnsafeCheckpointError, read_state_dict
 from tests._weights_fixtures import REPO_ROOT, as_numpy, assert_same_tensors
+from tests.conftest import ADDRESS_SPACE_LIMIT
 
 torch = pytest.importorskip("torch")
 
@@ -624,8 +625,8 @@ BOMBS = {
 # its imports already hold; each bomb asks for 1 GiB or more.
 _MEMORY_HEADROOM_MIB = 384
 
-_LIMITED_READER = """
-import importlib.util, json, os, resource, sys
+_LIMITED_READER = ADDRESS_SPACE_LIMIT + """
+import importlib.util, json, os, sys
 import numpy as np
 import safetensors  # loaded before the limit, as any import
 
@@ -633,9 +634,7 @@ spec = importlib.util.spec_from_file_location("checkpoint", sys.argv[1])
 checkpoint = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(checkpoint)
 cases, good, expected = json.loads(sys.argv[2]), sys.argv[3], np.load(sys.argv[4])
-with open("/proc/self/status") as f:
-    size = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize"))
-resource.setrlimit(resource.RLIMIT_AS, (size + int(sys.argv[5]) * 2**20, resource.RLIM_INFINITY))
+limit_address_space(sys.argv[5])
 results = {}
 for name, path in cases.items():
     try:

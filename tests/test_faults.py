@@ -1,9 +1,8 @@
 """training.faults: the output directory's lock, checked backups and SIGTERM, with plain
 `model.fit` on a tiny model.
 
-They run on the backend of the test run: `make test` runs them on TensorFlow and again on JAX
-(`make test-train-jax`). The trainer-level tests (a classifier's and a detector's run in a
-subprocess) are in tests/test_training_distributed.py and tests/test_training_jax.py.
+Every test runs on TensorFlow and on JAX (the `backends` marker: `make test`'s TensorFlow and JAX
+passes); the trainer-level tests on TensorFlow are in tests/test_training_distributed.py.
 """
 
 import hashlib
@@ -24,6 +23,7 @@ from training import faults
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4  # per epoch
+pytestmark = pytest.mark.backends("tensorflow", "jax")
 
 
 def _model():
@@ -339,7 +339,7 @@ def test_processes_stop_at_the_same_step_when_any_of_them_is_asked(tmp_path):
     assert wishes == [False, False]
 
 
-@pytest.mark.skipif(keras.backend.backend() != "jax", reason="JAX's agreement function")
+@pytest.mark.backends("jax")  # JAX's agreement function
 def test_jax_agreement_of_one_process_is_its_own_wish(tmp_path):
     assert faults.any_process_on_jax(True) is True and faults.any_process_on_jax(False) is False
 

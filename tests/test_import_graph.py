@@ -10,7 +10,9 @@ Every import counts, at any depth (module level, inside functions, under `if`), 
   or conversion;
 - no private module (``_name.py``) is imported from outside its package;
 - no module inside a package imports a name from that package's ``__init__`` (it imports the
-  module defining the name).
+  module defining the name);
+- no import that `FORBIDDEN` names, though the layers allow it: the models reach weights only
+  through the preset reader, and presets are pure data.
 
 A new keras_coat module gets its layer in `LAYERS`.
 """
@@ -61,6 +63,19 @@ LAYERS = {
     "keras_coat.__main__": 6,
 }
 LAYER_NAMES = ["helpers", "presets", "weights", "backbone", "task", "export", "front"]
+# importer -> (the keras_coat modules it may not import, None for all of them; why)
+FORBIDDEN = {
+    **{
+        model: (
+            {"keras_coat.convert", "keras_coat.weights", "keras_coat.checkpoint",
+             "keras_coat.loading"},
+            "the models reach weights only through keras_coat.preset_io",
+        )
+        for model in ("keras_coat.backbone", "keras_coat.image_classifier", "keras_coat.layers",
+                      "keras_coat.blocks")
+    },
+    "keras_coat.presets": (None, "presets are pure data"),
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,6 +241,15 @@ def names_from_own_init(graph, modules):
     return problems
 
 
+def forbidden_imports(graph):
+    problems = []
+    for module, (targets, why) in FORBIDDEN.items():
+        for target, _, line in graph.get(module, ()):
+            if target.split(".")[0] == "keras_coat" and (targets is None or target in targets):
+                problems.append(f"{module}:{line} imports {target}: {why}")
+    return problems
+
+
 # ---------------------------------------------------------------------------------------------
 # The repository
 
@@ -258,6 +282,11 @@ def test_no_module_imports_a_name_from_its_own_package_init(repository):
     assert names_from_own_init(*repository) == []
 
 
+def test_no_forbidden_import(repository):
+    assert set(FORBIDDEN) <= set(repository[0])  # the rules name modules that exist
+    assert forbidden_imports(repository[0]) == []
+
+
 # ---------------------------------------------------------------------------------------------
 # Each rule catches a planted violation
 
@@ -280,6 +309,9 @@ CLEAN = {
     "keras_coat/utils/_helpers.py": "",
     "keras_coat/export/__init__.py": "from keras_coat.export.serving import contract\n",
     "keras_coat/export/serving.py": "contract = 1\n",
+    "keras_coat/backbone.py": "from keras_coat import preset_io\n",
+    "keras_coat/preset_io.py": "from keras_coat import loading\n",
+    "keras_coat/presets.py": "",
     "training/__init__.py": "",
     "training/train.py": "import keras_coat\nfrom keras_coat.utils.files import os\n",
     "conversion/__init__.py": "",
@@ -293,6 +325,7 @@ def test_a_clean_tree_passes(tmp_path):
     assert upward_imports(graph) == []
     assert private_modules_used_outside(graph, modules) == []
     assert names_from_own_init(graph, modules) == []
+    assert forbidden_imports(graph) == []
 
 
 PLANTED = {
@@ -337,6 +370,16 @@ PLANTED = {
         names_from_own_init,
         "keras_coat.export.serving:1 imports the package from keras_coat's __init__",
     ),
+    "a model reads weights itself": (
+        {"keras_coat/backbone.py": "def f():\n    from keras_coat.loading import x\n"},
+        forbidden_imports,
+        "keras_coat.backbone:2 imports keras_coat.loading: the models reach weights only through",
+    ),
+    "presets import a helper": (
+        {"keras_coat/presets.py": "from keras_coat.utils import files\n"},
+        forbidden_imports,
+        "keras_coat.presets:1 imports keras_coat.utils.files: presets are pure data",
+    ),
     "a name from a subpackage's __init__": (
         {"keras_coat/export/serving.py": "from keras_coat.export import contract\n"},
         names_from_own_init,
@@ -349,6 +392,6 @@ PLANTED = {
 def test_a_planted_violation_fails(tmp_path, case):
     changes, rule, message = PLANTED[case]
     graph, modules = _tree(tmp_path, {**CLEAN, **changes})
-    args = (graph,) if rule in (cycles, upward_imports) else (graph, modules)
+    args = (graph,) if rule in (cycles, upward_imports, forbidden_imports) else (graph, modules)
     problems = rule(*args)
     assert any(message in problem for problem in problems), problems

@@ -1,4 +1,5 @@
-"""Focused tests of each CoaT layer: shapes, serialization, and the math against NumPy."""
+"""Focused tests of each CoaT layer: shapes and the math against NumPy; each layer also goes
+through the harness's `check_layer` (serialization, registration, docstring)."""
 
 import math
 
@@ -8,22 +9,12 @@ import pytest
 from keras import ops
 
 from keras_coat import layers as coat_layers
+from tests.conftest import to_numpy
+from tests.harness import check_layer
+
+pytestmark = pytest.mark.backends("tensorflow", "jax", "torch")
 
 RNG = np.random.RandomState(0)
-
-
-def _np(x):
-    return np.asarray(ops.convert_to_numpy(x))
-
-
-def _roundtrip(layer):
-    """from_config(get_config()) gives an equivalent layer (same class, same config)."""
-    config = layer.get_config()
-    clone = type(layer).from_config(config)
-    assert clone.get_config() == config
-    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
-    assert type(restored) is type(layer)
-    return clone
 
 
 def _tokens(batch, height, width, channels):
@@ -33,14 +24,14 @@ def _tokens(batch, height, width, channels):
 def test_class_token_prepends_the_same_learned_vector():
     layer = coat_layers.ClassToken()
     x = RNG.randn(3, 5, 8).astype("float32")
-    y = _np(layer(x))
+    y = to_numpy(layer(x))
     assert y.shape == (3, 6, 8)
     np.testing.assert_array_equal(y[:, 1:], x)
-    cls = _np(layer.cls_token)[0, 0]
+    cls = to_numpy(layer.cls_token)[0, 0]
     assert np.abs(cls).max() > 0  # truncated-normal initialised, as in the reference
     for row in y[:, 0]:
         np.testing.assert_array_equal(row, cls)
-    _roundtrip(layer)
+    check_layer(layer)
 
 
 def _layer_norm_pair(channels, **kwargs):
@@ -60,11 +51,12 @@ def test_token_layer_normalization_equals_keras_layer_normalization():
     ours, reference = _layer_norm_pair(48, epsilon=1e-6)
     # Far-from-zero means: the variance must be taken around the mean (two passes).
     x = (RNG.randn(3, 17, 48) * 4 + 30).astype("float32")
-    y = _np(ours(x))
-    np.testing.assert_allclose(y, _np(reference(x)), atol=2e-5)
+    y = to_numpy(ours(x))
+    np.testing.assert_allclose(y, to_numpy(reference(x)), atol=2e-5)
     normalized = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6)
-    np.testing.assert_allclose(y, normalized * _np(ours.gamma) + _np(ours.beta), atol=2e-5)
-    clone = _roundtrip(ours)
+    expected = normalized * to_numpy(ours.gamma) + to_numpy(ours.beta)
+    np.testing.assert_allclose(y, expected, atol=2e-5)
+    clone = check_layer(ours)
     assert clone.epsilon == 1e-6
     assert isinstance(ours, keras.layers.LayerNormalization)  # the converter relies on it
 
@@ -75,37 +67,37 @@ def test_token_layer_normalization_keeps_half_precision_dtype_and_falls_back():
     half = ops.cast(x, "float16")
     y = ours(half)
     assert keras.backend.standardize_dtype(y.dtype) == "float16"
-    np.testing.assert_allclose(_np(ops.cast(y, "float32")), _np(reference(x)), atol=2e-2)
+    np.testing.assert_allclose(to_numpy(ops.cast(y, "float32")), to_numpy(reference(x)), atol=2e-2)
     # A configuration the fast path does not cover (no centring) gives the parent's result.
     ours, reference = _layer_norm_pair(32, epsilon=1e-3, center=False)
-    np.testing.assert_allclose(_np(ours(x)), _np(reference(x)), atol=1e-6)
+    np.testing.assert_allclose(to_numpy(ours(x)), to_numpy(reference(x)), atol=1e-6)
 
 
 def test_patch_embedding_shapes_and_layer_norm():
     layer = coat_layers.PatchEmbedding(16, 4)
-    y = _np(layer(RNG.rand(2, 32, 64, 3).astype("float32")))
+    y = to_numpy(layer(RNG.rand(2, 32, 64, 3).astype("float32")))
     assert y.shape == (2, 8 * 16, 16)
     # LayerNorm with unit scale: every token has mean 0 and variance 1 (eps 1e-5).
     np.testing.assert_allclose(y.mean(-1), 0, atol=1e-5)
     np.testing.assert_allclose(y.var(-1), 1, atol=1e-3)
     assert layer.norm.epsilon == 1e-5
-    clone = _roundtrip(layer)
+    clone = check_layer(layer)
     assert (clone.embed_dim, clone.patch_size) == (16, 4)
 
 
 def test_conv_position_encoding_is_residual_depthwise_conv_and_keeps_cls():
     layer = coat_layers.ConvPositionEncoding(3)
     tokens = _tokens(2, 4, 6, 8)
-    y = _np(layer(tokens, size=(4, 6)))
+    y = to_numpy(layer(tokens, size=(4, 6)))
     np.testing.assert_array_equal(y[:, 0], tokens[:, 0])
     image = tokens[:, 1:].reshape(2, 4, 6, 8)
-    expected = _np(layer.proj(image)) + image
+    expected = to_numpy(layer.proj(image)) + image
     np.testing.assert_allclose(y[:, 1:], expected.reshape(2, 24, 8), atol=1e-6)
     # With a zero kernel and bias it is the identity (the encoding is added, not substituted).
     layer.proj.kernel.assign(np.zeros(layer.proj.kernel.shape, "float32"))
     layer.proj.bias.assign(np.zeros(layer.proj.bias.shape, "float32"))
-    np.testing.assert_allclose(_np(layer(tokens, size=(4, 6))), tokens, atol=1e-6)
-    assert _roundtrip(layer).kernel_size == 3
+    np.testing.assert_allclose(to_numpy(layer(tokens, size=(4, 6))), tokens, atol=1e-6)
+    assert check_layer(layer).kernel_size == 3
 
 
 def _naive_crpe(query, value, size, heads, windows, layer):
@@ -118,8 +110,8 @@ def _naive_crpe(query, value, size, heads, windows, layer):
     out = np.zeros_like(q)
     channel = 0
     for conv, (window, group_heads) in zip(layer.convs, windows):
-        kernel = _np(conv.kernel)[..., 0]  # [window, window, group channels]
-        bias = _np(conv.bias)
+        kernel = to_numpy(conv.kernel)[..., 0]  # [window, window, group channels]
+        bias = to_numpy(conv.bias)
         r = window // 2
         padded = np.pad(v, ((0, 0), (r, r), (r, r), (0, 0)))
         for c in range(group_heads * head_dim):
@@ -136,13 +128,13 @@ def test_conv_relative_position_encoding_matches_loops():
     windows = ((3, 2), (5, 3), (7, 3))
     layer = coat_layers.ConvRelativePositionEncoding(8, windows)
     query, value = (RNG.randn(2, 1 + 5 * 7, 16).astype("float32") for _ in range(2))
-    y = _np(layer([query, value], size=(5, 7)))
+    y = to_numpy(layer([query, value], size=(5, 7)))
     assert y.shape == (2, 36, 16)
     np.testing.assert_array_equal(y[:, 0], 0)  # the class token gets no relative encoding
     expected = _naive_crpe(query, value, (5, 7), 8, windows, layer)
     np.testing.assert_allclose(y, expected, atol=1e-5)
     assert [c.kernel.shape[0] for c in layer.convs] == [3, 5, 7]
-    assert _roundtrip(layer).windows == windows
+    assert check_layer(layer).windows == windows
 
 
 def test_conv_relative_position_encoding_rejects_bad_head_splits():
@@ -172,10 +164,10 @@ def test_factorized_attention_matches_equation_12(channels):
     query, key, value, relative = (
         RNG.randn(2, 1 + 7 * 7, channels).astype("float32") for _ in range(4)
     )
-    y = _np(layer([query, key, value, relative]))
+    y = to_numpy(layer([query, key, value, relative]))
     expected = _naive_factorized_attention(query, key, value, relative, 8)
     np.testing.assert_allclose(y, expected, atol=2e-5)
-    assert _roundtrip(layer).num_heads == 8
+    assert check_layer(layer).num_heads == 8
 
 
 def test_factorized_attention_is_linear_in_tokens_per_query():
@@ -183,20 +175,21 @@ def test_factorized_attention_is_linear_in_tokens_per_query():
     layer = coat_layers.FactorizedConvAttention(8)
     query, key, value = (RNG.randn(1, 10, 16).astype("float32") for _ in range(3))
     query[0, 3] = query[0, 7]
-    y = _np(layer([query, key, value, np.zeros((1, 10, 16), "float32")]))
+    y = to_numpy(layer([query, key, value, np.zeros((1, 10, 16), "float32")]))
     np.testing.assert_allclose(y[0, 3], y[0, 7], atol=1e-6)
 
 
 def test_mlp_uses_exact_gelu():
     layer = coat_layers.MLP(12, 5)
     x = RNG.randn(2, 3, 4).astype("float32")
-    y = _np(layer(x))
+    y = to_numpy(layer(x))
     assert y.shape == (2, 3, 5)
-    h = x @ _np(layer.fc1.kernel) + _np(layer.fc1.bias)
+    h = x @ to_numpy(layer.fc1.kernel) + to_numpy(layer.fc1.bias)
     erf = np.vectorize(math.erf)
     h = 0.5 * h * (1 + erf(h / math.sqrt(2)))
-    np.testing.assert_allclose(y, h @ _np(layer.fc2.kernel) + _np(layer.fc2.bias), atol=1e-5)
-    assert _roundtrip(layer).output_dim == 5
+    expected = h @ to_numpy(layer.fc2.kernel) + to_numpy(layer.fc2.bias)
+    np.testing.assert_allclose(y, expected, atol=1e-5)
+    assert check_layer(layer).output_dim == 5
 
 
 def _input_gradient(function, x):
@@ -230,7 +223,7 @@ def test_mlp_in_training_has_the_gradient_of_exact_gelu():
     # Unit-scale weights (not the 0.02 initialisation): hidden values reach both tails of GELU.
     layer.fc1.kernel.assign(RNG.randn(6, 64).astype("float32"))
     layer.fc2.kernel.assign(RNG.randn(64, 3).astype("float32"))
-    np.testing.assert_allclose(_np(layer(x, training=True)), _np(layer(x)), atol=1e-6)
+    np.testing.assert_allclose(to_numpy(layer(x, training=True)), to_numpy(layer(x)), atol=1e-6)
     trained = _input_gradient(lambda v: layer(v, training=True), x)
     plain = _input_gradient(lambda v: layer(v, training=False), x)
     scale = np.abs(plain).max()
@@ -244,28 +237,28 @@ def test_query_key_value_is_one_fused_projection_split_in_three():
     x = RNG.randn(2, 5, 8).astype("float32")
     layer.build(x.shape)
     layer.bias.assign(RNG.randn(24).astype("float32"))
-    outputs = [_np(t) for t in layer(x)]
-    fused = x @ _np(layer.kernel) + _np(layer.bias)
+    outputs = [to_numpy(t) for t in layer(x)]
+    fused = x @ to_numpy(layer.kernel) + to_numpy(layer.bias)
     np.testing.assert_allclose(np.concatenate(outputs, -1), fused, atol=1e-5)
     assert layer.kernel.shape == (8, 24)
-    _roundtrip(layer)
+    check_layer(layer)
 
 
 def test_tokenwise_dense_equals_dense_on_3d_inputs():
     layer = coat_layers.TokenwiseDense(6)
     x = RNG.randn(2, 5, 4).astype("float32")
     np.testing.assert_allclose(
-        _np(layer(x)), x @ _np(layer.kernel) + _np(layer.bias), atol=1e-6
+        to_numpy(layer(x)), x @ to_numpy(layer.kernel) + to_numpy(layer.bias), atol=1e-6
     )
-    _roundtrip(layer)
+    check_layer(layer)
 
 
 def test_stochastic_depth_drops_whole_samples_only_in_training():
     layer = coat_layers.StochasticDepth(0.5, seed=1)
     shortcut = np.zeros((256, 4, 3), "float32")
     branch = np.ones((256, 4, 3), "float32")
-    np.testing.assert_array_equal(_np(layer([shortcut, branch])), branch)
-    y = _np(layer([shortcut, branch], training=True))
+    np.testing.assert_array_equal(to_numpy(layer([shortcut, branch])), branch)
+    y = to_numpy(layer([shortcut, branch], training=True))
     per_sample = y.reshape(256, -1)
     # Each sample is all-dropped (0) or all-kept (scaled by 1 / keep = 2).
     assert set(np.unique(per_sample)) <= {0.0, 2.0}
@@ -273,46 +266,49 @@ def test_stochastic_depth_drops_whole_samples_only_in_training():
     assert 0.3 < (per_sample[:, 0] > 0).mean() < 0.7
     with pytest.raises(ValueError, match="rate"):
         coat_layers.StochasticDepth(1.0)
-    assert _roundtrip(layer).rate == 0.5
+    assert check_layer(layer).rate == 0.5
 
 
 def test_feature_interpolation_keeps_source_cls_and_resizes_bilinearly():
     layer = coat_layers.FeatureInterpolation()
     tokens = _tokens(2, 4, 6, 3)
-    down = _np(layer(tokens, size=(4, 6), target_size=(2, 3)))
+    down = to_numpy(layer(tokens, size=(4, 6), target_size=(2, 3)))
     assert down.shape == (2, 7, 3)
     np.testing.assert_array_equal(down[:, 0], tokens[:, 0])
     # Halving with half-pixel centres and no antialiasing is the mean of each 2x2 block.
     image = tokens[:, 1:].reshape(2, 2, 2, 3, 2, 3)
     np.testing.assert_allclose(down[:, 1:], image.mean((2, 4)).reshape(2, 6, 3), atol=1e-6)
-    up = _np(layer(tokens, size=(4, 6), target_size=(8, 12)))
+    up = to_numpy(layer(tokens, size=(4, 6), target_size=(8, 12)))
     assert up.shape == (2, 97, 3)
     np.testing.assert_array_equal(up[:, 0], tokens[:, 0])
     # The corner output pixel sits beyond the first input centre: it equals the corner input.
     np.testing.assert_allclose(up[:, 1], tokens[:, 1], atol=1e-6)
-    _roundtrip(layer)
+    check_layer(layer)
 
 
 def test_tokens_to_feature_map_and_pooling():
     tokens = _tokens(2, 3, 5, 4)
-    fmap = _np(coat_layers.TokensToFeatureMap()(tokens, size=(3, 5)))
+    to_map = check_layer(coat_layers.TokensToFeatureMap())
+    fmap = to_numpy(to_map(tokens, size=(3, 5)))
     np.testing.assert_array_equal(fmap, tokens[:, 1:].reshape(2, 3, 5, 4))
-    pools = {m: _np(coat_layers.TokenPooling(m)(tokens)) for m in coat_layers.TokenPooling.MODES}
+    pools = {
+        m: to_numpy(coat_layers.TokenPooling(m)(tokens)) for m in coat_layers.TokenPooling.MODES
+    }
     np.testing.assert_array_equal(pools["token"], tokens[:, 0])
     np.testing.assert_allclose(pools["avg"], tokens[:, 1:].mean(1), atol=1e-6)
     np.testing.assert_array_equal(pools["max"], tokens[:, 1:].max(1))
     with pytest.raises(ValueError, match="mode"):
         coat_layers.TokenPooling("sum")
-    assert _roundtrip(coat_layers.TokenPooling("avg")).mode == "avg"
+    assert check_layer(coat_layers.TokenPooling("avg")).mode == "avg"
 
 
 def test_scale_aggregation_is_a_weighted_sum_of_scales():
     layer = coat_layers.ScaleAggregation()
     xs = [RNG.randn(2, 6).astype("float32") for _ in range(3)]
-    y = _np(layer(xs))
-    w, b = _np(layer.kernel), _np(layer.bias)
+    y = to_numpy(layer(xs))
+    w, b = to_numpy(layer.kernel), to_numpy(layer.bias)
     np.testing.assert_allclose(y, sum(wi * xi for wi, xi in zip(w, xs)) + b, atol=1e-6)
-    _roundtrip(layer)
+    check_layer(layer)
 
 
 def test_sublayers_have_names_every_backend_accepts():
@@ -332,4 +328,4 @@ def test_sublayers_have_names_every_backend_accepts():
         paths = [w.path for w in layer.weights]
         assert paths and not [p for p in paths if "." in p]
         assert all(p.startswith(f"{layer.name}/") for p in paths)
-        _roundtrip(layer)
+        check_layer(layer)

@@ -1,54 +1,26 @@
-"""The public model API: factories, argument validation, outputs, features, serialization.
+"""The public model API: factories, argument validation, outputs, pooling, training.
 
-These tests need no PyTorch; parity with the reference is in test_parity.py.
+What every model must do (build, call, names, configs, pyramid, saving, mixed precision,
+quantization) is checked for every variant by tests/test_harness.py; parity with the reference
+is in test_parity.py. These tests need no PyTorch.
 """
 
 import inspect
-import re
 
 import keras
 import numpy as np
 import pytest
-from keras import ops
 
 import keras_coat
 from keras_coat.imagenet import IMAGENET_MEAN, IMAGENET_STD
+from tests.conftest import TINY_COAT, TINY_LITE, pixels, to_numpy
 
-FACTORIES = {
-    "coat_lite_tiny": keras_coat.CoaTLiteTiny,
-    "coat_lite_mini": keras_coat.CoaTLiteMini,
-    "coat_lite_small": keras_coat.CoaTLiteSmall,
-    "coat_lite_medium": keras_coat.CoaTLiteMedium,
-    "coat_tiny": keras_coat.CoaTTiny,
-    "coat_mini": keras_coat.CoaTMini,
-    "coat_small": keras_coat.CoaTSmall,
-}
-# A tiny configuration of each kind, for fast behavioural tests.
-TINY_LITE = dict(embed_dims=(16, 16, 24, 32), serial_depths=(1, 1, 1, 1), mlp_ratios=(2, 2, 2, 2))
-TINY_COAT = dict(
-    embed_dims=(16, 24, 24, 24), serial_depths=(1, 1, 1, 1), mlp_ratios=(2, 2, 2, 2),
-    parallel_depth=2,
-)
+pytestmark = pytest.mark.backends("tensorflow", "jax", "torch")
 
-
-def _np(x):
-    return np.asarray(ops.convert_to_numpy(x))
-
-
-def _images(batch, height, width, seed=0):
-    return (np.random.RandomState(seed).rand(batch, height, width, 3) * 255).astype("float32")
-
-
-@pytest.mark.parametrize("name", sorted(FACTORIES))
-def test_factory_parameter_counts_equal_the_reference_and_names_suit_every_backend(name):
-    model = FACTORIES[name]()
-    assert model.count_params() == keras_coat.MODEL_CONFIGS[name]["params"]
-    assert model.name == name
-    assert model.output_shape == (None, 1000)
-    # PyTorch refuses "." in parameter names, which Keras builds from the variable paths.
-    dotted = [w.path for w in model.weights if "." in w.path]
-    assert dotted == []
-    assert all(re.fullmatch(r"[a-z0-9_]+", layer.name) for layer in model.backbone.layers)
+FACTORIES = [
+    keras_coat.CoaTLiteTiny, keras_coat.CoaTLiteMini, keras_coat.CoaTLiteSmall,
+    keras_coat.CoaTLiteMedium, keras_coat.CoaTTiny, keras_coat.CoaTMini, keras_coat.CoaTSmall,
+]
 
 
 def test_factories_share_the_keras_applications_signature():
@@ -56,16 +28,15 @@ def test_factories_share_the_keras_applications_signature():
         "include_top", "weights", "input_tensor", "input_shape", "pooling", "classes",
         "classifier_activation", "include_preprocessing", "drop_path_rate", "name",
     ]
-    for factory in FACTORIES.values():
+    for factory in FACTORIES:
         assert list(inspect.signature(factory).parameters) == expected
         assert "include_preprocessing" in factory.__doc__ and "pyramid_outputs" in factory.__doc__
 
 
-@pytest.mark.parametrize("config", [TINY_LITE, TINY_COAT], ids=["lite", "coat"])
 @pytest.mark.parametrize("size", [(64, 64), (64, 96), (96, 64)])
-def test_any_multiple_of_32_works_with_the_head(config, size):
-    model = keras_coat.CoaT(**config, input_shape=(*size, 3), classes=7)
-    probs = _np(model(_images(2, *size)))
+def test_any_multiple_of_32_works_with_the_head(tiny_config, size):
+    model = keras_coat.CoaT(**tiny_config, input_shape=(*size, 3), classes=7)
+    probs = to_numpy(model(pixels(2, *size)))
     assert probs.shape == (2, 7)
     np.testing.assert_allclose(probs.sum(-1), 1, atol=1e-5)
 
@@ -150,16 +121,16 @@ def test_include_preprocessing_is_imagenet_normalization_inside_the_model():
         **TINY_COAT, input_shape=(64, 64, 3), classes=5, include_preprocessing=False
     )
     without.set_weights(with_pre.get_weights())
-    pixels = _images(2, 64, 64)
-    normalized = (pixels / 255.0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
+    images = pixels(2, 64, 64)
+    normalized = (images / 255.0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
     np.testing.assert_allclose(
-        _np(with_pre(pixels)), _np(without(normalized.astype("float32"))), atol=1e-5
+        to_numpy(with_pre(images)), to_numpy(without(normalized.astype("float32"))), atol=1e-5
     )
     np.testing.assert_allclose(
-        _np(keras.layers.Normalization(
+        to_numpy(keras.layers.Normalization(
             mean=[255 * m for m in IMAGENET_MEAN],
             variance=[(255 * s) ** 2 for s in IMAGENET_STD],
-        )(pixels)),
+        )(images)),
         normalized,
         atol=1e-5,
     )
@@ -171,142 +142,55 @@ def test_classifier_activation_none_returns_logits():
         **TINY_LITE, input_shape=(64, 64, 3), classes=4, classifier_activation=None
     )
     logits_model.set_weights(probs_model.get_weights())
-    x = _images(3, 64, 64)
-    logits = _np(logits_model(x))
+    x = pixels(3, 64, 64)
+    logits = to_numpy(logits_model(x))
     expected = np.exp(logits - logits.max(-1, keepdims=True))
     expected /= expected.sum(-1, keepdims=True)
-    np.testing.assert_allclose(_np(probs_model(x)), expected, atol=1e-6)
+    np.testing.assert_allclose(to_numpy(probs_model(x)), expected, atol=1e-6)
 
 
-@pytest.mark.parametrize("config", [TINY_LITE, TINY_COAT], ids=["lite", "coat"])
-def test_headless_outputs_and_pooling(config):
+def test_headless_outputs_and_pooling(tiny_config):
     size = (64, 96)
-    final_dim = config["embed_dims"][-1]
+    final_dim = tiny_config["embed_dims"][-1]
     expected = {None: (2, 2, 3, final_dim), "avg": (2, final_dim), "max": (2, final_dim),
                 "token": (2, final_dim)}
     outputs, reference = {}, None
     for pooling, shape in expected.items():
-        model = keras_coat.CoaT(**config, input_shape=(*size, 3), include_top=False,
+        model = keras_coat.CoaT(**tiny_config, input_shape=(*size, 3), include_top=False,
                                 pooling=pooling)
         if reference is None:
             reference = model
-        elif not config.get("parallel_depth"):
+        elif not tiny_config.get("parallel_depth"):
             model.set_weights(reference.get_weights())
-        outputs[pooling] = _np(model(_images(2, *size)))
+        outputs[pooling] = to_numpy(model(pixels(2, *size)))
         assert outputs[pooling].shape == shape
-    if not config.get("parallel_depth"):
+    if not tiny_config.get("parallel_depth"):
         # CoaT-Lite: pooled features are those of the final (normalized) feature map.
         np.testing.assert_allclose(outputs["avg"], outputs[None].mean((1, 2)), atol=1e-5)
         np.testing.assert_allclose(outputs["max"], outputs[None].max((1, 2)), atol=1e-5)
 
 
-@pytest.mark.parametrize("config", [TINY_LITE, TINY_COAT], ids=["lite", "coat"])
-def test_pyramid_outputs_are_channels_last_at_strides_4_to_32(config):
-    model = keras_coat.CoaT(**config, input_shape=(64, 96, 3))
-    assert list(model.pyramid_outputs) == ["P2", "P3", "P4", "P5"]
-    extractor = keras.Model(model.input, model.pyramid_outputs)
-    features = extractor(_images(2, 64, 96))
-    for (level, stride), dim in zip(
-        {"P2": 4, "P3": 8, "P4": 16, "P5": 32}.items(), config["embed_dims"]
-    ):
-        assert tuple(features[level].shape) == (2, 64 // stride, 96 // stride, dim)
-
-
-@pytest.mark.parametrize("config", [TINY_LITE, TINY_COAT], ids=["lite", "coat"])
-def test_fit_trains_from_the_first_layer_to_the_head_with_stochastic_depth(config):
-    model = keras_coat.CoaT(**config, input_shape=(64, 64, 3), classes=3, drop_path_rate=0.2)
+def test_fit_trains_from_the_first_layer_to_the_head_with_stochastic_depth(tiny_config):
+    model = keras_coat.CoaT(**tiny_config, input_shape=(64, 64, 3), classes=3, drop_path_rate=0.2)
     model.compile(optimizer=keras.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy")
     # Gradients reach the first layer through every stage, and the last stage's position
     # encodings (CPE via the image tokens the class token attends to).
     watched = ("patch_embed1/proj/kernel", "cpe4/proj/kernel", "head/kernel")
     variables = {w.path: w for w in model.trainable_weights}
-    before = {path: _np(variables[path]).copy() for path in watched}
+    before = {path: to_numpy(variables[path]).copy() for path in watched}
     labels = np.array([0, 1, 2, 1, 0, 2, 1, 0])
-    history = model.fit(_images(8, 64, 64), labels, batch_size=8, verbose=0)
+    history = model.fit(pixels(8, 64, 64), labels, batch_size=8, verbose=0)
     assert np.isfinite(history.history["loss"][0])
     for path in watched:
-        assert not np.array_equal(_np(variables[path]), before[path]), path
-
-
-@pytest.mark.parametrize("config", [TINY_LITE, TINY_COAT], ids=["lite", "coat"])
-def test_mixed_bfloat16_computes_in_bfloat16_and_keeps_float32_weights(config, dtype_policy):
-    full = keras_coat.CoaT(**config, input_shape=(64, 64, 3), classes=5)
-    dtype_policy("mixed_bfloat16")
-    mixed = keras_coat.CoaT(**config, input_shape=(64, 64, 3), classes=5)
-    mixed.set_weights(full.get_weights())
-    assert {w.dtype for w in mixed.weights} == {"float32"}
-    assert keras.backend.standardize_dtype(mixed.get_layer("head").output.dtype) == "bfloat16"
-    x = _images(2, 64, 64)
-    probabilities = mixed(x)
-    assert keras.backend.standardize_dtype(probabilities.dtype) == "float32"
-    np.testing.assert_allclose(_np(probabilities), _np(full(x)), atol=0.05)
+        assert not np.array_equal(to_numpy(variables[path]), before[path]), path
 
 
 def test_drop_path_is_stochastic_in_training_only():
     model = keras_coat.CoaT(**TINY_COAT, input_shape=(64, 64, 3), drop_path_rate=0.5,
                             classifier_activation=None)
-    x = _images(4, 64, 64)
-    np.testing.assert_array_equal(_np(model(x)), _np(model(x)))
-    assert not np.allclose(_np(model(x, training=True)), _np(model(x, training=True)))
-
-
-@pytest.mark.parametrize("config", [TINY_LITE, TINY_COAT], ids=["lite", "coat"])
-def test_keras_file_roundtrip_keeps_class_outputs_pyramid_and_weight_sharing(config, tmp_path):
-    model = keras_coat.CoaT(**config, input_shape=(64, 96, 3), classes=6)
-    x = _images(2, 64, 96)
-    expected = _np(model(x))
-    expected_pyramid = keras.Model(model.input, model.pyramid_outputs)(x)
-    path = tmp_path / "model.keras"
-    model.save(path)
-    restored = keras.models.load_model(path)
-    assert type(restored) is keras_coat.CoaTImageClassifier
-    assert type(restored.backbone) is keras_coat.CoaTBackbone
-    np.testing.assert_array_equal(_np(restored(x)), expected)
-    pyramid = keras.Model(restored.input, restored.pyramid_outputs)(x)
-    for level in ("P2", "P3", "P4", "P5"):
-        np.testing.assert_array_equal(_np(pyramid[level]), _np(expected_pyramid[level]))
-    assert restored.count_params() == model.count_params()
-    # Shared layers stay shared: one CPE per scale, called by every block.
-    assert sum(layer.name == "cpe2" for layer in restored.backbone.layers) == 1
-
-    backbone_path = tmp_path / "backbone.keras"
-    model.backbone.save(backbone_path)
-    backbone = keras.models.load_model(backbone_path)
-    assert type(backbone) is keras_coat.CoaTBackbone
-    assert list(backbone.pyramid_outputs) == ["P2", "P3", "P4", "P5"]
-    features, expected_features = backbone(x), model.backbone(x)
-    assert set(features) == {"P2", "P3", "P4", "P5", *model.backbone.feature_names}
-    for key in features:
-        np.testing.assert_array_equal(_np(features[key]), _np(expected_features[key]))
-
-
-def test_weights_h5_roundtrip_and_loading_into_a_headless_model(tmp_path):
-    model = keras_coat.CoaT(**TINY_COAT, input_shape=(64, 64, 3), classes=6)
-    path = str(tmp_path / "model.weights.h5")
-    model.save_weights(path)
-    x = _images(2, 64, 64)
-
-    same = keras_coat.CoaT(**TINY_COAT, input_shape=(64, 64, 3), classes=6, weights=path)
-    np.testing.assert_array_equal(_np(same(x)), _np(model(x)))
-
-    backbone = keras_coat.CoaT(**TINY_COAT, input_shape=(64, 64, 3), include_top=False,
-                               pooling="token", weights=path)
-    full_features = keras.Model(model.input, model.get_layer("aggregate").output)
-    np.testing.assert_allclose(_np(backbone(x)), _np(full_features(x)), atol=1e-6)
-
-    other = dict(TINY_COAT, serial_depths=(2, 1, 1, 1))
-    with pytest.raises(ValueError, match="another variant"):
-        keras_coat.CoaT(**other, input_shape=(64, 64, 3), classes=6, weights=path)
-
-
-def test_real_variant_roundtrip_through_keras_file(tmp_path):
-    model = keras_coat.CoaTTiny(input_shape=(64, 64, 3))
-    x = _images(1, 64, 64)
-    path = tmp_path / "coat_tiny.keras"
-    model.save(path)
-    restored = keras.models.load_model(path)
-    assert type(restored) is keras_coat.CoaTImageClassifier
-    np.testing.assert_array_equal(_np(restored(x)), _np(model(x)))
+    x = pixels(4, 64, 64)
+    np.testing.assert_array_equal(to_numpy(model(x)), to_numpy(model(x)))
+    assert not np.allclose(to_numpy(model(x, training=True)), to_numpy(model(x, training=True)))
 
 
 def test_public_api():

@@ -15,12 +15,10 @@ import keras
 import numpy as np
 import pytest
 
+from tests.conftest import pixels
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 OFFLINE = [('weights="imagenet"', "weights=None")]
-
-
-def _pixels(shape, seed=0):
-    return np.random.default_rng(seed).uniform(0, 255, shape).astype("float32")
 
 
 def _tiny_classifier():
@@ -35,19 +33,19 @@ def _detection_data():
     boxes[:, 0] = [10.0, 20.0, 60.0, 80.0]
     labels = np.full((8, 2), -1, "int32")
     labels[:, 0] = rng.integers(0, 20, 8)
-    return {"images": _pixels((8, 128, 128, 3)), "boxes": boxes, "labels": labels,
-            "new_images": _pixels((8, 128, 128, 3), seed=1)}
+    return {"images": pixels(8, 128), "boxes": boxes, "labels": labels,
+            "new_images": pixels(8, 128, seed=1)}
 
 
 # A distinctive line of each block -> (changes to its text, the names it assumes, slow).
 BLOCKS = {
     "probabilities = model.predict(images)": (
-        OFFLINE, lambda: {"images": _pixels((1, 224, 224, 3))}, True,
+        OFFLINE, lambda: {"images": pixels(1, 224)}, True,
     ),
     'name="coat_lite_small",': ([], dict, True),
     "features = keras.Model(backbone.input, backbone.pyramid_outputs)": (
         OFFLINE + [("(512, 640, 3)", "(64, 96, 3)")],
-        lambda: {"images": _pixels((2, 64, 96, 3))},
+        lambda: {"images": pixels(2, 64, 96)},
         True,
     ),
     "segmenter = keras_hub.models.DeepLabV3ImageSegmenter(": (

@@ -1,6 +1,6 @@
-"""The tf.data pipelines are plain TensorFlow: they run under every Keras backend (this file runs
-on TensorFlow in `make test` and on JAX in `make test-jax`), give on TensorFlow exactly what the
-Keras implementations they replace give, and split every global batch between processes. (The
+"""The tf.data pipelines are plain TensorFlow: they run under every Keras backend (the pipeline
+test marked for it runs on JAX as well), give on TensorFlow exactly what the Keras
+implementations they replace give, and split every global batch between processes. (The
 evaluation transform they use is checked against Pillow and timm in test_eval_transform.py.)"""
 
 import keras
@@ -9,8 +9,6 @@ import pytest
 import tensorflow as tf
 
 from training import augment, data, recipes
-
-ON_TENSORFLOW = keras.backend.backend() == "tensorflow"
 
 
 def _demo_recipe(**changes):
@@ -34,7 +32,6 @@ class _FoldInSeeds(keras.random.SeedGenerator):
         return tf.random.experimental.stateless_fold_in(self._seed, self._draws)
 
 
-@pytest.mark.skipif(not ON_TENSORFLOW, reason="compares with Keras layers on TensorFlow")
 @pytest.mark.parametrize("strength", [0.1, 0.4, 0.9])
 def test_color_jitter_is_keras_preprocessing_layers_bit_for_bit(strength):
     s = strength
@@ -65,6 +62,7 @@ def test_color_jitter_is_keras_preprocessing_layers_bit_for_bit(strength):
         )
 
 
+@pytest.mark.backends("tensorflow", "jax")
 def test_pipelines_with_color_jitter_run_under_this_backend(digits):
     recipe = _demo_recipe(color_jitter=0.4)
     images, labels = next(iter(data.train_dataset(recipe, digits, seed=0, max_steps=1)))

@@ -228,6 +228,7 @@ def test_imagenet2012_pipeline_on_tfds_mock_data():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["none", "bfloat16"])
+@pytest.mark.timeout(900)  # measured up to 156 s on a busy machine (pyproject: 300 s)
 def test_train_step_compiles_with_xla(precision):
     recipe = recipes.override(
         recipes.get_recipe("demo"),
@@ -285,6 +286,7 @@ def test_dataset_error_messages(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # measured up to 177 s on a busy machine (pyproject: 300 s)
 def test_validation_checkpoints_and_export_use_the_ema_weights(tmp_path):
     import csv
     import json

@@ -127,6 +127,7 @@ def _free_ports(count):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # measured up to 112 s on a busy machine (pyproject: 300 s)
 def test_mirrored_on_two_cpu_replicas_matches_one_device(tmp_path):
     args = COMMON + ["--epochs", "2", "--deterministic"]
     single = _start(args + ["--strategy", "one_device", "--output-dir", str(tmp_path / "one")])
@@ -158,6 +159,7 @@ train.main(sys.argv[1:])
 
 @pytest.mark.slow
 @pytest.mark.parametrize("keras_install", ["newest", "oldest"])
+@pytest.mark.timeout(900)  # measured up to 115 s on a busy machine (pyproject: 300 s)
 def test_two_multi_worker_processes_end_with_identical_weights(tmp_path, keras_install):
     import keras
 
@@ -188,6 +190,7 @@ def test_two_multi_worker_processes_end_with_identical_weights(tmp_path, keras_i
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # measured up to 186 s on a busy machine (pyproject: 300 s)
 def test_killed_run_resumes_from_its_backup_and_matches_an_uninterrupted_one(tmp_path):
     args = COMMON + ["--epochs", "3", "--drop-path", "0.1", "--deterministic"]
     interrupted, reference = tmp_path / "interrupted", tmp_path / "reference"
@@ -239,6 +242,7 @@ def _wait_for(marker, process):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # measured up to 178 s on a busy machine (pyproject: 300 s)
 def test_a_run_stopped_by_sigterm_within_an_epoch_resumes_at_its_next_step(tmp_path):
     # Every per-step random draw of the recipe: drop-path masks (the model's seed generators),
     # Mixup (per batch) and augmentation (per example); EMA swaps at each epoch's end.
@@ -275,6 +279,7 @@ def test_a_run_stopped_by_sigterm_within_an_epoch_resumes_at_its_next_step(tmp_p
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # measured up to 134 s on a busy machine (pyproject: 300 s)
 @pytest.mark.parametrize("task", TASKS)
 def test_a_run_in_use_is_refused_sigterm_saves_and_a_damaged_backup_gives_way(tmp_path, task):
     out, marker = tmp_path / "run", tmp_path / "waiting"

@@ -32,6 +32,8 @@ ARGS = COMMON + ["--epochs", "2", "--steps-per-epoch", "3", "--deterministic"]
 # XLA's compilation of the train step dominates these runs (about a minute of CPU each); on a
 # busy machine four of them at once take many minutes.
 TIMEOUT = 1800
+# The runs are subprocesses on JAX whatever this process runs on: the JAX pass runs them.
+pytestmark = [pytest.mark.backends("jax"), pytest.mark.timeout(TIMEOUT + 300)]
 
 # Measured: the three layouts differ only in how XLA sums the gradients of the global batch
 # (one device sums 16 examples, two devices sum 8 each and add the halves); after 6 AdamW steps
