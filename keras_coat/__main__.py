@@ -226,8 +226,8 @@ def _add_export_command(subparsers):
     """Registers ``export`` (SavedModel for serving, LiteRT, ONNX, OpenVINO) when
     `keras_coat.export` is present.
 
-    The export package (TensorFlow only) is imported when the command runs, so
-    the other commands never pay for it.
+    The export package is imported when the command runs, so the other commands never pay
+    for it; on JAX and PyTorch it writes through a TensorFlow child process.
     """
     if importlib.util.find_spec("keras_coat.export") is None:
         return
@@ -318,7 +318,7 @@ def _export(args):
                "--format litert and openvino")
         return 2
     if args.format != "saved_model":
-        from keras_coat.export.exporter import PRECISIONS
+        from keras_coat.export.formats import PRECISIONS
 
         misplaced = [flag for flag, value in (("--version", args.version), ("--top", args.top))
                      if value is not None]
@@ -329,12 +329,6 @@ def _export(args):
             _error(f"--format {args.format} offers --precision "
                    f"{', '.join(PRECISIONS[args.format])}; received {args.precision}")
             return 2
-    import keras
-
-    if keras.backend.backend() != "tensorflow":
-        _error(f"the export writes TensorFlow graphs; run it with KERAS_BACKEND=tensorflow "
-               f"(the current backend is {keras.backend.backend()})")
-        return 2
     weights = None if args.weights.lower() == "none" else args.weights
     # Bad arguments, existing files, a failed verification: main() reports them in one line.
     model, class_names = build_export_model(
@@ -372,11 +366,8 @@ def build_export_model(model_name, weights, image_size=None, class_names_file=No
 
 def _export_saved_model(args, model, class_names):
     """``export`` (SavedModel): prints its signatures and how to serve it."""
-    from keras_coat.export.saved_model import (
-        describe_saved_model,
-        export_saved_model,
-        serving_instructions,
-    )
+    from keras_coat.export import export_saved_model
+    from keras_coat.export.saved_model import describe_saved_model, serving_instructions
 
     path = export_saved_model(
         model,
@@ -393,8 +384,8 @@ def _export_saved_model(args, model, class_names):
 
 def _export_file(args, model, class_names):
     """``export --format litert|onnx|openvino``: prints the verification and how to run it."""
+    from keras_coat.export import export_model
     from keras_coat.export.calibration import load_calibration_images
-    from keras_coat.export.exporter import FORMAT_MODULES, export_model
 
     calibration = held_out = None
     if args.calibration_data:
@@ -421,6 +412,8 @@ def _export_file(args, model, class_names):
             f"Top-1 agreement with the float Keras model: {result.top1_agreement:.2%} of "
             f"{result.held_out} held-out images"
         )
+    from keras_coat.export.exporter import FORMAT_MODULES
+
     runtime = FORMAT_MODULES[args.format].run_instructions(result.path, args.precision)
     print(
         "\nInput: float32 RGB pixels in [0, 255], [batch, height, width, 3]; output: "

@@ -18,8 +18,7 @@ one (training.faults). Outputs in DIR:
   best.keras         the model of the epoch with the best validation accuracy
   training_log.csv   one row per epoch; logs/ TensorBoard
   metrics.json       val_accuracy, val_loss, epochs_completed, images_per_second, ...
-  export/1/          TensorFlow SavedModel for serving (keras_coat.export; from JAX through a
-                     TensorFlow-backend subprocess)
+  export/1/          TensorFlow SavedModel for serving (keras_coat.export, from either engine)
 """
 
 import argparse
@@ -462,7 +461,7 @@ def _train(args, held):
 
     if chief and not args.no_export:
         export_dir = os.path.join(args.output_dir, "export")
-        metrics["export_dir"] = export(model, work_dir, export_dir, source, recipe)
+        metrics["export_dir"] = export(model, export_dir, source, recipe)
     write_json(metrics_path, metrics)
     shutil.rmtree(backup_dir, ignore_errors=True)  # the run is complete: nothing to resume
     say(
@@ -473,30 +472,19 @@ def _train(args, held):
     return metrics
 
 
-def export(model, work_dir, export_dir, source, recipe):
-    """Writes the SavedModel export_dir/1 of the trained model, which is saved as
-    work_dir/last.keras; returns its path."""
-    if keras.backend.backend() == "tensorflow":
-        from keras_coat.export import export_saved_model
+def export(model, export_dir, source, recipe):
+    """Writes the SavedModel export_dir/1 of the trained model (from a TensorFlow child process
+    on JAX, keras_coat.export); returns its path."""
+    from keras_coat.export import export_saved_model
 
-        export_saved_model(
-            model,
-            export_dir,
-            version=1,
-            class_names=source.class_names,
-            crop_pct=recipe.eval_crop_pct,
-            overwrite=True,
-        )
-    else:
-        from training.engine_jax import export_saved_model_in_tensorflow
-
-        export_saved_model_in_tensorflow(
-            os.path.join(work_dir, "last.keras"),
-            export_dir,
-            source.class_names,
-            recipe.eval_crop_pct,
-        )
-    return os.path.join(export_dir, "1")
+    return export_saved_model(
+        model,
+        export_dir,
+        version=1,
+        class_names=source.class_names,
+        crop_pct=recipe.eval_crop_pct,
+        overwrite=True,
+    )
 
 
 if __name__ == "__main__":
