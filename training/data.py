@@ -68,6 +68,50 @@ def load_source(name, image_size, data_dir=None, manual_dir=None):
     return _tfds_source(name, data_dir, manual_dir)
 
 
+def load_evaluation_split(spec, image_size, data_dir=None, manual_dir=None):
+    """The images `training.evaluate` measures: ``(split, class names, name)``.
+
+    `spec`: ``digits`` (the held-out scans), ``folder:PATH`` (``PATH/val`` or
+    ``PATH/validation`` when there is one, else every image of PATH's class folders, as timm's
+    ImageFolder reads ImageNet's ``val/<wnid>/*.JPEG``) or ``tfds:NAME[:SPLIT]`` (default split:
+    validation, else test).
+    """
+    if spec == "digits":
+        source = _digits_source(image_size)
+        return source.validation, source.class_names, "digits (held-out scans)"
+    if spec.startswith("folder:") and spec != "folder:":
+        path = spec[len("folder:") :]
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"folder dataset: {path!r} is not a directory.")
+        root = next(
+            (os.path.join(path, d) for d in ("val", "validation")
+             if os.path.isdir(os.path.join(path, d))),
+            path,
+        )  # fmt: skip
+        class_names = _class_names(root)
+        files, labels = _list_images(root, class_names)
+        return _file_split(files, labels), class_names, f"folder:{root}"
+    if spec.startswith("tfds:") and spec.strip(":") != "tfds":
+        name, _, split_name = spec[len("tfds:") :].partition(":")
+        builder = _prepared_tfds_builder(name, data_dir, manual_dir)
+        splits = builder.info.splits or {"validation": None}
+        split_name = split_name or next((s for s in ("validation", "test") if s in splits), "")
+        if not split_name:
+            raise ValueError(
+                f"TFDS dataset {name!r} has no 'validation' or 'test' split ({sorted(splits)}); "
+                f"name one: tfds:{name}:SPLIT."
+            )
+        if builder.info.splits and split_name.split("[")[0] not in splits:
+            raise ValueError(
+                f"TFDS dataset {name!r} has no split {split_name!r}; it has {sorted(splits)}."
+            )
+        split, class_names = _tfds_split(builder, split_name)
+        return split, class_names, f"tfds:{name}:{split_name}"
+    raise ValueError(
+        f"Unknown data {spec!r}; use folder:PATH, tfds:NAME[:SPLIT] or digits."
+    )
+
+
 def digits_split():
     """scikit-learn's digit scans as (train images, held-out images, train labels, held-out
     labels): [N, 8, 8] float32 in [0, 255] and int64 labels, the fixed stratified split every
@@ -124,19 +168,19 @@ def _folder_source(path):
         train = ([files[i] for i in train_idx], [labels[i] for i in train_idx])
         validation = ([files[i] for i in val_idx], [labels[i] for i in val_idx])
 
-    def split(files_and_labels):
-        files, labels = files_and_labels
-        records = tf.data.Dataset.from_tensor_slices(
-            {"path": np.array(files), "label": np.array(labels, np.int64)}
-        )
-        return Split(
-            records,
-            len(files),
-            decode=_read_image_file,
-            encoded=lambda record: tf.io.read_file(record["path"]),
-        )
+    return Source(f"folder:{path}", _file_split(*train), _file_split(*validation), class_names)
 
-    return Source(f"folder:{path}", split(train), split(validation), class_names)
+
+def _file_split(files, labels):
+    records = tf.data.Dataset.from_tensor_slices(
+        {"path": np.array(files), "label": np.array(labels, np.int64)}
+    )
+    return Split(
+        records,
+        len(files),
+        decode=_read_image_file,
+        encoded=lambda record: tf.io.read_file(record["path"]),
+    )
 
 
 def _class_names(root):
@@ -175,6 +219,21 @@ def _decode_image(encoded):
 
 
 def _tfds_source(name, data_dir, manual_dir):
+    builder = _prepared_tfds_builder(name, data_dir, manual_dir)
+    # Without generation metadata (e.g. under tfds.testing.mock_data) TFDS knows no splits and
+    # accepts any name: take the usual ones and count their examples.
+    splits = builder.info.splits or {"train": None, "validation": None}
+    validation_split = next((s for s in ("validation", "test") if s in splits), None)
+    if "train" not in splits or validation_split is None:
+        raise ValueError(
+            f"TFDS dataset {name!r} needs a 'train' and a 'validation' or 'test' split; it has "
+            f"{sorted(splits)}."
+        )
+    train, class_names = _tfds_split(builder, "train")
+    return Source(name, train, _tfds_split(builder, validation_split)[0], class_names)
+
+
+def _prepared_tfds_builder(name, data_dir, manual_dir):
     import tensorflow_datasets as tfds
 
     builder = tfds.builder(name, data_dir=data_dir)
@@ -189,36 +248,31 @@ def _tfds_source(name, data_dir, manual_dir):
             "access (`tfds build`); manual datasets such as imagenet2012 read their archives from "
             "--manual-dir."
         ) from error
+    return builder
+
+
+def _tfds_split(builder, split_name):
+    """(Split, class names) of the split `split_name` of a prepared TFDS builder."""
+    import tensorflow_datasets as tfds
+
     info = builder.info
     image_key, label_key = info.supervised_keys or ("image", "label")
-    # Without generation metadata (e.g. under tfds.testing.mock_data) TFDS knows no splits and
-    # accepts any name: take the usual ones and count their examples.
-    splits = info.splits or {"train": None, "validation": None}
-    validation_split = next((s for s in ("validation", "test") if s in splits), None)
-    if "train" not in splits or validation_split is None:
-        raise ValueError(
-            f"TFDS dataset {name!r} needs a 'train' and a 'validation' or 'test' split; it has "
-            f"{sorted(splits)}."
-        )
+    records = builder.as_dataset(
+        split=split_name,
+        decoders={image_key: tfds.decode.SkipDecoding()},
+        read_config=tfds.ReadConfig(shuffle_seed=0),
+        shuffle_files=split_name == "train",
+    ).map(lambda ex: {"image": ex[image_key], "label": ex[label_key]})
 
-    def split(split_name):
-        records = builder.as_dataset(
-            split=split_name,
-            decoders={image_key: tfds.decode.SkipDecoding()},
-            read_config=tfds.ReadConfig(shuffle_seed=0),
-            shuffle_files=split_name == "train",
-        ).map(lambda ex: {"image": ex[image_key], "label": ex[label_key]})
+    def decode(record):
+        return {"image": _decode_image(record["image"]), "label": record["label"]}
 
-        def decode(record):
-            return {"image": _decode_image(record["image"]), "label": record["label"]}
-
-        if splits[split_name] is not None:
-            count = splits[split_name].num_examples
-        else:
-            count = int(records.reduce(0, lambda n, _: n + 1))
-        return Split(records, count, decode, encoded=lambda record: record["image"])
-
-    return Source(name, split("train"), split(validation_split), info.features[label_key].names)
+    if info.splits:
+        count = info.splits[split_name].num_examples
+    else:
+        count = int(records.reduce(0, lambda n, _: n + 1))
+    split = Split(records, count, decode, encoded=lambda record: record["image"])
+    return split, info.features[label_key].names
 
 
 # ----------------------------------------------------------------------------------------------
