@@ -134,11 +134,9 @@ def _add_predict_command(subparsers):
 
 
 def _predict(args):
-    import numpy as np
-
     from keras_coat import presets
     from keras_coat.applications import create_model
-    from keras_coat.imagenet import NUM_CLASSES, decode_predictions, load_image
+    from keras_coat.imagenet import NUM_CLASSES, load_image
 
     if args.top > NUM_CLASSES:
         _error(f"--top must be at most {NUM_CLASSES}")
@@ -160,23 +158,45 @@ def _predict(args):
         input_shape=(args.image_size, args.image_size, 3),
         classifier_activation="softmax",
     )
-    for start in range(0, len(images), args.batch_size):
-        batch = np.stack(images[start : start + args.batch_size])
-        probabilities = model.predict(batch, verbose=0)
-        decoded = decode_predictions(probabilities, top=args.top)
-        for path, predictions in zip(args.images[start:], decoded):
-            _print_predictions(path, predictions, as_json=args.json)
+    print_top_classes(model, images, args.images, args.top, args.batch_size, args.json)
     return 0
 
 
+def print_top_classes(model, images, paths, top=5, batch_size=8, as_json=False):
+    """Classifies `images` (pixels after the evaluation transform) with `model` and prints the
+    `top` classes of each, named by the model's class names (and WordNet ids for the ImageNet
+    classes); a model without names has ImageNet's for 1000 classes, ``class_<i>`` otherwise."""
+    import numpy as np
+
+    from keras_coat import imagenet
+
+    classes = int(model.outputs[0].shape[-1])
+    names = getattr(model, "class_names", None)
+    if names is None:
+        imagenet_head = classes == imagenet.NUM_CLASSES
+        names = imagenet.class_names() if imagenet_head else [f"class_{i}" for i in range(classes)]
+    names = list(names)
+    wnids = imagenet.class_wnids() if names == list(imagenet.class_names()) else None
+    for start in range(0, len(images), batch_size):
+        probabilities = model.predict(np.stack(images[start : start + batch_size]), verbose=0)
+        for path, row in zip(paths[start:], np.asarray(probabilities)):
+            best = np.argsort(-row, kind="stable")[:top]  # ties: the lower class index first
+            rows = [(names[i], float(row[i]), wnids and wnids[i]) for i in best]
+            _print_predictions(path, rows, as_json)
+
+
 def _print_predictions(path, predictions, as_json):
+    """`predictions`: (class name, probability, WordNet id or None) rows, best first."""
     if as_json:
-        rows = [{"wnid": w, "class": c, "probability": p} for w, c, p in predictions]
+        rows = [
+            {"class": name, "probability": p, **({"wnid": wnid} if wnid else {})}
+            for name, p, wnid in predictions
+        ]
         print(json.dumps({"image": path, "predictions": rows}))
         return
     print(path)
-    for rank, (wnid, name, probability) in enumerate(predictions, start=1):
-        print(f"  {rank:>2}. {100 * probability:6.2f}%  {name} ({wnid})")
+    for rank, (name, probability, wnid) in enumerate(predictions, start=1):
+        print(f"  {rank:>2}. {100 * probability:6.2f}%  {name}" + (f" ({wnid})" if wnid else ""))
 
 
 # -------------------------------------------------------------------------------- info
