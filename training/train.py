@@ -2,7 +2,7 @@
 
     python -m training.train --model coat_lite_tiny --dataset NAME --output-dir DIR
 
-One entry point for every setting: a recipe (`--recipe imagenet|finetune|demo`, see
+One entry point for every setting: a recipe (`--recipe imagenet|finetune|transfer|demo`, see
 `training.recipes`) plus command-line overrides, on either Keras engine: TensorFlow with any
 tf.distribute strategy (`training.engine_tf`), or JAX with keras.distribution data parallelism
 over devices and processes (`training.engine_jax`); KERAS_BACKEND or --backend picks. Mixed
@@ -18,11 +18,18 @@ one (training.faults). Outputs in DIR:
   best.keras         the model of the epoch with the best validation accuracy
   training_log.csv   one row per epoch; logs/ TensorBoard
   metrics.json       val_accuracy, val_loss, epochs_completed, images_per_second, ...
+  preset/            the final model as a preset directory (CoaTImageClassifier.from_preset,
+                     --model of python -m keras_coat, training.evaluate): the data's class
+                     names, the evaluation preprocessing, the metrics in metadata.json
   export/1/          TensorFlow SavedModel for serving (keras_coat.export, from either engine)
+
+Every model the run writes carries the data's class names and the evaluation preprocessing its
+validation used (image size, crop fraction).
 """
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -52,7 +59,9 @@ def parse_args(argv=None):
     run = parser.add_argument_group("run")
     run.add_argument("--recipe", choices=recipes_lib.RECIPE_NAMES, default="imagenet")
     run.add_argument(
-        "--model", help="a keras_coat variant, e.g. coat_lite_tiny (default: the recipe's)"
+        "--model",
+        help=f'a keras_coat variant, e.g. coat_lite_tiny, or "{recipes_lib.PRESET_MODEL}": the '
+        "architecture of the --init-weights preset (default: the recipe's)",
     )
     run.add_argument(
         "--model-config",
@@ -117,7 +126,9 @@ def resolve_recipe(args):
     changes = recipes_lib.command_line_overrides(args)
     if args.model_config is not None:
         changes["model"] = "custom"
-    return recipes_lib.override(recipe, changes)
+    recipe = recipes_lib.override(recipe, changes)
+    recipes_lib.check_complete(recipe)
+    return recipe
 
 
 def build_model(recipe, num_classes, model_config=None):
@@ -134,6 +145,16 @@ def build_model(recipe, num_classes, model_config=None):
     )
     if model_config is not None:
         return keras_coat.CoaT(**model_config, weights=recipe.init_weights, **kwargs)
+    if recipe.model == recipes_lib.PRESET_MODEL:
+        # The preset's architecture and weights, with a new head for this data's classes.
+        features = keras_coat.CoaTImageClassifier.from_preset(
+            recipe.init_weights,
+            image_shape=kwargs["input_shape"],
+            drop_path_rate=recipe.drop_path,
+            num_classes=None,
+            include_preprocessing=True,
+        )
+        return features.with_new_head(num_classes, activation="softmax")
     if recipe.init_weights is None:
         return keras_coat.create_model(recipe.model, **kwargs)
     if recipe.init_weights != "imagenet" or num_classes == NUM_CLASSES:
@@ -149,6 +170,12 @@ def build_model(recipe, num_classes, model_config=None):
         include_preprocessing=True,
         name=recipe.model,
     )
+
+
+def model_text(recipe):
+    if recipe.model == recipes_lib.PRESET_MODEL:
+        return f"the preset {recipe.init_weights} with a new head"
+    return recipe.model
 
 
 def compile_model(model, recipe, steps_per_epoch, jit_compile=None):
@@ -400,7 +427,7 @@ def _train(args, held):
         say(
             f"{engine.describe()}, global batch "
             f"{recipe.batch_size} ({recipe.batch_size / replicas:g} per replica), precision "
-            f"{recipe.mixed_precision}.\nRecipe {recipe.name}: {recipe.model} at "
+            f"{recipe.mixed_precision}.\nRecipe {recipe.name}: {model_text(recipe)} at "
             f"{recipe.image_size}px on {source.name} ({source.train.num_examples} train / "
             f"{source.validation.num_examples} held-out images, {source.num_classes} classes), "
             f"{recipe.epochs} epochs x {steps} steps, peak lr {recipe.peak_lr:.3g}.\n"
@@ -420,6 +447,7 @@ def _train(args, held):
 
         with engine.scope():
             model = build_model(recipe, source.num_classes, args.model_config)
+            describe_data(model, source.class_names, recipe)
             compile_model(model, recipe, steps, args.jit_compile)
             engine.prepare(model, val_ds)
         # Only now, with everything checked, does the run leave files behind.
@@ -459,9 +487,11 @@ def _train(args, held):
     metrics = metrics_writer.finish(final)
     metrics["train_seconds_this_session"] = round(time.time() - started, 1)
 
+    if chief:
+        metrics["preset_dir"] = save_preset(model, args.output_dir, recipe, source, metrics)
     if chief and not args.no_export:
         export_dir = os.path.join(args.output_dir, "export")
-        metrics["export_dir"] = export(model, export_dir, source, recipe)
+        metrics["export_dir"] = export(model, export_dir)
     write_json(metrics_path, metrics)
     shutil.rmtree(backup_dir, ignore_errors=True)  # the run is complete: nothing to resume
     say(
@@ -472,19 +502,51 @@ def _train(args, held):
     return metrics
 
 
-def export(model, export_dir, source, recipe):
+def describe_data(model, class_names, recipe):
+    """Makes `model` carry its data's class names and the evaluation preprocessing of the
+    run's validation, so that every file the run writes says how to feed and read it."""
+    model.class_names = list(class_names)
+    model.preprocessing = dataclasses.replace(
+        model.preprocessing,
+        image_size=(recipe.image_size, recipe.image_size),
+        crop_pct=recipe.eval_crop_pct,
+    )
+
+
+def save_preset(model, output_dir, recipe, source, metrics):
+    """Writes the trained model as the preset directory output_dir/preset, with the run's
+    validation results in its metadata.json; returns its path."""
+    from keras_coat import preset_io
+
+    path = os.path.join(output_dir, "preset")
+    results = {k: metrics[k] for k in ("val_accuracy", "val_top5_accuracy", "val_loss")
+               if metrics.get(k) is not None}  # fmt: skip
+    folder = recipe.dataset.startswith("folder:")
+    preset_io.save_to_preset(model, path, metadata={
+        "training": {
+            "recipe": recipe.name,
+            "dataset": "folder:" + _public_name(recipe.dataset[7:]) if folder else recipe.dataset,
+            "init_weights": _public_name(recipe.init_weights),
+            "epochs": metrics["epochs_completed"],
+        },
+        "metrics": {**results, "held_out_images": source.validation.num_examples},
+    })  # fmt: skip
+    return path
+
+
+def _public_name(reference):
+    """A local path by its last part only (a preset may be published, its metadata with it)."""
+    if reference is None or not (os.sep in reference or os.path.exists(reference)):
+        return reference
+    return os.path.basename(os.path.normpath(reference))
+
+
+def export(model, export_dir):
     """Writes the SavedModel export_dir/1 of the trained model (from a TensorFlow child process
     on JAX, keras_coat.export); returns its path."""
     from keras_coat.export import export_saved_model
 
-    return export_saved_model(
-        model,
-        export_dir,
-        version=1,
-        class_names=source.class_names,
-        crop_pct=recipe.eval_crop_pct,
-        overwrite=True,
-    )
+    return export_saved_model(model, export_dir, version=1, overwrite=True)
 
 
 if __name__ == "__main__":
