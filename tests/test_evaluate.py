@@ -4,6 +4,8 @@ input."""
 
 import json
 import os
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -18,6 +20,7 @@ from tests.test_models import TINY_LITE
 from training import data, evaluate
 
 SIZE = 32
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _classifier(class_names, crop_pct, seed=0):
@@ -105,6 +108,23 @@ def test_digits_top1_equals_keras_evaluate(digits_preset, tmp_path, capsys):
     assert results["loss"] == pytest.approx(reference["loss"], rel=1e-4)
     assert results["top1"] > 20  # trained: better than chance (10%)
     assert results["preprocessing"]["crop_pct"] == 1.0 and results["images_per_second"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_other_backends_measure_the_same(digits_preset, backend):
+    path, _ = digits_preset
+    on_tensorflow = evaluate.evaluate(path, "digits", verbose=0)
+    env = dict(os.environ, KERAS_BACKEND=backend, PYTHONPATH=REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="3")
+    result = subprocess.run(
+        [sys.executable, "-m", "training.evaluate", path, "--data", "digits"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(result.stdout)
+    assert results["backend"] == backend and results["images"] == 360
+    assert results["top1"] == on_tensorflow["top1"] and results["top5"] == on_tensorflow["top5"]
+    assert results["loss"] == pytest.approx(on_tensorflow["loss"], rel=1e-4)
 
 
 @pytest.mark.slow
