@@ -13,6 +13,7 @@ from keras_coat.applications import (
     load_model,
 )
 from keras_coat.backbone import CoaTBackbone
+from keras_coat.export.any_backend import export_model, export_saved_model
 from keras_coat.hub import upload_preset
 from keras_coat.image_classifier import CoaTImageClassifier
 from keras_coat.imagenet import decode_predictions, preprocess_input
@@ -42,24 +43,3 @@ __all__ = [
     "upload_preset",
 ]
 
-
-def export_saved_model(model, directory, version=1, **kwargs):
-    """Exports `model` as a TF Serving SavedModel in `directory/<version>/`.
-
-    See `keras_coat.export.export_saved_model`; TensorFlow is imported only when this is called,
-    so the package itself runs on any Keras backend.
-    """
-    from keras_coat.export.saved_model import export_saved_model as export
-
-    return export(model, directory, version=version, **kwargs)
-
-
-def export_model(model, path, format="saved_model", **kwargs):
-    """Exports `model` as a SavedModel, LiteRT, ONNX or OpenVINO file, verified in its runtime.
-
-    See `keras_coat.export.export_model`; TensorFlow and the format's converter are
-    imported only when this is called.
-    """
-    from keras_coat.export.exporter import export_model as export
-
-    return export(model, path, format, **kwargs)

@@ -166,11 +166,8 @@ def _add_predict_command(subparsers):
 
 
 def _predict(args):
-    import numpy as np
-
     from keras_coat import loader
-    from keras_coat.imagenet import class_names as imagenet_names
-    from keras_coat.imagenet import class_wnids, load_image
+    from keras_coat.imagenet import load_image
     from keras_coat.presets import ImagePreprocessing
 
     reference = _reference(args.model, args.image_size)
@@ -199,27 +196,45 @@ def _predict(args):
             return 1
     model = _load_classifier(resolved or reference, args.weights, args.image_size,
                              activation="softmax")
-    names = model.class_names or [f"class {i}" for i in range(classes)]
-    wnids = class_wnids() if names == imagenet_names() else None
-    for start in range(0, len(images), args.batch_size):
-        probabilities = model.predict(np.stack(images[start : start + args.batch_size]), verbose=0)
-        for path, row in zip(args.images[start:], probabilities):
-            best = np.argsort(-row, kind="stable")[:top]  # ties: the lower index first
-            rows = [{"class": names[i], "probability": float(row[i])} for i in best]
-            if wnids is not None:
-                rows = [{"wnid": wnids[i], **r} for i, r in zip(best, rows)]
-            _print_predictions(path, rows, as_json=args.json)
+    print_top_classes(model, images, args.images, top, args.batch_size, args.json)
     return 0
 
 
-def _print_predictions(path, rows, as_json):
+def print_top_classes(model, images, paths, top=5, batch_size=8, as_json=False):
+    """Classifies `images` (pixels after the evaluation transform) with `model` and prints the
+    `top` classes of each, named by the model's class names (and WordNet ids for the ImageNet
+    classes); a model without names has ImageNet's for 1000 classes, ``class_<i>`` otherwise."""
+    import numpy as np
+
+    from keras_coat import imagenet
+
+    classes = int(model.outputs[0].shape[-1])
+    names = getattr(model, "class_names", None)
+    if names is None:
+        imagenet_head = classes == imagenet.NUM_CLASSES
+        names = imagenet.class_names() if imagenet_head else [f"class_{i}" for i in range(classes)]
+    names = list(names)
+    wnids = imagenet.class_wnids() if names == list(imagenet.class_names()) else None
+    for start in range(0, len(images), batch_size):
+        probabilities = model.predict(np.stack(images[start : start + batch_size]), verbose=0)
+        for path, row in zip(paths[start:], np.asarray(probabilities)):
+            best = np.argsort(-row, kind="stable")[:top]  # ties: the lower class index first
+            rows = [(names[i], float(row[i]), wnids and wnids[i]) for i in best]
+            _print_predictions(path, rows, as_json)
+
+
+def _print_predictions(path, predictions, as_json):
+    """`predictions`: (class name, probability, WordNet id or None) rows, best first."""
     if as_json:
+        rows = [
+            {"class": name, "probability": p, **({"wnid": wnid} if wnid else {})}
+            for name, p, wnid in predictions
+        ]
         print(json.dumps({"image": path, "predictions": rows}))
         return
     print(path)
-    for rank, row in enumerate(rows, start=1):
-        wnid = f" ({row['wnid']})" if "wnid" in row else ""
-        print(f"  {rank:>2}. {100 * row['probability']:6.2f}%  {row['class']}{wnid}")
+    for rank, (name, probability, wnid) in enumerate(predictions, start=1):
+        print(f"  {rank:>2}. {100 * probability:6.2f}%  {name}" + (f" ({wnid})" if wnid else ""))
 
 
 # -------------------------------------------------------------------------------- info
@@ -318,8 +333,8 @@ def _add_export_command(subparsers):
     """Registers ``export`` (SavedModel for serving, LiteRT, ONNX, OpenVINO) when
     `keras_coat.export` is present.
 
-    The export package (TensorFlow only) is imported when the command runs, so
-    the other commands never pay for it.
+    The export package is imported when the command runs, so the other commands never pay
+    for it; on JAX and PyTorch it writes through a TensorFlow child process.
     """
     if importlib.util.find_spec("keras_coat.export") is None:
         return
@@ -410,7 +425,7 @@ def _export(args):
                "--format litert and openvino")
         return 2
     if args.format != "saved_model":
-        from keras_coat.export.exporter import PRECISIONS
+        from keras_coat.export.formats import PRECISIONS
 
         misplaced = [flag for flag, value in (("--version", args.version), ("--top", args.top))
                      if value is not None]
@@ -421,12 +436,6 @@ def _export(args):
             _error(f"--format {args.format} offers --precision "
                    f"{', '.join(PRECISIONS[args.format])}; received {args.precision}")
             return 2
-    import keras
-
-    if keras.backend.backend() != "tensorflow":
-        _error(f"the export writes TensorFlow graphs; run it with KERAS_BACKEND=tensorflow "
-               f"(the current backend is {keras.backend.backend()})")
-        return 2
     weights = None if args.weights.lower() == "none" else args.weights
     # Bad arguments, existing files, a failed verification: main() reports them in one line.
     model, class_names = build_export_model(
@@ -471,11 +480,8 @@ def build_export_model(reference, weights, image_size=None, class_names_file=Non
 
 def _export_saved_model(args, model, class_names):
     """``export`` (SavedModel): prints its signatures and how to serve it."""
-    from keras_coat.export.saved_model import (
-        describe_saved_model,
-        export_saved_model,
-        serving_instructions,
-    )
+    from keras_coat.export import export_saved_model
+    from keras_coat.export.saved_model import describe_saved_model, serving_instructions
 
     path = export_saved_model(
         model,
@@ -492,8 +498,8 @@ def _export_saved_model(args, model, class_names):
 
 def _export_file(args, model, class_names):
     """``export --format litert|onnx|openvino``: prints the verification and how to run it."""
+    from keras_coat.export import export_model
     from keras_coat.export.calibration import load_calibration_images
-    from keras_coat.export.exporter import FORMAT_MODULES, export_model
 
     calibration = held_out = None
     if args.calibration_data:
@@ -524,6 +530,8 @@ def _export_file(args, model, class_names):
             f"Top-1 agreement with the float Keras model: {result.top1_agreement:.2%} of "
             f"{result.held_out} held-out images"
         )
+    from keras_coat.export.exporter import FORMAT_MODULES
+
     runtime = FORMAT_MODULES[args.format].run_instructions(result.path, args.precision)
     print(
         "\nInput: float32 RGB pixels in [0, 255], [batch, height, width, 3]; output: "

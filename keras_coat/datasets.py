@@ -35,7 +35,9 @@ import tensorflow as tf
 
 from keras_coat.tf_images import decode_image
 
-__all__ = ["IMAGE_EXTENSIONS", "SOURCES", "Source", "Split", "digits_split", "load_source"]
+__all__ = [
+    "IMAGE_EXTENSIONS", "SOURCES", "Source", "Split", "digits_split", "load_held_out", "load_source",
+]
 
 SOURCES = "digits, folder:PATH or tfds:NAME[:SPLIT]"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
@@ -92,6 +94,31 @@ def load_source(spec, image_size=None, data_dir=None, manual_dir=None):
         spec, "", ""
     )
     return _tfds_source(name, split or None, data_dir, manual_dir)
+
+
+def load_held_out(spec, image_size=None, data_dir=None, manual_dir=None):
+    """The images an evaluation measures, as ``(split, class names, name)``.
+
+    ``digits``: the 360 held-out scans. ``folder:PATH``: ``PATH/val`` (or ``validation``) when
+    there is one, else every image of PATH's class folders (as timm's ImageFolder reads
+    ImageNet's ``val/<wnid>/*.JPEG``): nothing is held back. ``tfds:NAME[:SPLIT]``: SPLIT
+    (default ``validation``, else ``test``).
+    """
+    if isinstance(spec, str) and spec.startswith("folder:") and spec != "folder:":
+        path = spec[len("folder:") :]
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"folder data set: {path!r} is not a directory.")
+        root = next((os.path.join(path, d) for d in VALIDATION_FOLDERS
+                     if os.path.isdir(os.path.join(path, d))), path)  # fmt: skip
+        class_names, files = _list_classes(root)
+        split = _file_split([f for f, _ in files], [label for _, label in files])
+        return split, class_names, f"folder:{root}"
+    if not (isinstance(spec, str) and (spec == "digits" or spec.startswith("tfds:"))):
+        raise ValueError(f"Unknown data {spec!r}; use folder:PATH, tfds:NAME[:SPLIT] or digits.")
+    source = load_source(spec, image_size, data_dir, manual_dir)
+    return source.validation, source.class_names, (
+        "digits (held-out scans)" if spec == "digits" else spec
+    )
 
 
 # ----------------------------------------------------------------------------------- digits
@@ -171,15 +198,15 @@ def _folder_source(path):
                       [files[i][1] for i in order[:held_out]])  # fmt: skip
         train = ([files[i][0] for i in order[held_out:]], [files[i][1] for i in order[held_out:]])
 
-    def split(files_and_labels):
-        files, labels = files_and_labels
-        records = tf.data.Dataset.from_tensor_slices(
-            {"path": np.array(files), "label": np.array(labels, np.int64)}
-        )
-        return Split(records, len(files), decode=_read_image_file,
-                     encoded=lambda record: tf.io.read_file(record["path"]))  # fmt: skip
+    return Source(f"folder:{path}", _file_split(*train), _file_split(*validation), class_names)
 
-    return Source(f"folder:{path}", split(train), split(validation), class_names)
+
+def _file_split(files, labels):
+    records = tf.data.Dataset.from_tensor_slices(
+        {"path": np.array(files), "label": np.array(labels, np.int64)}
+    )
+    return Split(records, len(files), decode=_read_image_file,
+                 encoded=lambda record: tf.io.read_file(record["path"]))  # fmt: skip
 
 
 def _list_classes(root):

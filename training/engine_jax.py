@@ -22,11 +22,6 @@ import dataclasses
 import os
 import re
 
-DISTRIBUTION_VARIABLES = (
-    "KERAS_DISTRIBUTION_JOB_ADDRESSES",
-    "KERAS_DISTRIBUTION_NUM_PROCESSES",
-    "KERAS_DISTRIBUTION_PROCESS_ID",
-)
 DEFAULT_HEARTBEAT_TIMEOUT_S = 100  # JAX's default
 
 # What JAX's distributed runtime says when a peer process is gone (measured with JAX 0.10 on
@@ -252,28 +247,3 @@ def start(args, seed, deterministic=False):
     keras.distribution.set_distribution(distribution)
     return Engine(distribution, jax.process_index(), jax.process_count())
 
-
-def export_saved_model_in_tensorflow(model_path, export_dir, class_names):
-    """Writes the SavedModel of the `.keras` file `model_path` from a TensorFlow-backend
-    subprocess (a SavedModel is a TensorFlow graph; this process runs Keras on JAX)."""
-    import json
-    import subprocess
-    import sys
-
-    request = {"model": model_path, "export_dir": export_dir, "class_names": class_names}
-    env = {**os.environ, "KERAS_BACKEND": "tensorflow"}
-    env.pop("XLA_FLAGS", None)
-    for name in DISTRIBUTION_VARIABLES:
-        env.pop(name, None)
-    result = subprocess.run(
-        [sys.executable, "-m", "training.export_tf"],
-        input=json.dumps(request),
-        text=True,
-        env=env,
-        capture_output=True,
-    )
-    if result.returncode != 0:
-        raise RuntimeError(
-            f"The SavedModel export of {model_path} failed (exit {result.returncode}):\n"
-            + result.stderr[-4000:]
-        )

@@ -4,7 +4,7 @@
 
 One entry point for every task and setting: a task (`--task`: a classifier on a data set of
 `keras_coat.datasets`, or a detector of handwritten digits on generated canvases,
-`training.detection`), its recipe (`--recipe imagenet|finetune|demo` for classifiers, see
+`training.detection`), its recipe (`--recipe imagenet|finetune|transfer|demo` for classifiers, see
 `training.recipes`) plus command-line overrides, on either Keras engine: TensorFlow with any
 tf.distribute strategy (`training.engine_tf`), or JAX with keras.distribution data parallelism
 over devices and processes (`training.engine_jax`); KERAS_BACKEND or --backend picks. Mixed
@@ -21,8 +21,10 @@ one (training.faults). Outputs in DIR:
   metrics.json       the final measurements, epochs_completed, images_per_second, ...
   classification:
     best.keras       the model of the epoch with the best validation accuracy
-    export/1/        TensorFlow SavedModel for serving (keras_coat.export; from JAX through a
-                     TensorFlow-backend subprocess)
+    preset/          the final model as a preset directory (CoaTImageClassifier.from_preset,
+                     --model of python -m keras_coat, training.evaluate): the data's class
+                     names, the evaluation preprocessing, the metrics in metadata.json
+    export/1/        TensorFlow SavedModel for serving (keras_coat.export, from either engine)
   detection:
     detections.png   held-out canvases: the true boxes beside the detections
 """
@@ -67,7 +69,9 @@ def parse_args(argv=None):
         help="an image classifier, or a KerasHub RetinaNet detector on a CoaT backbone",
     )
     run.add_argument(
-        "--model", help="a keras_coat variant, e.g. coat_lite_tiny (default: the recipe's)"
+        "--model",
+        help=f'a keras_coat variant, e.g. coat_lite_tiny, or "{recipes_lib.PRESET_MODEL}": the '
+        "architecture of the --init-weights preset (default: the recipe's)",
     )
     run.add_argument(
         "--model-config",
@@ -138,7 +142,9 @@ def resolve_recipe(args):
     changes = recipes_lib.command_line_overrides(args)
     if args.model_config is not None:
         changes["model"] = "custom"
-    return recipes_lib.override(recipe, changes)
+    recipe = recipes_lib.override(recipe, changes)
+    recipes_lib.check_complete(recipe)
+    return recipe
 
 
 def build_model(recipe, num_classes, model_config=None):
@@ -162,6 +168,12 @@ def build_model(recipe, num_classes, model_config=None):
     if model_config is not None:
         model = keras_coat.CoaT(**model_config, weights=init, **kwargs)
     elif init is None or init.endswith(WEIGHT_FILE_SUFFIXES):
+        if recipe.model == recipes_lib.PRESET_MODEL:
+            raise SetupError(
+                f"--init-weights {init} is a weights file, which names no architecture; the "
+                f"recipe {recipe.name!r} takes it from a preset (a built-in name such as "
+                "coat_lite_small, a preset directory, a .keras file or hf://owner/repo)."
+            )
         model = keras_coat.create_model(recipe.model, weights=init, **kwargs)
     else:
         if init == "imagenet":
@@ -187,7 +199,7 @@ def check_init_architecture(model, requested, init_weights):
     from keras_coat.loader import WEIGHT_FILE_SUFFIXES
     from keras_coat.presets import variant_of
 
-    if requested is None or init_weights in (None, "imagenet"):
+    if requested in (None, recipes_lib.PRESET_MODEL) or init_weights in (None, "imagenet"):
         return
     if init_weights.endswith(WEIGHT_FILE_SUFFIXES):
         return
@@ -197,6 +209,12 @@ def check_init_architecture(model, requested, init_weights):
             f"--init-weights {init_weights} holds a {variant or 'custom'} CoaT, not the "
             f"--model {requested}; leave --model out to train the preset's architecture."
         )
+
+
+def model_text(recipe):
+    if recipe.model == recipes_lib.PRESET_MODEL:
+        return f"the preset {recipe.init_weights} with a new head"
+    return recipe.model
 
 
 def compile_model(model, recipe, steps_per_epoch, jit_compile=None):
@@ -588,7 +606,7 @@ class ClassificationTask:
 
         r, source = self.recipe, self.source
         return (
-            f"Recipe {r.name}: {r.model} at {r.image_size}px on {source.name} "
+            f"Recipe {r.name}: {model_text(r)} at {r.image_size}px on {source.name} "
             f"({source.train.num_examples} train / {source.validation.num_examples} held-out "
             f"images, {source.num_classes} classes), {r.epochs} epochs x {self.steps} steps, "
             f"peak lr {r.peak_lr:.3g}.\nTraining pipeline: "
@@ -598,6 +616,7 @@ class ClassificationTask:
     def build(self):
         model = build_model(self.recipe, self.source.num_classes, self.args.model_config)
         check_init_architecture(model, self.args.model, self.recipe.init_weights)
+        describe_data(model, self.source.class_names, self.recipe)
         return compile_model(model, self.recipe, self.steps, self.args.jit_compile)
 
     def finish(self, model, run):
@@ -606,9 +625,13 @@ class ClassificationTask:
         results = {"val_loss": float(final["loss"]), "val_accuracy": float(final["accuracy"])}
         if "top5_accuracy" in final:
             results["val_top5_accuracy"] = float(final["top5_accuracy"])
+        if run.chief:
+            results["preset_dir"] = save_preset(
+                model, run.output_dir, self.recipe, self.source, results, self.recipe.epochs
+            )
         if run.chief and not self.args.no_export:
             export_dir = os.path.join(run.output_dir, "export")
-            results["export_dir"] = export(model, run.work_dir, export_dir, self.source)
+            results["export_dir"] = export(model, export_dir)
         return results
 
     @staticmethod
@@ -620,27 +643,52 @@ class ClassificationTask:
         )
 
 
-def export(model, work_dir, export_dir, source):
-    """Writes the SavedModel export_dir/1 of the trained model, which is saved as
-    work_dir/last.keras; returns its path. Its serving_bytes signature applies the evaluation
-    transform the model carries (`build_model`)."""
-    if keras.backend.backend() == "tensorflow":
-        from keras_coat.export import export_saved_model
+def describe_data(model, class_names, recipe):
+    """Makes `model` carry its data's class names and the evaluation preprocessing of the
+    run's validation, so that every file the run writes says how to feed and read it."""
+    model.class_names = list(class_names)
+    model.preprocessing = dataclasses.replace(
+        model.preprocessing,
+        image_size=(recipe.image_size, recipe.image_size),
+        crop_pct=recipe.eval_crop_pct,
+        crop_mode=recipe.eval_crop_mode,
+    )
 
-        export_saved_model(
-            model,
-            export_dir,
-            version=1,
-            class_names=source.class_names,
-            overwrite=True,
-        )
-    else:
-        from training.engine_jax import export_saved_model_in_tensorflow
 
-        export_saved_model_in_tensorflow(
-            os.path.join(work_dir, LAST), export_dir, source.class_names
-        )
-    return os.path.join(export_dir, "1")
+def save_preset(model, output_dir, recipe, source, metrics, epochs):
+    """Writes the trained model as the preset directory output_dir/preset, with the run's
+    validation results in its metadata.json; returns its path."""
+    from keras_coat import preset_io
+
+    path = os.path.join(output_dir, "preset")
+    results = {k: metrics[k] for k in ("val_accuracy", "val_top5_accuracy", "val_loss")
+               if metrics.get(k) is not None}  # fmt: skip
+    folder = recipe.dataset.startswith("folder:")
+    preset_io.save_to_preset(model, path, metadata={
+        "training": {
+            "recipe": recipe.name,
+            "dataset": "folder:" + _public_name(recipe.dataset[7:]) if folder else recipe.dataset,
+            "init_weights": _public_name(recipe.init_weights),
+            "epochs": epochs,
+        },
+        "metrics": {**results, "held_out_images": source.validation.num_examples},
+    })  # fmt: skip
+    return path
+
+
+def _public_name(reference):
+    """A local path by its last part only (a preset may be published, its metadata with it)."""
+    if reference is None or not (os.sep in reference or os.path.exists(reference)):
+        return reference
+    return os.path.basename(os.path.normpath(reference))
+
+
+def export(model, export_dir):
+    """Writes the SavedModel export_dir/1 of the trained model (from a TensorFlow child process
+    on JAX, keras_coat.export); returns its path."""
+    from keras_coat.export import export_saved_model
+
+    return export_saved_model(model, export_dir, version=1, overwrite=True)
 
 
 TASKS = {"classification": ClassificationTask, "detection": DetectionTask}

@@ -12,15 +12,14 @@ atomically.
 - `load_calibration_images(source, image_size)`: images to calibrate a full-integer export
   (`keras_coat.export.calibration`).
 
-The formats are written with TensorFlow (and tf2onnx, OpenVINO's converter): this package needs
-the TensorFlow backend of Keras. On JAX or PyTorch, save the model as ``.keras`` and export it
-from a process started with ``KERAS_BACKEND=tensorflow``.
+Both export functions run on every Keras backend. The formats are written with TensorFlow (and
+tf2onnx, OpenVINO's converter): on JAX or PyTorch the same code runs in a TensorFlow-backend
+child process and writes the same verified files (`keras_coat.export.any_backend`). Importing
+this package loads no TensorFlow; the names that need it are imported on first use.
 """
 
-from keras_coat.export.calibration import load_calibration_images
-from keras_coat.export.exporter import FORMATS, PRECISIONS, ExportResult, export_model
-from keras_coat.export.litert import litert_operators
-from keras_coat.export.saved_model import SIGNATURE_BYTES, SIGNATURE_IMAGES, export_saved_model
+from keras_coat.export.any_backend import export_model, export_saved_model
+from keras_coat.export.formats import FORMATS, PRECISIONS, ExportResult
 
 __all__ = [
     "FORMATS",
@@ -33,3 +32,20 @@ __all__ = [
     "litert_operators",
     "load_calibration_images",
 ]
+
+
+def __getattr__(name):
+    """The public names that need TensorFlow, imported when first asked for."""
+    if name in ("SIGNATURE_BYTES", "SIGNATURE_IMAGES"):
+        from keras_coat.export import saved_model
+
+        return getattr(saved_model, name)
+    if name == "litert_operators":
+        from keras_coat.export.litert import litert_operators
+
+        return litert_operators
+    if name == "load_calibration_images":
+        from keras_coat.export.calibration import load_calibration_images
+
+        return load_calibration_images
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,7 +13,6 @@ precisions report their top-1 agreement with the Keras model on held-out images.
 leaves nothing behind.
 """
 
-import dataclasses
 import itertools
 import numbers
 import os
@@ -22,39 +21,18 @@ import numpy as np
 import tensorflow as tf
 
 from keras_coat.export import litert, onnx, openvino, saved_model, serving
+from keras_coat.export.formats import (
+    FORMATS,
+    HELD_OUT_IMAGES,
+    LABELS_SUFFIX,
+    OPENVINO_WEIGHTS_SUFFIX,
+    PRECISIONS,
+    SUFFIXES,
+    ExportResult,
+)
 from keras_coat.utils.files import publish, remove_if_exists, temporary_path
 
 FORMAT_MODULES = {"litert": litert, "onnx": onnx, "openvino": openvino}
-FORMATS = ("saved_model", *FORMAT_MODULES)
-# The precisions each format offers; the first is the default.
-PRECISIONS = {"saved_model": ("float32",)} | {
-    name: module.PRECISIONS for name, module in FORMAT_MODULES.items()
-}
-SUFFIXES = {name: module.SUFFIX for name, module in FORMAT_MODULES.items()}
-LABELS_SUFFIX = ".labels.txt"
-# Held-out images the top-1 agreement of a reduced-precision export is measured on, at most.
-HELD_OUT_IMAGES = 360
-
-
-@dataclasses.dataclass(frozen=True)
-class ExportResult:
-    """What an export wrote and how it compared with the Keras model in its runtime.
-
-    ``max_abs_diff``: the largest probability difference on the verification images;
-    ``top1_agreement``: the share of ``held_out`` images whose top-1 class is the Keras model's
-    (reduced precisions only). An ``ExportResult`` is an ``os.PathLike`` of ``path``.
-    """
-
-    path: str
-    files: tuple
-    format: str
-    precision: str
-    max_abs_diff: float | None = None
-    top1_agreement: float | None = None
-    held_out: int = 0
-
-    def __fspath__(self):
-        return self.path
 
 
 def export_model(
@@ -107,7 +85,6 @@ def export_model(
     Returns:
         An ``ExportResult``.
     """
-    serving.check_backend("export_model")
     if format not in FORMATS:
         raise ValueError(f"`format` must be one of {FORMATS}; received {format!r}.")
     if precision not in PRECISIONS[format]:
@@ -234,7 +211,7 @@ def _target_files(path, format):
     stem = path[: -len(SUFFIXES[format])]
     files = {"model": path}
     if format == "openvino":
-        files["weights"] = stem + openvino.WEIGHTS_SUFFIX
+        files["weights"] = stem + OPENVINO_WEIGHTS_SUFFIX
     files["labels"] = stem + LABELS_SUFFIX
     return files
 

@@ -10,8 +10,6 @@ import tensorflow as tf
 
 from keras_coat.export.serving import frozen
 
-SUFFIX = ".tflite"
-PRECISIONS = ("float32", "dynamic_int8", "int8")
 
 
 def write(function, path, precision, calibration):

@@ -4,8 +4,6 @@ import numpy as np
 
 from keras_coat.export.serving import INPUT_NAME, OUTPUT_NAME, frozen
 
-SUFFIX = ".onnx"
-PRECISIONS = ("float32",)
 OPSET = 17
 
 

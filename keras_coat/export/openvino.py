@@ -7,9 +7,6 @@ export that way).
 
 from keras_coat.export.serving import INPUT_NAME, OUTPUT_NAME
 
-SUFFIX = ".xml"
-WEIGHTS_SUFFIX = ".bin"
-PRECISIONS = ("float32", "bfloat16")
 # OpenVINO's CPU plugin picks bf16 by itself where the CPU has bf16 instructions.
 HINTS = {"float32": "f32", "bfloat16": "bf16"}
 

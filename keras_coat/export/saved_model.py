@@ -93,7 +93,6 @@ def export_saved_model(
     directory inside ``directory`` (TF Serving ignores non-numeric names) and renamed into
     place only once complete (and verified). A failed export leaves nothing behind.
     """
-    serving.check_backend("export_saved_model")
     version = _check_version(version)
     directory = os.fspath(directory)
     if os.path.exists(directory) and not os.path.isdir(directory):

@@ -180,18 +180,6 @@ def _three_floats(what, values):
     return floats
 
 
-def check_backend(caller):
-    """Raises RuntimeError, saying what to do, unless Keras runs on TensorFlow."""
-    backend = keras.backend.backend()
-    if backend != "tensorflow":
-        raise RuntimeError(
-            f"{caller} writes TensorFlow graphs and needs the TensorFlow backend of Keras; the "
-            f"current backend is {backend!r}. Save the model (model.save('model.keras')) and "
-            "export it from a process started with KERAS_BACKEND=tensorflow: "
-            "keras.saving.load_model('model.keras') there gives the same model."
-        )
-
-
 def check_model_shapes(model, image_size):
     """Returns ``(height, width, classes)`` after checking the model's input/output contract."""
     if not isinstance(model, keras.Model):
