@@ -36,7 +36,8 @@ import tensorflow as tf
 from keras_coat.tf_images import decode_image
 
 __all__ = [
-    "IMAGE_EXTENSIONS", "SOURCES", "Source", "Split", "digits_split", "load_held_out", "load_source",
+    "IMAGE_EXTENSIONS", "SOURCES", "Source", "Split", "digits_split", "load_held_out",
+    "load_source",
 ]
 
 SOURCES = "digits, folder:PATH or tfds:NAME[:SPLIT]"

@@ -30,7 +30,7 @@ MIXED_PRECISION_POLICIES = {
 }
 
 
-def reciperecipe_field(default=dataclasses.MISSING, help="", **cli):
+def recipe_field(default=dataclasses.MISSING, help="", **cli):
     """A recipe field with its command-line help. `cli` may name the `flag` when it is not the
     field's name, the value that switches an optional feature `off`, `choices`, a `metavar`,
     or `set_by`: the option that sets a field which is no plain override."""
@@ -83,68 +83,69 @@ class Recipe:
     given here.
     """
 
-    name: str = reciperecipe_field(help="the recipe", set_by="--recipe")
-    dataset: str = reciperecipe_field(help="digits, folder:PATH or a TFDS name")
-    model: str = reciperecipe_field(
-        "coat_lite_tiny", f'a keras_coat variant, or "{PRESET_MODEL}": the --init-weights preset\'s',
+    name: str = recipe_field(help="the recipe", set_by="--recipe")
+    dataset: str = recipe_field(help="digits, folder:PATH or a TFDS name")
+    model: str = recipe_field(
+        "coat_lite_tiny",
+        f'a keras_coat variant, or "{PRESET_MODEL}": the --init-weights preset\'s',
         set_by="--model",
     )
-    image_size: int = reciperecipe_field(224, "training and evaluation image size, a multiple of 32")
-    epochs: int = reciperecipe_field(300, "training epochs")
-    batch_size: int = reciperecipe_field(2048, "global batch size, over all replicas")
+    image_size: int = recipe_field(224, "training and evaluation image size, a multiple of 32")
+    epochs: int = recipe_field(300, "training epochs")
+    batch_size: int = recipe_field(2048, "global batch size, over all replicas")
     # Optimizer: AdamW with decoupled weight decay, not applied to class tokens, norms, biases.
-    lr: float = reciperecipe_field(5e-4, "learning rate per --lr-reference-batch images")
-    lr_reference_batch: int = reciperecipe_field(512, "batch size that --lr is given for")
-    warmup_epochs: float = reciperecipe_field(5.0, "linear warm-up from --warmup-lr, in epochs")
-    warmup_lr: float = reciperecipe_field(1e-6, "learning rate at the start of the warm-up")
-    min_lr: float = reciperecipe_field(1e-5, "learning rate at the end of the cosine schedule")
-    weight_decay: float = reciperecipe_field(0.05, "AdamW decoupled weight decay")
-    adam_epsilon: float = reciperecipe_field(1e-8, "AdamW epsilon")
-    clip_norm: float | None = reciperecipe_field(None, "global gradient-norm clip, 0 disables", off=0)
-    ema_momentum: float | None = reciperecipe_field(
+    lr: float = recipe_field(5e-4, "learning rate per --lr-reference-batch images")
+    lr_reference_batch: int = recipe_field(512, "batch size that --lr is given for")
+    warmup_epochs: float = recipe_field(5.0, "linear warm-up from --warmup-lr, in epochs")
+    warmup_lr: float = recipe_field(1e-6, "learning rate at the start of the warm-up")
+    min_lr: float = recipe_field(1e-5, "learning rate at the end of the cosine schedule")
+    weight_decay: float = recipe_field(0.05, "AdamW decoupled weight decay")
+    adam_epsilon: float = recipe_field(1e-8, "AdamW epsilon")
+    clip_norm: float | None = recipe_field(None, "global gradient-norm clip, 0 disables", off=0)
+    ema_momentum: float | None = recipe_field(
         0.99996, "EMA momentum of the weights (validated, checkpointed, exported), 0 disables",
         flag="ema", off=0,
     )
     # Model.
-    drop_path: float = reciperecipe_field(0.1, "stochastic depth rate")
-    init_weights: str | None = reciperecipe_field(
+    drop_path: float = recipe_field(0.1, "stochastic depth rate")
+    init_weights: str | None = recipe_field(
         None, '"imagenet", a weights file or a preset reference (built-in name, preset '
         "directory, .keras file, hf://owner/repo) to start from; a preset sets the architecture",
     )
     # Loss and batch mixing.
-    label_smoothing: float = reciperecipe_field(0.1, "label smoothing")
-    mixup: float = reciperecipe_field(0.8, "Mixup Beta(alpha, alpha), 0 disables")
-    cutmix: float = reciperecipe_field(1.0, "CutMix Beta(alpha, alpha), 0 disables")
-    mixup_switch_prob: float = reciperecipe_field(0.5, "with both on: probability of CutMix for a batch")
+    label_smoothing: float = recipe_field(0.1, "label smoothing")
+    mixup: float = recipe_field(0.8, "Mixup Beta(alpha, alpha), 0 disables")
+    cutmix: float = recipe_field(1.0, "CutMix Beta(alpha, alpha), 0 disables")
+    mixup_switch_prob: float = recipe_field(0.5, "with both on: probability of CutMix for a batch")
     # Per-image augmentation.
-    crop_scale: tuple[float, float] = reciperecipe_field(
+    crop_scale: tuple[float, float] = recipe_field(
         (0.08, 1.0), "random-resized-crop area range", metavar=("MIN", "MAX")
     )
-    crop_ratio: tuple[float, float] = reciperecipe_field(
+    crop_ratio: tuple[float, float] = recipe_field(
         (3 / 4, 4 / 3), "random-resized-crop aspect-ratio range", metavar=("MIN", "MAX")
     )
-    horizontal_flip: bool = reciperecipe_field(True, "random horizontal flips")
-    rand_augment_ops: int = reciperecipe_field(2, "RandAugment ops per image")
-    rand_augment_magnitude: float | None = reciperecipe_field(
+    horizontal_flip: bool = recipe_field(True, "random horizontal flips")
+    rand_augment_ops: int = recipe_field(2, "RandAugment ops per image")
+    rand_augment_magnitude: float | None = recipe_field(
         9.0, "RandAugment magnitude (0-10), -1 disables", flag="rand_augment", off=-1
     )
-    color_jitter: float | None = reciperecipe_field(
+    color_jitter: float | None = recipe_field(
         0.4, "colour jitter strength (only used when RandAugment is off), 0 disables", off=0
     )
-    random_erasing: float = reciperecipe_field(0.25, "random erasing probability, 0 disables")
-    repeated_augmentations: int = reciperecipe_field(
+    random_erasing: float = recipe_field(0.25, "random erasing probability, 0 disables")
+    repeated_augmentations: int = recipe_field(
         3, "copies of each image per epoch (DeiT's RASampler)"
     )
-    eval_crop_pct: float = reciperecipe_field(0.875, "evaluation: resize to size / crop_pct, center crop")
-    eval_crop_mode: str = reciperecipe_field(
+    eval_crop_pct: float = recipe_field(0.875, "evaluation: resize to size / crop_pct, center crop")
+    eval_crop_mode: str = recipe_field(
         "center", "evaluation: keep the aspect ratio (center) or resize both sides (squash)",
         choices=CROP_MODES,
     )
     # Numerics.
-    mixed_precision: str = reciperecipe_field(
+    mixed_precision: str = recipe_field(
         "bfloat16", "mixed precision policy", choices=sorted(MIXED_PRECISION_POLICIES)
     )
-    backup_every: str | int = reciperecipe_field(
+    backup_every: str | int = recipe_field(
         "epoch", '"epoch" or a number of steps between backups', metavar="epoch|STEPS"
     )
 
