@@ -1,8 +1,8 @@
 """KerasHub task models on a CoaT backbone: RetinaNet detection and DeepLabV3 segmentation train,
 save as `.keras` and load back with the same predictions (the `keras-hub` extra).
 
-RetinaNet trains on TensorFlow in the README's detection example (tests/test_readme.py), so here
-it trains on PyTorch only, and saves and loads on both."""
+RetinaNet trains on TensorFlow in the detection runs of `training.train --task detection`
+(tests/test_detection.py), so here it trains on PyTorch only, and saves and loads on both."""
 
 import keras
 import numpy as np

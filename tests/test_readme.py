@@ -1,108 +1,75 @@
-"""The README's Python examples run, and print no warning.
+"""The README's examples run as written, and print no warning.
 
-Each ```python block of README.md runs as written, with a few textual changes (each applied to
-every occurrence) that keep it offline and fast: random weights instead of
-``weights="imagenet"``, small input sizes, one epoch; the data it assumes (``images``, ``model``,
-...) is provided. A warning is a failure unless pytest's configuration filters it (upstream
-libraries only, each with its reason, in pyproject.toml). A new block must be added to `BLOCKS`.
+Each ```python block of README.md runs with only the textual changes listed in `BLOCKS` (each
+applied to every occurrence), which keep it offline and fast: random weights instead of
+``weights="imagenet"``, smaller input sizes. Nothing else is provided: a block that used a name
+it never defines would fail. The files a block reads are made in its working folder first
+(``photo.jpg``, a fine-tuned preset at ``runs/flowers/preset``); the block that publishes to the
+Hugging Face Hub runs in a client process against the loopback Hub server (tests/hub_server.py).
+A warning is a failure unless pytest's configuration filters it (upstream libraries only, each
+with its reason, in pyproject.toml).
+
+Every ``python -m`` command of a ```bash block is parsed by that module's own argument parser,
+so a renamed command or option fails here; the walk those commands make (fine-tune a folder,
+evaluate, predict, export) runs for real in tests/test_transfer.py.
 """
 
 import pathlib
 import re
+import shlex
+import textwrap
 import warnings
 
 import keras
 import numpy as np
 import pytest
 
-from tests.conftest import pixels
+from tests.conftest import TINY_LITE
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 OFFLINE = [('weights="imagenet"', "weights=None")]
 
 
-def _tiny_classifier():
+def _photo():
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save("photo.jpg")
+
+
+def _flowers_preset():
+    """What `training.train --recipe transfer` leaves in runs/flowers/preset (a tiny model)."""
     import keras_coat
+    from keras_coat.presets import ImagePreprocessing
 
-    return keras_coat.CoaTLiteTiny(input_shape=(64, 64, 3), classes=10)
-
-
-def _detection_data():
-    rng = np.random.default_rng(0)
-    boxes = np.full((8, 2, 4), -1.0, "float32")
-    boxes[:, 0] = [10.0, 20.0, 60.0, 80.0]
-    labels = np.full((8, 2), -1, "int32")
-    labels[:, 0] = rng.integers(0, 20, 8)
-    return {"images": pixels(8, 128), "boxes": boxes, "labels": labels,
-            "new_images": pixels(8, 128, seed=1)}
+    backbone = keras_coat.CoaTBackbone(**TINY_LITE, image_shape=(64, 64, 3))
+    model = keras_coat.CoaTImageClassifier(
+        backbone, num_classes=3, class_names=["daisy", "rose", "tulip"],
+        preprocessing=ImagePreprocessing(image_size=(64, 64)),
+    )
+    model.save_to_preset("runs/flowers/preset")
 
 
-# A distinctive line of each block -> (changes to its text, the names it assumes, slow).
+# A distinctive line of each block -> (changes to its text, files to make first, how it runs).
 BLOCKS = {
-    "probabilities = model.predict(images)": (
-        OFFLINE, lambda: {"images": pixels(1, 224)}, True,
+    "probabilities = model.predict(image[None], verbose=0)": (OFFLINE, _photo, "here"),
+    'keras_coat.upload_preset("hf://me/coat-flowers", "runs/flowers/preset")': (
+        [], _flowers_preset, "hub",
     ),
-    'name="coat_lite_small",': ([], dict, True),
-    "features = keras.Model(backbone.input, backbone.pyramid_outputs)": (
-        OFFLINE + [("(512, 640, 3)", "(64, 96, 3)")],
-        lambda: {"images": pixels(2, 64, 96)},
-        True,
-    ),
-    "segmenter = keras_hub.models.DeepLabV3ImageSegmenter(": (
-        OFFLINE + [("(512, 512, 3)", "(128, 128, 3)")],
-        dict,
-        True,
-    ),
-    "model384 = keras_coat.CoaTLiteMedium(": (
-        OFFLINE + [("(384, 384, 3)", "(64, 64, 3)"), ('include_top=False)', 'include_top=False, '
-                                                       'input_shape=(64, 64, 3))'),
-                   ('CoaTLiteSmall(weights=None)', 'CoaTLiteSmall(weights=None, '
-                                                   'input_shape=(64, 64, 3))')],
-        dict,
-        True,
-    ),
-    'export_saved_model(model, "models/coat_lite_small", version=1)': (
-        [], lambda: {"model": _tiny_classifier()}, True,
-    ),
-    'result = export_model(model, "model.tflite", "litert", precision="int8",': (
-        [('"folder:photos", 224', '"digits", 64, count=32')],
-        lambda: {"model": _tiny_classifier()},
-        True,
-    ),
-    'model = keras_coat.CoaTImageClassifier.from_preset("coat_lite_small")': ([], dict, True),
-    "detector.fit(train.shuffle(1000).batch(8, drop_remainder=True), epochs=20)": (
-        OFFLINE + [("(256, 256, 3)", "(128, 128, 3)"), ("epochs=20", "epochs=1")],
-        _detection_data,
-        True,
+    "features = keras.Model(model.input, model.pyramid_outputs)": (
+        OFFLINE + [("(512, 640, 3)", "(64, 96, 3)"), ("(2, 512, 640, 3)", "(2, 64, 96, 3)")],
+        None,
+        "here",
     ),
 }
 
 
-# Blocks that need the network (a built-in preset downloads its checkpoint): run elsewhere.
-NEEDS_NETWORK = {
-    'model = keras_coat.CoaTImageClassifier.from_preset("coat_lite_small")': (
-        "downloads the published coat_lite_small and coat_small checkpoints; the preset tests "
-        "cover the same calls with local files"
-    ),
-}
-
-# Blocks that still warn, and why; strict: the test fails once they no longer do, so that the
-# entry goes.
-KNOWN_WARNINGS = {
-    "detector.fit(train.shuffle(1000).batch(8, drop_remainder=True), epochs=20)": (
-        "fit warns three times: Keras notes that fit's default shuffle=True does not apply to a "
-        "tf.data.Dataset, and the optimizer finds no gradients for the backbone's final "
-        "LayerNorm (norm4), which the RetinaNet does not read (the backbone's, to fix there)"
-    ),
-}
-
-
-def readme_blocks():
-    """``[(line, code)]`` of every ```python block of README.md."""
+def readme_blocks(language="python"):
+    """``[(line, code)]`` of every ```<language> block of README.md."""
     text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
     return [
         (text[: m.start()].count("\n") + 2, m.group(1))
-        for m in re.finditer(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
+        for m in re.finditer(rf"^```{language}\n(.*?)^```", text, flags=re.S | re.M)
     ]
 
 
@@ -117,30 +84,85 @@ def test_every_readme_block_is_run():
     assert found == sorted(BLOCKS)
 
 
-def _cases():
-    for line, code in readme_blocks():
-        key = _key(code)
-        marks = [pytest.mark.slow] if BLOCKS[key][2] else []
-        if key in NEEDS_NETWORK:
-            marks.append(pytest.mark.skip(reason=NEEDS_NETWORK[key]))
-        if key in KNOWN_WARNINGS:
-            marks.append(pytest.mark.xfail(reason=KNOWN_WARNINGS[key], strict=True))
-        yield pytest.param(line, code, key, id=f"README.md:{line}", marks=marks)
-
-
-@pytest.mark.parametrize("line, code, key", list(_cases()))
-def test_readme_example_runs_without_warnings(line, code, key, tmp_path, monkeypatch):
-    import keras_coat
-
-    changes, names, _ = BLOCKS[key]
+def _prepared(line, code, key, tmp_path, monkeypatch):
+    changes, make_files, _ = BLOCKS[key]
     for old, new in changes:
         assert old in code, f"README.md:{line} no longer contains {old!r}"
         code = code.replace(old, new)
-    monkeypatch.chdir(tmp_path)  # files the example writes land here
+    monkeypatch.chdir(tmp_path)  # files the example reads and writes live here
+    if make_files is not None:
+        make_files()
+    return code
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "line, code", [(line, code) for line, code in readme_blocks() if BLOCKS[_key(code)][2] == "here"]
+)
+def test_readme_example_runs_without_warnings(line, code, tmp_path, monkeypatch):
+    code = _prepared(line, code, _key(code), tmp_path, monkeypatch)
     keras.utils.set_random_seed(0)
-    namespace = {"keras": keras, "keras_coat": keras_coat, **names()}
     with warnings.catch_warnings(record=True) as caught:
         # pytest's filters stay in force; everything else is recorded, every time.
         warnings.filterwarnings("always", append=True)
-        exec(compile(code, f"README.md:{line}", "exec"), namespace)
+        exec(compile(code, f"README.md:{line}", "exec"), {"__name__": "readme"})
     assert [f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})" for w in caught] == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "line, code", [(line, code) for line, code in readme_blocks() if BLOCKS[_key(code)][2] == "hub"]
+)
+def test_readme_hub_example_publishes_and_loads_back(line, code, tmp_path, monkeypatch, hub_server):
+    code = _prepared(line, code, _key(code), tmp_path, monkeypatch)
+    script = f"""
+import json, os, warnings
+os.chdir({str(tmp_path)!r})
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+{textwrap.indent(code, "    ")}
+print(json.dumps({{"tuned": list(tuned.class_names), "again": list(again.class_names),
+                  "warnings": [f"{{w.category.__name__}}: {{w.message}}" for w in caught]}}))
+"""
+    result = hub_server.run_python(script, str(tmp_path / "home"))
+    names = ["daisy", "rose", "tulip"]
+    assert result == {"tuned": names, "again": names, "warnings": []}
+    assert "README.md" in hub_server.files("me/coat-flowers")  # the model card
+
+
+def _commands():
+    """``[(line, module, argv)]`` of every ``python -m`` command in the README's bash blocks."""
+    found = []
+    for line, code in readme_blocks("bash"):
+        for offset, command in enumerate(code.replace("\\\n", " ").splitlines()):
+            words = shlex.split(command, comments=True)
+            if words[:2] == ["python", "-m"]:
+                found.append((line + offset, words[2], words[3:]))
+    return found
+
+
+def _parse(module, argv):
+    if module == "keras_coat":
+        from keras_coat.__main__ import build_parser
+
+        return build_parser().parse_args(argv)
+    if module == "training.train":
+        from training.train import parse_args
+
+        return parse_args(argv)
+    if module == "training.evaluate":
+        from training.evaluate import parse_args
+
+        return parse_args(argv)
+    raise AssertionError(f"the README runs python -m {module}: add its parser here")
+
+
+def test_readme_commands_parse():
+    commands = _commands()
+    assert {module for _, module, _ in commands} == {
+        "keras_coat", "training.train", "training.evaluate"}
+    for line, module, argv in commands:
+        try:
+            _parse(module, argv)
+        except SystemExit as e:
+            raise AssertionError(f"README.md:{line}: python -m {module} {shlex.join(argv)}") from e

@@ -164,8 +164,10 @@ def test_predict_and_the_export_name_the_folder_classes(run, capsys):
     np.testing.assert_allclose(answer["probabilities"].numpy(), expected, atol=1e-4)
 
 
-@pytest.mark.skip(reason="enable when `predict --model` takes any preset reference (loader)")
-def test_the_command_line_predicts_with_the_folder_class_names(run):
+@pytest.mark.slow
+def test_the_command_line_predicts_and_exports_the_output_preset(run, tmp_path):
+    """The README's walk on the command line: predict prints the folder's class names, and
+    export writes a LiteRT file (verified in its runtime) with them beside it."""
     folder, output, _ = run
     env = dict(os.environ, PYTHONPATH=REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="3")
     image = str(folder / "val" / "rings" / "0.png")
@@ -174,6 +176,13 @@ def test_the_command_line_predicts_with_the_folder_class_names(run):
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=TIMEOUT)
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(line.split()[-1] for line in result.stdout.splitlines()[1:]) == FOLDER_CLASSES
+    exported = tmp_path / "folder.tflite"
+    command = [sys.executable, "-m", "keras_coat", "export", "--model", str(output / "preset"),
+               "--format", "litert", "--output", str(exported)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    labels = (tmp_path / "folder.labels.txt").read_text().split()
+    assert exported.stat().st_size > 0 and sorted(labels) == FOLDER_CLASSES
 
 
 # ---------------------------------------------------------------------------------------------
