@@ -90,7 +90,10 @@ class GlorotUniform(_HostRandom, keras.initializers.GlorotUniform):
     """`keras.initializers.GlorotUniform` (Keras' default for kernels), drawn on the host."""
 
     def _draw(self, generator, shape, dtype):
-        fan_in, fan_out = _fans(shape, self.input_axes, self.output_axes)
+        # Keras before 3.9 has no input_axes/output_axes (its fans then follow the shape).
+        fan_in, fan_out = _fans(
+            shape, getattr(self, "input_axes", None), getattr(self, "output_axes", None)
+        )
         scale = self.scale / max(1.0, (fan_in + fan_out) / 2.0)
         limit = math.sqrt(3.0 * scale)
         return generator.uniform(-limit, limit, shape)

@@ -202,7 +202,7 @@ def test_bad_inputs_get_one_clear_error_each(imagenet_preset, tmp_path, capsys):
     os.makedirs(empty / "tench")
     assert "no images" in error(f"folder:{empty}")
     os.makedirs(tmp_path / "nothing")
-    assert "no class directories" in error(f"folder:{tmp_path / 'nothing'}")
+    assert "no images" in error(f"folder:{tmp_path / 'nothing'}")
     broken = tmp_path / "broken"
     _write_images(broken / "tench", 2, seed=0)
     (broken / "tench" / "image1.png").write_bytes(b"\x89PNG\r\n\x1a\n half a file")

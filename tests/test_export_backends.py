@@ -105,7 +105,7 @@ def test_exports_from_another_backend_match_the_model_in_its_runtime(backend, fo
     assert results["backend"] == backend
     images = np.load(tmp_path / "images.npy")
     expected = np.load(tmp_path / "expected.npy")  # the Keras model on `backend`
-    assert expected.max() - expected.min() > 0.5  # far from uniform, so a wrong graph shows
+    assert expected.max() - expected.min() > 0.3  # far from uniform, so a wrong graph shows
 
     served = tf.saved_model.load(results["saved_model"]).signatures["serving_default"]
     outputs = served(images=tf.constant(images))

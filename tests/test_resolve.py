@@ -119,8 +119,11 @@ def _factory(ref, weights_argument):
 def _train_model(ref, num_classes):
     from training import recipes, train
 
+    # A run's model carries the evaluation transform its validation uses, the recipe's: here the
+    # preset's own crop, as `--eval-crop-pct` would give it.
     recipe = dataclasses.replace(recipes.get_recipe("demo"), image_size=ref.size,
-                                 init_weights=ref.reference, drop_path=0.1)
+                                 init_weights=ref.reference, drop_path=0.1,
+                                 eval_crop_pct=0.9 if ref.size == 64 else 224 / 256)
     return train.build_model(recipe, num_classes)
 
 

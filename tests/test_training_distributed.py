@@ -32,7 +32,7 @@ DETECTION = [
 ]  # fmt: skip
 # Per task: its options and the files of a completed run, besides those every run leaves.
 TASKS = {
-    "classification": (COMMON, ["best.keras"]),
+    "classification": (COMMON, ["best.keras", "preset"]),
     "detection": (DETECTION, ["detections.png"]),
 }
 TIMEOUT = 600
