@@ -352,8 +352,8 @@ def test_two_processes_share_one_download(monkeypatch, tmp_path, server, small_c
     program = textwrap.dedent(f"""
         import sys, time
         sys.path.insert(0, {os.path.join(REPO_ROOT, "tests")!r})
+        from tests._weights_fixtures import fake_writer  # first: it loads timm before TF
         from keras_coat import weights
-        from tests._weights_fixtures import fake_writer
 
         def slow_converter(name, state_dict, folder, metadata):
             with open({str(calls_log)!r}, "a") as log:
