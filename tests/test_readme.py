@@ -120,6 +120,8 @@ import json, os, warnings
 os.chdir({str(tmp_path)!r})
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
+    for action, message, category in {_pytest_filters()!r}:  # pyproject's, as pytest applies
+        warnings.filterwarnings(action, message, getattr(__builtins__, category, Warning))
 {textwrap.indent(code, "    ")}
 print(json.dumps({{"tuned": list(tuned.class_names), "again": list(again.class_names),
                   "warnings": [f"{{w.category.__name__}}: {{w.message}}" for w in caught]}}))
@@ -128,6 +130,15 @@ print(json.dumps({{"tuned": list(tuned.class_names), "again": list(again.class_n
     names = ["daisy", "rose", "tulip"]
     assert result == {"tuned": names, "again": names, "warnings": []}
     assert "README.md" in hub_server.files("me/coat-flowers")  # the model card
+
+
+def _pytest_filters():
+    """pyproject.toml's pytest warning filters as ``(action, message, category)``."""
+    import tomllib
+
+    with open(REPO_ROOT / "pyproject.toml", "rb") as f:
+        entries = tomllib.load(f)["tool"]["pytest"]["ini_options"]["filterwarnings"]
+    return [tuple(entry.split(":")[:3]) for entry in entries]
 
 
 def _commands():
