@@ -81,10 +81,11 @@ COVERAGE_DATA := $(CURDIR)/.coverage-data
 coverage: $(TEST_STAMP) $(OLDEST_KERAS)/.installed
 	rm -rf $(COVERAGE_DATA) && mkdir -p $(COVERAGE_DATA)
 	@for backend in tensorflow jax torch; do \
-		echo "==> tests on the $$backend backend, under coverage"; \
+		echo "==> tests on the $$backend backend, under coverage"; start=$$(date +%s); \
 		COVERAGE_FILE=$(COVERAGE_DATA)/.coverage KERAS_BACKEND=$$backend \
 			TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m coverage run -m pytest -q -p no:cacheprovider \
-			-n 2 --dist loadfile --no-loadscope-reorder || status=1; \
+			-n 2 --dist loadfile --no-loadscope-reorder --durations=15 || status=1; \
+		echo "==> $$backend pass under coverage: $$(( $$(date +%s) - start )) s"; \
 	done; \
 	COVERAGE_FILE=$(COVERAGE_DATA)/.coverage $(PY) -m coverage combine -q $(COVERAGE_DATA); \
 	COVERAGE_FILE=$(COVERAGE_DATA)/.coverage $(PY) -m coverage report --skip-covered; \
