@@ -625,10 +625,13 @@ class ClassificationTask:
         results = {"val_loss": float(final["loss"]), "val_accuracy": float(final["accuracy"])}
         if "top5_accuracy" in final:
             results["val_top5_accuracy"] = float(final["top5_accuracy"])
+        # Every process writes it (the others into their own folder, as last.keras): a chief
+        # still writing while its JAX peers exit would find them gone and stop with an error.
+        preset_dir = save_preset(
+            model, run.work_dir, self.recipe, self.source, results, self.recipe.epochs
+        )
         if run.chief:
-            results["preset_dir"] = save_preset(
-                model, run.output_dir, self.recipe, self.source, results, self.recipe.epochs
-            )
+            results["preset_dir"] = preset_dir
         if run.chief and not self.args.no_export:
             export_dir = os.path.join(run.output_dir, "export")
             results["export_dir"] = export(model, export_dir)
