@@ -163,7 +163,7 @@ class _Repo:
         """Publishes the preset directory `self.entry` from the repo's files."""
         config_path = self.fetch(preset_io.CONFIG_FILE, preset_io.MAX_JSON_BYTES)
         try:
-            config = _read_json(config_path, preset_io.CONFIG_FILE)
+            config = preset_io.read_json_file(config_path, preset_io.CONFIG_FILE)
         except PresetError as e:
             raise self.fail(str(e)) from None
         kind = _repo_kind(config)
@@ -235,11 +235,6 @@ class _Repo:
 
     def revision_label(self):
         raise NotImplementedError
-
-
-def _read_json(path, where):
-    with open(path, "rb") as f:
-        return preset_io.parse_json(f.read(), where)
 
 
 def _classifier_class():
@@ -696,7 +691,7 @@ def upload_preset(handle, directory):
             where = f"{name} in the preset {directory!r}"
             if os.path.getsize(real) > preset_io.MAX_JSON_BYTES:
                 raise PresetError(f"{where} has more than {preset_io.MAX_JSON_BYTES} bytes.")
-            metadata = _read_json(real, where)
+            metadata = preset_io.read_json_file(real, where)
     if ref.scheme == KAGGLE_SCHEME:
         return _upload_kaggle(ref, directory, present, model, metadata)
     return _upload_hf(ref, directory, present, model, metadata)

@@ -199,12 +199,17 @@ def parse_json(text, where):
     return data
 
 
+def read_json_file(path, where):
+    """The JSON object in the file `path` (`parse_json`; errors name `where`)."""
+    with open(path, "rb") as f:
+        return parse_json(f.read(), where)
+
+
 def read_json(folder, name, required=True):
     path = preset_file(folder, name, required)
     if path is None:
         return None
-    with open(path, "rb") as f:
-        return parse_json(f.read(), f"{name} in the preset {folder!r}")
+    return read_json_file(path, f"{name} in the preset {folder!r}")
 
 
 def check_serialized(data, registered_name, fields, where):

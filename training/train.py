@@ -189,7 +189,10 @@ def build_model(recipe, num_classes, model_config=None):
         )
     # The model carries the evaluation transform it is validated with, for its exports.
     model.preprocessing = dataclasses.replace(
-        model.preprocessing, crop_pct=recipe.eval_crop_pct, crop_mode=recipe.eval_crop_mode
+        model.preprocessing,
+        image_size=(recipe.image_size, recipe.image_size),
+        crop_pct=recipe.eval_crop_pct,
+        crop_mode=recipe.eval_crop_mode,
     )
     return model
 
@@ -616,7 +619,7 @@ class ClassificationTask:
     def build(self):
         model = build_model(self.recipe, self.source.num_classes, self.args.model_config)
         check_init_architecture(model, self.args.model, self.recipe.init_weights)
-        describe_data(model, self.source.class_names, self.recipe)
+        describe_data(model, self.source.class_names)
         return compile_model(model, self.recipe, self.steps, self.args.jit_compile)
 
     def finish(self, model, run):
@@ -646,16 +649,10 @@ class ClassificationTask:
         )
 
 
-def describe_data(model, class_names, recipe):
-    """Makes `model` carry its data's class names and the evaluation preprocessing of the
-    run's validation, so that every file the run writes says how to feed and read it."""
+def describe_data(model, class_names):
+    """Makes `model` carry its data's class names (its evaluation preprocessing is set by
+    `build_model`), so that every file the run writes says how to read its outputs."""
     model.class_names = list(class_names)
-    model.preprocessing = dataclasses.replace(
-        model.preprocessing,
-        image_size=(recipe.image_size, recipe.image_size),
-        crop_pct=recipe.eval_crop_pct,
-        crop_mode=recipe.eval_crop_mode,
-    )
 
 
 def save_preset(model, output_dir, recipe, source, metrics, epochs):
