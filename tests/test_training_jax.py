@@ -62,13 +62,10 @@ train.main(sys.argv[2:])
 """
 
 
-def _jax_env(cache_dir):
-    # The persistent compilation cache lets the reruns reuse the layouts' compiled steps.
-    env = _env(
-        KERAS_BACKEND="jax",
-        JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-    )
+def _jax_env():
+    # JAX's compilation cache on disk (tests/conftest.py) lets every run after the first of a
+    # kind reuse its compiled steps.
+    env = _env(KERAS_BACKEND="jax")
     for name in ("XLA_FLAGS", "KERAS_DISTRIBUTION_JOB_ADDRESSES",
                  "KERAS_DISTRIBUTION_NUM_PROCESSES", "KERAS_DISTRIBUTION_PROCESS_ID"):  # fmt: skip
         env.pop(name, None)
@@ -81,7 +78,7 @@ def _finish(process):
     return output
 
 
-def _two_processes(output_dir, cache_dir, drivers=(None, None), extra=()):
+def _two_processes(output_dir, drivers=(None, None), extra=()):
     port = _free_ports(1)[0]
     processes = []
     for index, driver in enumerate(drivers):
@@ -91,7 +88,7 @@ def _two_processes(output_dir, cache_dir, drivers=(None, None), extra=()):
         ]  # fmt: skip
         if driver is not None:
             args = driver[1] + args
-        processes.append(_start(args, env=_jax_env(cache_dir), driver=driver and driver[0]))
+        processes.append(_start(args, env=_jax_env(), driver=driver and driver[0]))
     return processes
 
 
@@ -99,10 +96,10 @@ def _two_processes(output_dir, cache_dir, drivers=(None, None), extra=()):
 def layouts(tmp_path_factory):
     """The same run on one device, on two host devices and in two processes."""
     root = tmp_path_factory.mktemp("jax-layouts")
-    env = _jax_env(root / "compilation-cache")
+    env = _jax_env()
     one = _start(ARGS + ["--output-dir", str(root / "one")], env=env)
     two = _start(ARGS + ["--cpu-replicas", "2", "--output-dir", str(root / "two")], env=env)
-    processes = _two_processes(root / "processes", root / "compilation-cache")
+    processes = _two_processes(root / "processes")
     outputs = {
         "one": _finish(one),
         "two": _finish(two),
@@ -114,7 +111,7 @@ def layouts(tmp_path_factory):
 @pytest.mark.slow
 def test_one_device_two_devices_and_two_processes_end_with_the_same_weights(layouts):
     root, outputs = layouts
-    assert "JAX DataParallel: 1 device(s), global batch 16 (16 per replica)" in outputs["one"]
+    assert "JAX: 1 device, no distribution, global batch 16 (16 per replica)" in outputs["one"]
     assert "JAX DataParallel: 2 device(s), global batch 16 (8 per replica)" in outputs["two"]
     chief_output = outputs["processes"][0]
     assert "JAX DataParallel: 2 device(s) in 2 processes, global batch 16 (8" in chief_output
@@ -141,9 +138,8 @@ def test_a_killed_process_stops_its_peer_and_a_rerun_resumes_to_the_same_weights
 ):
     root, _ = layouts
     marker = tmp_path / "paused"
-    cache = root / "compilation-cache"
     chief, paused = _two_processes(
-        tmp_path / "run", cache, drivers=(None, (PAUSING_DRIVER, [str(marker)])),
+        tmp_path / "run", drivers=(None, (PAUSING_DRIVER, [str(marker)])),
         extra=["--heartbeat-timeout", "20"],
     )  # fmt: skip
     deadline = time.time() + TIMEOUT
@@ -172,7 +168,7 @@ def test_a_killed_process_stops_its_peer_and_a_rerun_resumes_to_the_same_weights
     position = json.loads(backup.read_text())
     assert (position["epoch"], position["steps"]) == (1, 0)
 
-    outputs = [_finish(p) for p in _two_processes(tmp_path / "run", cache)]
+    outputs = [_finish(p) for p in _two_processes(tmp_path / "run")]
     assert "Resuming from epoch 1" in outputs[0]
     assert "Epoch 1/2" not in outputs[0] and "Epoch 2/2" in outputs[0]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
@@ -198,7 +194,7 @@ def test_a_run_stopped_by_sigterm_within_an_epoch_resumes_to_the_same_weights(tm
     # (training.faults, training.data); the drop-path states are JAX's uint32 ones.
     args = SIGTERM_RUNS[task]
     out, reference, marker = tmp_path / "run", tmp_path / "reference", tmp_path / "waiting"
-    env = _jax_env(tmp_path / "compilation-cache")
+    env = _jax_env()
     first = _start([str(marker)] + args + ["--output-dir", str(out)], env=env, driver=WAITING_DRIVER)
     uninterrupted = _start(args + ["--output-dir", str(reference)], env=env)
     _wait_for(marker, first)

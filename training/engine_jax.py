@@ -18,6 +18,7 @@ Host CPU devices (`--cpu-replicas N`) and the collectives between processes on C
 configured before JAX initializes its backends, so `start` is called before any computation.
 """
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -70,12 +71,14 @@ def add_process_arguments(group):
 class Engine:
     """What the trainer needs to know of the JAX engine's set-up."""
 
-    distribution: object
+    distribution: object  # keras.distribution.DataParallel; None for one device in one process
     process_index: int
     num_processes: int
 
     @property
     def replicas(self):
+        if self.distribution is None:
+            return 1
         return len(self.distribution.device_mesh.devices.flatten())
 
     @property
@@ -91,10 +94,14 @@ class Engine:
         return f"process-{self.process_index}"
 
     def describe(self):
+        if self.distribution is None:
+            return "JAX: 1 device, no distribution"
         processes = f" in {self.num_processes} processes" if self.num_processes > 1 else ""
         return f"JAX DataParallel: {self.replicas} device(s){processes}"
 
     def scope(self):
+        if self.distribution is None:
+            return contextlib.nullcontext()
         return self.distribution.scope()
 
     def prepare(self, model, val_ds):
@@ -239,6 +246,13 @@ def start(args, seed, deterministic=False):
             heartbeat_timeout_seconds=args.heartbeat_timeout,
         )
     keras.utils.set_random_seed(seed)
+    if len(jax.devices()) == 1:
+        # One device needs no distribution, and DataParallel over one device costs two extra
+        # compilations of the train step and one of the test step, plus one more at each epoch's
+        # start (Keras 3.15, JAX 0.10): Keras keeps a new variable's or a reset metric's
+        # single-device array as it is (its sharding "is equivalent" to the one-device mesh's),
+        # the step returns mesh-sharded arrays, and JAX's cache keys tell the two apart.
+        return Engine(None, 0, 1)
     # Each process builds its own slice of the global batch (training.data), so Keras must not
     # shard the datasets again.
     distribution = keras.distribution.DataParallel(
