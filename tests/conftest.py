@@ -13,13 +13,28 @@ largest child process at the end of the run; a process above ``KERAS_COAT_TEST_R
 as it ends.
 """
 
+import atexit
 import contextlib
 import ctypes
 import gc
 import os
+import shutil
 import sys
+import tempfile
 import threading
 import time
+
+# One JAX compilation cache on disk for the whole run: the test processes and every subprocess
+# they start (the training runs, the other-backend checks) share what any of them compiled, so
+# a train step or a model's forward pass at a given shape is compiled once per run instead of
+# once per process; eager ops too (a first eager call compiles a few hundred of them). Set here,
+# before JAX is imported, by the process that starts the run (xdist's workers inherit it); a
+# new folder for every run and removed at its end, so no run reuses another's compilations.
+if "PYTEST_XDIST_WORKER" not in os.environ and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _jax_cache = tempfile.mkdtemp(prefix="keras-coat-tests-jax-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _jax_cache
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    atexit.register(shutil.rmtree, _jax_cache, ignore_errors=True)
 
 # timm (through torchvision) and TensorFlow both bundle LLVM; importing timm
 # after TensorFlow aborts the process ("Option ... registered more than
