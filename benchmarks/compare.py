@@ -347,7 +347,6 @@ def _inference_timm(args, phases):
 
 
 def _inference_keras(args, phases):
-    import keras_coat
     from keras_coat import CoaTImageClassifier
 
     phases.mark("import")

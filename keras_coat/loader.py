@@ -33,7 +33,6 @@ from keras_coat.presets import PRESETS, VARIANTS, PresetError, get_preset
 __all__ = [
     "ResolvedPreset",
     "WEIGHT_FILE_SUFFIXES",
-    "architecture",
     "load_backbone",
     "load_classifier",
     "load_model",

@@ -15,7 +15,6 @@ import pickletools
 import warnings
 import zipfile
 
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st

@@ -14,11 +14,11 @@ import threading
 import keras
 import numpy as np
 import pytest
-from keras import ops
 
 import keras_coat
 from keras_coat import loader, weights
 from keras_coat.utils.files import sha256
+from tests.conftest import to_numpy
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "compat_0_1")
 SMALL = {"embed_dims": (16, 32, 32, 32), "serial_depths": (1, 1, 1, 1), "mlp_ratios": (2, 2, 2, 2)}
@@ -31,17 +31,13 @@ IMAGES = OUTPUTS["images"]
 TOLERANCE = dict(atol=4e-6, rtol=0)
 
 
-def _np(x):
-    return np.asarray(ops.convert_to_numpy(x))
-
-
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("role", ["classifier", "backbone"])
 def test_keras_files_load_with_the_outputs_of_0_1(kind, role):
     model = keras_coat.load_model(os.path.join(HERE, f"{kind}_{role}.keras"))
     assert isinstance(model, keras_coat.CoaTImageClassifier)
     assert (model.num_classes is None) == (role == "backbone")
-    np.testing.assert_allclose(_np(model(IMAGES)), OUTPUTS[f"{kind}_{role}"], **TOLERANCE)
+    np.testing.assert_allclose(to_numpy(model(IMAGES)), OUTPUTS[f"{kind}_{role}"], **TOLERANCE)
 
 
 def test_keras_load_model_names_the_way_for_0_1_files():
@@ -57,7 +53,7 @@ def test_weights_files_load_with_the_outputs_of_0_1(kind, role):
         include_top=role == "classifier",
         weights=os.path.join(HERE, f"{kind}_{role}.weights.h5"),
     )
-    np.testing.assert_allclose(_np(model(IMAGES)), OUTPUTS[f"{kind}_{role}"], **TOLERANCE)
+    np.testing.assert_allclose(to_numpy(model(IMAGES)), OUTPUTS[f"{kind}_{role}"], **TOLERANCE)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -69,7 +65,7 @@ def test_a_0_1_classifier_file_fills_a_bare_backbone(kind):
     backbone = keras_coat.CoaTBackbone(**SMALL, parallel_depth=KINDS[kind], image_shape=(64, 64, 3))
     loader.load_weights_file(backbone, os.path.join(HERE, f"{kind}_classifier.weights.h5"))
     for got, expected in zip(backbone.weights, classifier.backbone.weights):
-        np.testing.assert_array_equal(_np(got), _np(expected))
+        np.testing.assert_array_equal(to_numpy(got), to_numpy(expected))
 
 
 class _RefusingHandler(http.server.BaseHTTPRequestHandler):
@@ -139,7 +135,7 @@ def test_a_0_1_weights_cache_entry_becomes_a_preset_without_network(
         _as_development_entry(cache)
     model = keras_coat.CoaTLiteTiny(input_shape=(64, 64, 3), weights="imagenet", **kwargs)
     assert contacted == []
-    np.testing.assert_allclose(_np(model(IMAGES)), OUTPUTS[key], **TOLERANCE)
+    np.testing.assert_allclose(to_numpy(model(IMAGES)), OUTPUTS[key], **TOLERANCE)
     # Now a preset directory recording where the checkpoint came from; the old entry is gone.
     folder = weights.cached_preset_path("coat_lite_tiny")
     assert sorted(os.listdir(cache)) == ["coat_lite_tiny-e88e96b0", "coat_lite_tiny-e88e96b0.lock"]
@@ -148,7 +144,7 @@ def test_a_0_1_weights_cache_entry_becomes_a_preset_without_network(
     assert metadata["source"]["sha256"] == "e88e96b0" + "0" * 56
     assert metadata["keras_coat_version"] == keras_coat.__version__
     again = keras_coat.CoaTImageClassifier.from_preset("coat_lite_tiny", image_shape=(64, 64, 3))
-    np.testing.assert_allclose(_np(again(IMAGES)), OUTPUTS["cache_coat_lite_tiny_64"],
+    np.testing.assert_allclose(to_numpy(again(IMAGES)), OUTPUTS["cache_coat_lite_tiny_64"],
                                **TOLERANCE)
     assert contacted == []
 

@@ -14,7 +14,6 @@ import string
 
 import hypothesis
 import keras
-import numpy as np
 import pytest
 from hypothesis import strategies as st
 

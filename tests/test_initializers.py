@@ -12,12 +12,9 @@ import pytest
 from keras import ops
 
 from keras_coat import initializers
+from tests.conftest import to_numpy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _np(x):
-    return np.asarray(ops.convert_to_numpy(x))
 
 
 @pytest.mark.parametrize(
@@ -37,7 +34,7 @@ def _np(x):
     ids=["trunc_normal", "trunc_normal_shifted", "glorot_depthwise", "glorot_conv", "uniform"],
 )  # fmt: skip
 def test_values_follow_the_distribution_of_keras_own_initializer(ours, theirs, shape):
-    values, reference = _np(ours(shape)), _np(theirs(shape))
+    values, reference = to_numpy(ours(shape)), to_numpy(theirs(shape))
     assert values.shape == reference.shape == shape and values.dtype == np.float32
     # Same support (truncation at two standard deviations, Glorot's limit from the fans) ...
     assert values.min() >= reference.min() - 0.02 * abs(reference.min()) - 1e-6
@@ -55,24 +52,24 @@ def test_zeros_and_ones_are_exact_in_the_requested_dtype():
         for dtype in ("float32", "float16", "bfloat16"):
             tensor = initializer((3, 5), dtype=dtype)
             assert keras.backend.standardize_dtype(tensor.dtype) == dtype
-            np.testing.assert_array_equal(_np(ops.cast(tensor, "float32")), np.full((3, 5), value))
+            np.testing.assert_array_equal(to_numpy(ops.cast(tensor, "float32")), np.full((3, 5), value))
 
 
 def test_seeds_work_as_in_keras():
     # An int seed: the same values at every call (Keras' rule for seeded initializers).
     seeded = initializers.TruncatedNormal(stddev=0.02, seed=7)
-    np.testing.assert_array_equal(_np(seeded((4, 4))), _np(seeded((4, 4))))
+    np.testing.assert_array_equal(to_numpy(seeded((4, 4))), to_numpy(seeded((4, 4))))
     # No seed: every instance its own, drawn from Python's random, which set_random_seed seeds.
     keras.utils.set_random_seed(123)
-    first = [_np(initializers.trunc_normal()((8, 8))) for _ in range(2)]
+    first = [to_numpy(initializers.trunc_normal()((8, 8))) for _ in range(2)]
     keras.utils.set_random_seed(123)
-    again = [_np(initializers.trunc_normal()((8, 8))) for _ in range(2)]
+    again = [to_numpy(initializers.trunc_normal()((8, 8))) for _ in range(2)]
     assert not np.array_equal(first[0], first[1])
     for a, b in zip(first, again):
         np.testing.assert_array_equal(a, b)
     # A SeedGenerator draws through Keras' own ops (its state lives on the backend).
     generator = initializers.GlorotUniform(seed=keras.random.SeedGenerator(5))
-    values = _np(generator((6, 6)))
+    values = to_numpy(generator((6, 6)))
     assert values.shape == (6, 6) and np.abs(values).max() <= np.sqrt(6 / 12) + 1e-6
 
 
@@ -87,7 +84,7 @@ def test_initializers_serialize_as_themselves(name):
 def test_half_precision_variables_get_their_dtype():
     tensor = initializers.trunc_normal()((16, 16), dtype="bfloat16")
     assert keras.backend.standardize_dtype(tensor.dtype) == "bfloat16"
-    assert np.abs(_np(ops.cast(tensor, "float32"))).max() <= 0.04 + 1e-3
+    assert np.abs(to_numpy(ops.cast(tensor, "float32"))).max() <= 0.04 + 1e-3
 
 
 def test_building_a_coat_on_jax_compiles_no_program_per_weight():

@@ -12,26 +12,18 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from keras import ops
 
 import keras_coat
 from keras_coat import preset_io, presets, weights
 from keras_coat.backbone import VARIANTS
 from keras_coat.presets import ImagePreprocessing, PresetError
 from keras_coat.utils.files import sha256
+from tests.conftest import pixels, to_numpy
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPAT = os.path.join(REPO_ROOT, "tests", "data", "compat_0_1")
 TINY = {"embed_dims": (16, 32, 32, 32), "serial_depths": (1, 1, 1, 1), "mlp_ratios": (2, 2, 2, 2)}
 SIZE = 64
-
-
-def _np(x):
-    return np.asarray(ops.convert_to_numpy(x))
-
-
-def _images(seed=0):
-    return (np.random.RandomState(seed).rand(2, SIZE, SIZE, 3) * 255).astype("float32")
 
 
 def _classifier(parallel_depth=0, num_classes=3):
@@ -121,24 +113,24 @@ def test_preset_directory_has_keras_hub_file_names(saved_preset):
 def test_preset_round_trip_keeps_outputs_preprocessing_and_class_names(saved_preset):
     model, folder = saved_preset
     restored = keras_coat.CoaTImageClassifier.from_preset(folder)
-    np.testing.assert_array_equal(_np(restored(_images())), _np(model(_images())))
+    np.testing.assert_array_equal(to_numpy(restored(pixels(2, SIZE))), to_numpy(model(pixels(2, SIZE))))
     assert restored.preprocessing == model.preprocessing
     assert restored.class_names == model.class_names
     backbone = keras_coat.CoaTBackbone.from_preset(folder)
     for got, expected in zip(backbone.weights, model.backbone.weights):
-        np.testing.assert_array_equal(_np(got), _np(expected))
+        np.testing.assert_array_equal(to_numpy(got), to_numpy(expected))
 
 
 def test_a_new_head_or_none_on_pretrained_features_without_a_second_model(saved_preset):
     model, folder = saved_preset
     headless = keras_coat.CoaTImageClassifier.from_preset(folder, num_classes=None, pooling="avg")
-    assert headless(_images()).shape == (2, 32)
+    assert headless(pixels(2, SIZE)).shape == (2, 32)
     fresh = keras_coat.CoaTImageClassifier.from_preset(folder, num_classes=5)
-    assert fresh(_images()).shape == (2, 5) and fresh.class_names is None
+    assert fresh(pixels(2, SIZE)).shape == (2, 5) and fresh.class_names is None
     for got, expected in zip(fresh.backbone.weights, model.backbone.weights):
-        np.testing.assert_array_equal(_np(got), _np(expected))
+        np.testing.assert_array_equal(to_numpy(got), to_numpy(expected))
     swapped = model.with_new_head(4)
-    assert swapped.backbone is model.backbone and swapped(_images()).shape == (2, 4)
+    assert swapped.backbone is model.backbone and swapped(pixels(2, SIZE)).shape == (2, 4)
     # A headless model reads a classifier's .weights.h5 as it is.
     path = os.path.join(os.path.dirname(folder), "classifier.weights.h5")
     model.save_weights(path)
@@ -310,7 +302,7 @@ def test_a_built_in_name_loads_from_the_cache_with_its_preprocessing(
     model = keras_coat.CoaTImageClassifier.from_preset("coat_lite_tiny", image_shape=(64, 64, 3))
     expected = np.load(os.path.join(COMPAT, "outputs.npz"))
     np.testing.assert_allclose(
-        _np(model(expected["images"])), expected["cache_coat_lite_tiny_64"], atol=1e-6, rtol=0
+        to_numpy(model(expected["images"])), expected["cache_coat_lite_tiny_64"], atol=1e-6, rtol=0
     )
     assert len(model.class_names) == 1000 and model.class_names[0] == "tench"
     assert model.preprocessing.image_size == (64, 64)
@@ -318,7 +310,7 @@ def test_a_built_in_name_loads_from_the_cache_with_its_preprocessing(
     out = tmp_path / "published"
     model.save_to_preset(out)
     again = keras_coat.CoaTImageClassifier.from_preset(str(out))
-    np.testing.assert_array_equal(_np(again(expected["images"])), _np(model(expected["images"])))
+    np.testing.assert_array_equal(to_numpy(again(expected["images"])), to_numpy(model(expected["images"])))
 
 
 def test_training_starts_a_new_label_set_from_the_preset_features(offline_coat_lite_tiny):
@@ -331,7 +323,7 @@ def test_training_starts_a_new_label_set_from_the_preset_features(offline_coat_l
     model = train.build_model(recipe, 10)
     pretrained = keras_coat.CoaTBackbone.from_preset("coat_lite_tiny", image_shape=(64, 64, 3))
     for got, expected in zip(model.backbone.weights, pretrained.weights):
-        np.testing.assert_array_equal(_np(got), _np(expected))
+        np.testing.assert_array_equal(to_numpy(got), to_numpy(expected))
     assert model.output_shape == (None, 10) and model.backbone.drop_path_rate == 0.1
 
 

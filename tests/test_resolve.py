@@ -19,7 +19,6 @@ import sys
 
 import numpy as np
 import pytest
-from keras import ops
 
 import keras_coat
 from keras_coat import loader, weights
@@ -32,6 +31,7 @@ from tests._weights_fixtures import (
     sha256_of,
     write_manifest,
 )
+from tests.conftest import to_numpy
 from tests.reference import timm_model
 
 torch = pytest.importorskip("torch")
@@ -41,10 +41,6 @@ TINY = {"embed_dims": (16, 32, 32, 32), "serial_depths": (1, 1, 1, 1), "mlp_rati
 NAMES = ["daisy", "rose", "tulip"]
 HANDLE = "hf://keras-coat-tests/flowers@main"
 KINDS = ["builtin", "directory", "keras", "hub"]
-
-
-def _np(x):
-    return np.asarray(ops.convert_to_numpy(x))
 
 
 @dataclasses.dataclass
@@ -73,7 +69,7 @@ def world(tmp_path_factory):
     model.save_to_preset(root / "preset")
     model.save(root / "model.keras")
     shutil.copytree(root / "preset", root / "hub_snapshot")
-    tiny = dict(size=64, classes=3, names=NAMES, images=small, expected=_np(model(small)),
+    tiny = dict(size=64, classes=3, names=NAMES, images=small, expected=to_numpy(model(small)),
                 tolerance=1e-6)
 
     reference = timm_model("coat_lite_tiny", seed=2)
@@ -142,7 +138,7 @@ def test_every_reference_through_every_model_entry_point(world, kind, entry):
     ref = world[kind]
     model = ENTRY_POINTS[entry](ref)
     assert isinstance(model, keras_coat.CoaTImageClassifier)
-    np.testing.assert_allclose(_np(model(ref.images)), ref.expected, atol=ref.tolerance, rtol=0)
+    np.testing.assert_allclose(to_numpy(model(ref.images)), ref.expected, atol=ref.tolerance, rtol=0)
     assert model.class_names == ref.names
     assert model.preprocessing.crop_pct == (0.9 if ref.size == 64 else 224 / 256)
 
@@ -157,8 +153,8 @@ def test_the_backbone_and_a_new_head_come_from_every_reference(world, kind):
     assert retrained.backbone.drop_path_rate == 0.1
     for got, again, expected in zip(backbone.weights, retrained.backbone.weights,
                                     classifier.backbone.weights):
-        np.testing.assert_array_equal(_np(got), _np(expected))
-        np.testing.assert_array_equal(_np(again), _np(expected))
+        np.testing.assert_array_equal(to_numpy(got), to_numpy(expected))
+        np.testing.assert_array_equal(to_numpy(again), to_numpy(expected))
 
 
 def test_a_built_in_name_is_fetched_once_then_read_from_the_cache(world):
@@ -194,7 +190,7 @@ def test_predict_prints_the_presets_own_class_names(world, kind, capsys):
     (line,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     model = keras_coat.CoaTImageClassifier.from_preset(ref.reference)
     pixels = load_image(image, image_size=ref.size, crop_pct=model.preprocessing.crop_pct)
-    probabilities = _np(model(pixels[None]))[0]
+    probabilities = to_numpy(model(pixels[None]))[0]
     best = np.argsort(-probabilities, kind="stable")[:2]
     assert [p["class"] for p in line["predictions"]] == [ref.names[i] for i in best]
     np.testing.assert_allclose([p["probability"] for p in line["predictions"]],
@@ -294,7 +290,7 @@ def test_every_reference_on_another_backend(world, backend, tmp_path):
         # TensorFlow's outputs at 64x64 (the built-in's are checked against timm at 224 above).
         model = keras_coat.CoaTImageClassifier.from_preset(world[kind].reference,
                                                            image_shape=(64, 64, 3))
-        arrays[kind + "_64"] = _np(model(arrays["images_64"]))
+        arrays[kind + "_64"] = to_numpy(model(arrays["images_64"]))
     np.savez(tmp_path / "expected.npz", **arrays)
     args = {
         "references": {kind: world[kind].reference for kind in KINDS},

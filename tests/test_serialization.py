@@ -24,10 +24,6 @@ pytestmark = pytest.mark.backends("tensorflow", "jax", "torch")
 SIZE = 32
 
 
-def _images():
-    return pixels(2, SIZE)
-
-
 @pytest.fixture(scope="module", params=[TINY_LITE, TINY_COAT], ids=["lite", "coat"])
 def saved_classifier(request, tmp_path_factory):
     config = request.param
@@ -48,7 +44,7 @@ def test_backbones_load_their_classifiers_weights_file(saved_classifier, pooling
     _assert_same_weights(backbone.backbone, classifier.backbone)
     if pooling is not None and config.get("parallel_depth"):
         _assert_same_weights(backbone.get_layer("aggregate"), classifier.get_layer("aggregate"))
-    expected = to_numpy(backbone(_images()))
+    expected = to_numpy(backbone(pixels(2, SIZE)))
 
     # And a headless model's own file loads into a headless model of the same pooling, and the
     # bare backbone reads both.
@@ -56,7 +52,7 @@ def test_backbones_load_their_classifiers_weights_file(saved_classifier, pooling
     backbone.save_weights(own)
     again = keras_coat.CoaT(**config, input_shape=(SIZE, SIZE, 3), include_top=False,
                             pooling=pooling, weights=own)
-    np.testing.assert_array_equal(to_numpy(again(_images())), expected)
+    np.testing.assert_array_equal(to_numpy(again(pixels(2, SIZE))), expected)
     for source in (path, own):
         bare = keras_coat.CoaTBackbone(**config, image_shape=(SIZE, SIZE, 3))
         load_keras_weights(bare, source)
