@@ -210,10 +210,11 @@ def pytest_collection_finish(session):
 # start with: a worker takes a whole file at a time (`--dist loadfile`, in collection order with
 # `--no-loadscope-reorder`), so a long file started last would leave the other worker idle.
 LONGEST_FILES = (
-    "test_training_jax.py", "test_training_distributed.py", "test_export_formats.py",
-    "test_harness.py", "test_export.py", "test_training.py", "test_readme.py",
-    "test_detection.py", "test_benchmarks.py", "test_models.py", "test_parity.py",
-    "test_cli.py", "test_weights.py", "test_faults.py",
+    "test_training_jax.py", "test_training_distributed.py", "test_resolve.py", "test_harness.py",
+    "test_export.py", "test_export_backends.py", "test_hub_presets.py", "test_export_formats.py",
+    "test_training.py", "test_transfer.py", "test_benchmarks.py", "test_evaluate.py",
+    "test_adversarial_cli.py", "test_compatibility.py", "test_serialization.py",
+    "test_detection.py", "test_weights.py", "test_models.py", "test_parity.py",
 )
 
 
