@@ -22,7 +22,7 @@ $(PY):
 # prints each package it collects and downloads.
 $(DEMO_STAMP): pyproject.toml | $(PY)
 	@echo "==> installing keras-coat with its training extras (TensorFlow, TensorFlow Datasets," \
-		"scikit-learn): about 2 GB to download the first time"
+		"scikit-learn): a 2.6 GB environment, about 2 minutes from a fresh clone (2026-12-07)"
 	$(PY) -m pip install --progress-bar on -e ".[train]"
 	@echo "==> the environment takes $$(du -sh $(VENV) | cut -f1)"
 	touch $@
