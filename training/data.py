@@ -16,10 +16,13 @@ import os
 import tensorflow as tf
 
 from keras_coat.datasets import Source, Split, load_source  # noqa: F401  (training's names)
+from keras_coat import tf_images
 from keras_coat.tf_images import eval_transform
 from training import augment, batch_augment
 
 AUTOTUNE = tf.data.AUTOTUNE
+# The pipelines' functions need no AutoGraph conversion (keras_coat.tf_images says why).
+graph_function = tf_images.graph_function
 SHUFFLE_BUFFER = 16_384
 
 
@@ -198,7 +201,7 @@ def train_dataset(
             # Repeated augmentation (DeiT's RASampler): each image `repeats` times in a row, so
             # its copies land in one global batch; the epoch keeps its length.
             records = records.flat_map(
-                lambda r: tf.data.Dataset.from_tensors(r).repeat(repeats)
+                graph_function(lambda r: tf.data.Dataset.from_tensors(r).repeat(repeats))
             )
         # Positions count from the epoch's first example, skipped or not: each example's
         # augmentation is a function of (seed, epoch, position).
@@ -206,26 +209,30 @@ def train_dataset(
         if skipped_steps:
             records = records.skip(skipped_steps * recipe.batch_size)
         if keep is not None:
-            records = records.filter(lambda i, r: keep(i))
+            records = records.filter(graph_function(lambda i, r: keep(i)))
         examples = records.map(
-            lambda i, r: transform.example(split, r, augment.fold_in(epoch_seed, 1, i)),
+            graph_function(
+                lambda i, r: transform.example(split, r, augment.fold_in(epoch_seed, 1, i))
+            ),
             num_parallel_calls=AUTOTUNE,
             deterministic=True,
         )
         batches = examples.batch(local_batch, drop_remainder=True)
         batch_seed = epoch_seed if keep is None else augment.fold_in(epoch_seed, 3, process_index)
         return batches.enumerate(start=skipped_steps).map(
-            lambda i, batch: transform.batch(*batch, augment.fold_in(batch_seed, 2, i)),
+            graph_function(
+                lambda i, batch: transform.batch(*batch, augment.fold_in(batch_seed, 2, i))
+            ),
             num_parallel_calls=AUTOTUNE,
             deterministic=True,
         )
 
     whole_from = start_epoch + 1 if start_step else start_epoch
     whole_epochs = tf.data.Dataset.range(whole_from, max(whole_from, end_epoch))
-    dataset = whole_epochs.flat_map(lambda i: epoch(i, 0))
+    dataset = whole_epochs.flat_map(graph_function(lambda i: epoch(i, 0)))
     if start_step:
         rest_of_first = tf.data.Dataset.range(start_epoch, start_epoch + 1)
-        dataset = rest_of_first.flat_map(lambda i: epoch(i, start_step)).concatenate(dataset)
+        dataset = rest_of_first.flat_map(graph_function(lambda i: epoch(i, start_step))).concatenate(dataset)
     # Stated, so that Keras knows where the data ends (flat_map and filter hide it).
     dataset = dataset.apply(
         tf.data.experimental.assert_cardinality((end_epoch - start_epoch) * steps - start_step)
@@ -258,9 +265,11 @@ def eval_dataset(recipe, source, batch_size=None, process_index=0, num_processes
 
     records, padding_count = split.records, padded - count
     if keep is not None:  # only this process's examples are decoded
-        records = records.enumerate().filter(lambda i, _: keep(i)).map(lambda _, r: r)
+        records = records.enumerate().filter(graph_function(lambda i, _: keep(i))).map(
+            graph_function(lambda _, r: r)
+        )
         padding_count = sum(1 for i in range(count, padded) if keep(i))
-    examples = records.map(transform, num_parallel_calls=AUTOTUNE, deterministic=True)
+    examples = records.map(graph_function(transform), num_parallel_calls=AUTOTUNE, deterministic=True)
     padding = tf.data.Dataset.from_tensors(
         (
             tf.zeros((size, size, 3)),
