@@ -22,6 +22,7 @@ from PIL import Image
 
 import keras_coat
 from keras_coat import imagenet
+from keras_coat import __main__ as keras_coat_cli
 from keras_coat.__main__ import print_top_classes
 from keras_coat.presets import ImagePreprocessing
 from tests.test_models import TINY_LITE
@@ -168,22 +169,23 @@ def test_predict_and_the_export_name_the_folder_classes(run, capsys):
 
 
 @pytest.mark.slow
-def test_the_command_line_predicts_and_exports_the_output_preset(run, tmp_path):
+def test_the_command_line_predicts_and_exports_the_output_preset(run, tmp_path, capsys):
     """The README's walk on the command line: predict prints the folder's class names, and
-    export writes a LiteRT file (verified in its runtime) with them beside it."""
+    export writes a LiteRT file (verified in its runtime) with them beside it. Both commands'
+    `main` run in this process, with their exit statuses checked, as `python -m keras_coat` calls
+    it: a fresh process each would only import TensorFlow twice more (that entry point's own
+    process is tested in tests/test_cli.py and tests/test_export.py)."""
     folder, output, _ = run
-    env = dict(os.environ, PYTHONPATH=REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="3")
     image = str(folder / "val" / "rings" / "0.png")
-    command = [sys.executable, "-m", "keras_coat", "predict", image, "--model",
-               str(output / "preset"), "--top", "4"]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=TIMEOUT)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert sorted(line.split()[-1] for line in result.stdout.splitlines()[1:]) == FOLDER_CLASSES
+    predict = ["predict", image, "--model", str(output / "preset"), "--top", "4"]
+    capsys.readouterr()
+    assert keras_coat_cli.main(predict) == 0, capsys.readouterr().err[-3000:]
+    printed = capsys.readouterr().out
+    assert sorted(line.split()[-1] for line in printed.splitlines()[1:]) == FOLDER_CLASSES
     exported = tmp_path / "folder.tflite"
-    command = [sys.executable, "-m", "keras_coat", "export", "--model", str(output / "preset"),
-               "--format", "litert", "--output", str(exported)]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=TIMEOUT)
-    assert result.returncode == 0, result.stderr[-3000:]
+    export = ["export", "--model", str(output / "preset"), "--format", "litert", "--output",
+              str(exported)]  # fmt: skip
+    assert keras_coat_cli.main(export) == 0, capsys.readouterr().err[-3000:]
     labels = (tmp_path / "folder.labels.txt").read_text().split()
     assert exported.stat().st_size > 0 and sorted(labels) == FOLDER_CLASSES
 
