@@ -1,8 +1,12 @@
 """LiteRT, ONNX and OpenVINO exports (keras_coat.export), each run in its own runtime.
 
-A small CoaT-Lite Tiny (64x64, 5 classes, logits out, normalization inside) is exported once per
-format; every test runs the file in its runtime here, independently of the export's own check,
-and compares with the Keras model. The int8 test trains the digits demo model briefly.
+A tiny CoaT-Lite (the tests' TINY_LITE configuration: every kind of layer of CoaT-Lite Tiny,
+one block per stage, narrow; 64x64, 5 classes, logits out, normalization inside) is exported
+once per format; every test runs the file in its runtime here, independently of the export's own
+check, and compares with the Keras model. What these tests check (the ops, the parity, the
+dynamic batch, the files) does not depend on the width or depth: CoaT-Lite Tiny itself took
+about three times as long to convert to the three formats. The int8 test trains the digits demo
+model briefly.
 """
 
 import os
@@ -18,20 +22,24 @@ import keras_coat
 from keras_coat.export import exporter, load_calibration_images, serving
 from keras_coat.export.exporter import export_model
 from tensorflow.lite.python import schema_py_generated as litert_schema
+from tests.conftest import TINY_LITE
 
 SIZE, CLASSES = 64, 5
 NAMES = ["cat", "dog", "bird", "fish", "frog"]
 
 
 def _keras_probabilities(model, images):
-    return tf.nn.softmax(model(images, training=False)).numpy()
+    probabilities = tf.nn.softmax(model(images, training=False)).numpy()
+    # Far from uniform, so that a wrong graph shows in the 1e-4 comparisons.
+    assert probabilities.max() - probabilities.min() > 0.3
+    return probabilities
 
 
 @pytest.fixture(scope="module")
 def model():
     keras.utils.set_random_seed(0)
-    model = keras_coat.create_model(
-        "coat_lite_tiny",
+    model = keras_coat.CoaT(
+        **TINY_LITE,
         input_shape=(SIZE, SIZE, 3),
         classes=CLASSES,
         classifier_activation=None,
@@ -77,7 +85,6 @@ def _builtin_op_names():
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)  # measured up to 187 s on a busy machine (pyproject: 300 s)
 def test_litert_float_runs_in_the_interpreter_with_builtin_ops_only(model, images, exports):
     result = exports["litert"]
     assert result.max_abs_diff <= 1e-4
@@ -129,7 +136,10 @@ def test_openvino_float32_matches_keras_in_the_openvino_runtime(model, images, e
     import openvino as ov
 
     result = exports["openvino"]
-    assert result.files[1].endswith("tiny.bin") and os.path.getsize(result.files[1]) > 4e6
+    # The weights are in the .bin as float32: 4 bytes each (float16 would take 2; constants
+    # the conversion folds may take a little less).
+    assert result.files[1].endswith("tiny.bin")
+    assert os.path.getsize(result.files[1]) > 3 * model.count_params()
     compiled = ov.Core().compile_model(result.path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     expected = _keras_probabilities(model, images)
     for batch in (1, 4):
@@ -265,22 +275,33 @@ def test_litert_names_the_ops_outside_the_builtin_set(tmp_path):
 # Full-integer int8 on the digits demo
 
 
+# CoaT-Lite Tiny's layers and MLP ratios at half its widths, one block per stage: the same
+# kinds of int8 kernels (convolutions, factorized attention, GELU, layer norms), converted in a
+# quarter of the time and trained in about half. Measured on the held-out digits: 94% accuracy
+# after 3 epochs (CoaT-Lite Tiny after 2: 94% as well) and 99.4% int8 top-1 agreement; narrower
+# still (16 to 32 channels) reached only 76% and 85%, no longer a model worth the claim.
+DIGITS_CONFIG = {"embed_dims": [32, 64, 128, 160], "serial_depths": [1, 1, 1, 1],
+                 "mlp_ratios": [8, 8, 4, 4]}  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def digits_model(tmp_path_factory):
-    """CoaT-Lite Tiny trained on the digits with the demo recipe, for as few epochs as give a
-    real model (about 97% held-out accuracy)."""
+    """A CoaT-Lite trained on the digits with the demo recipe, for as few epochs as give a
+    real model (above 90% held-out accuracy, asserted below)."""
+    import json
+
     from training import train
 
     output = tmp_path_factory.mktemp("digits")
     train.main(
-        ["--recipe", "demo", "--output-dir", str(output), "--epochs", "2", "--no-export",
-         "--verbose", "0"]
-    )
+        ["--recipe", "demo", "--model-config", json.dumps(DIGITS_CONFIG), "--output-dir",
+         str(output), "--epochs", "3", "--no-export", "--verbose", "0"]
+    )  # fmt: skip
     return keras.saving.load_model(output / "last.keras")
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)  # measured up to 383 s on a busy machine (pyproject: 300 s)
+@pytest.mark.timeout(900)  # measured up to 383 s on a busy machine with CoaT-Lite Tiny
 def test_full_integer_int8_digits_keeps_top1_agreement_with_float(digits_model, tmp_path):
     from training import data
 
