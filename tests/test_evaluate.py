@@ -2,6 +2,8 @@
 by ImageNet WordNet id (timm's folder layout, TFDS' imagenet2012), one clear error per bad
 input."""
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -79,12 +81,25 @@ def imagenet_preset(tmp_path_factory):
     return str(path), model
 
 
+@pytest.fixture(scope="module")
+def digits_results(digits_preset, tmp_path_factory):
+    """`python -m training.evaluate PRESET --data digits --output FILE` on TensorFlow, run once
+    (in this process): its returned results, what it printed and the file it wrote. The other
+    backends are measured against the same results."""
+    path, _ = digits_preset
+    output = tmp_path_factory.mktemp("digits_results") / "results.json"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        results = evaluate.main([path, "--data", "digits", "--output", str(output),
+                                 "--verbose", "0"])
+    return results, printed.getvalue(), json.loads(output.read_text())
+
+
 @pytest.mark.slow
-def test_digits_top1_equals_keras_evaluate(digits_preset, tmp_path, capsys):
-    path, model = digits_preset
-    output = tmp_path / "results.json"
-    results = evaluate.main([path, "--data", "digits", "--output", str(output), "--verbose", "0"])
-    assert json.loads(capsys.readouterr().out) == results == json.loads(output.read_text())
+def test_digits_top1_equals_keras_evaluate(digits_preset, digits_results):
+    _, model = digits_preset
+    results, printed, written = digits_results
+    assert json.loads(printed) == results == written
 
     # Keras' evaluate of the same model on the same 360 held-out scans, transformed by
     # keras_coat.imagenet (not by the tf.data pipeline evaluate uses).
@@ -112,9 +127,9 @@ def test_digits_top1_equals_keras_evaluate(digits_preset, tmp_path, capsys):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["jax", "torch"])
-def test_other_backends_measure_the_same(digits_preset, backend):
+def test_other_backends_measure_the_same(digits_preset, digits_results, backend):
     path, _ = digits_preset
-    on_tensorflow = evaluate.evaluate(path, "digits", verbose=0)
+    on_tensorflow = digits_results[0]  # the same preset, data, batch size (64) and verbosity
     env = dict(os.environ, KERAS_BACKEND=backend, PYTHONPATH=REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="3")
     result = subprocess.run(
         [sys.executable, "-m", "training.evaluate", path, "--data", "digits"],
@@ -125,6 +140,7 @@ def test_other_backends_measure_the_same(digits_preset, backend):
     assert results["backend"] == backend and results["images"] == 360
     assert results["top1"] == on_tensorflow["top1"] and results["top5"] == on_tensorflow["top5"]
     assert results["loss"] == pytest.approx(on_tensorflow["loss"], rel=1e-4)
+    assert on_tensorflow["backend"] == "tensorflow"
 
 
 @pytest.mark.slow
