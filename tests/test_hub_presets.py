@@ -80,23 +80,6 @@ def test_uploads_take_no_revision(handle):
     assert hub.parse_handle("hf://flowers", for_upload=True).repo_id == "flowers"
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("package, handle", [
-    ("huggingface_hub", "hf://me/flowers"), ("kagglehub", "kaggle://me/coat/keras/flowers"),
-])
-def test_a_missing_hub_package_is_named(tmp_path, package, handle):
-    with HubServer() as server:
-        result = server.run_python(import_blocker(package) + CLIENT_PRELUDE + f"""
-from keras_coat import hub
-try:
-    hub.download({handle!r})
-except ImportError as e:
-    print(json.dumps({{"error": str(e), "cache": cache_files()}}))
-""", tmp_path)
-    assert package in result["error"] and handle in result["error"]
-    assert "pip install" in result["error"] and result["cache"] == []
-
-
 # ---------------------------------------------------------------- keras-coat preset repos
 
 
@@ -234,44 +217,89 @@ def model_upload(handle, local_model_dir, license_name=None, version_notes=""):
 """
 
 
-@pytest.mark.slow
-def test_a_kaggle_preset_round_trips_through_kagglehubs_calls(tmp_path):
-    stand_in = tmp_path / "stand_in" / "kagglehub"
+MISSING_PACKAGES = [
+    ("huggingface_hub", "hf://me/flowers"), ("kagglehub", "kaggle://me/coat/keras/flowers"),
+]
+
+
+@pytest.fixture(scope="module")
+def client_without_requests(tmp_path_factory):
+    """One client process, against a fresh hub server, for the checks that must not reach it:
+    `hub.download` with each hub package blocked in turn (keras_coat.hub imports a package only
+    when a handle of its scheme is downloaded; each blocker is removed before the next is set),
+    `upload_preset` of an invalid preset to hf://me/broken, then a Kaggle preset's round trip
+    through the kagglehub stand-in. With the server's requests and repos afterwards."""
+    home = tmp_path_factory.mktemp("no_requests")
+    stand_in = home / "stand_in" / "kagglehub"
     stand_in.mkdir(parents=True)
     (stand_in / "__init__.py").write_text(KAGGLEHUB_STAND_IN)
-    _tiny_preset(str(tmp_path / "preset"))
-    with HubServer() as server:
-        result = server.run_python(CLIENT_PRELUDE + f"""
+    files = _tiny_preset(str(home / "preset"))
+    _tiny_preset(str(home / "broken"))
+    (home / "broken" / "model.weights.h5").write_bytes(files["model.weights.h5"][:100])
+    script = CLIENT_PRELUDE + "import sys\nfrom keras_coat import hub\nmissing = {}\n"
+    for package, handle in MISSING_PACKAGES:
+        script += import_blocker(package) + f"""
+try:
+    hub.download({handle!r})
+    missing[{package!r}] = {{"error": None, "cache": cache_files()}}
+except ImportError as e:
+    missing[{package!r}] = {{"error": str(e), "cache": cache_files()}}
+sys.meta_path[:] = [f for f in sys.meta_path if type(f).__name__ != "_Block"]  # unblocked
+"""
+    script += f"""
 import keras_coat
-from keras_coat import hub
-handle = keras_coat.upload_preset("kaggle://me/coat/keras/flowers", {str(tmp_path / "preset")!r})
+from keras_coat.presets import PresetError
+try:
+    keras_coat.upload_preset("hf://me/broken", {str(home / "broken")!r})
+    refusal = None
+except PresetError as e:
+    refusal = str(e)
+requests_after_refusal = server_requests()
+handle = keras_coat.upload_preset("kaggle://me/coat/keras/flowers", {str(home / "preset")!r})
 entry = hub.download("kaggle://me/coat/keras/flowers")
 model = keras_coat.CoaTImageClassifier.from_preset("kaggle://me/coat/keras/flowers/1")
-print(json.dumps({{"handle": handle, "entry": os.path.basename(entry),
+print(json.dumps({{"missing": missing, "refusal": refusal,
+                   "requests_after_refusal": requests_after_refusal,
+                   "handle": handle, "entry": os.path.basename(entry),
                    "names": model.class_names, "cache": cache_files()}}))
-""", tmp_path, PYTHONPATH=os.pathsep.join([str(stand_in.parent), REPO_ROOT]),
-            KAGGLE_STAND_IN_ROOT=str(tmp_path / "kaggle"))
+"""
+    with HubServer() as server:
+        result = server.run_python(
+            script, home, PYTHONPATH=os.pathsep.join([str(stand_in.parent), REPO_ROOT]),
+            KAGGLE_STAND_IN_ROOT=str(home / "kaggle"),
+        )  # fmt: skip
+        result.update(requests=list(server.requests), repos=dict(server.repos), home=home)
+    return result
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("package, handle", MISSING_PACKAGES)
+def test_a_missing_hub_package_is_named(client_without_requests, package, handle):
+    result = client_without_requests["missing"][package]
+    assert result["error"] is not None, result
+    assert package in result["error"] and handle in result["error"]
+    assert "pip install" in result["error"] and result["cache"] == []
+
+
+@pytest.mark.slow
+def test_a_kaggle_preset_round_trips_through_kagglehubs_calls(client_without_requests):
+    result = client_without_requests
     assert result["handle"] == "kaggle://me/coat/keras/flowers"
     assert result["entry"] == "kaggle--me--coat--keras--flowers--1"
     assert result["names"] == ["daisy", "rose", "tulip"]
-    uploaded = sorted(os.listdir(tmp_path / "kaggle" / "me" / "coat" / "keras" / "flowers" / "1"))
+    uploaded = sorted(os.listdir(result["home"] / "kaggle" / "me" / "coat" / "keras" / "flowers"
+                                 / "1"))
     assert "README.md" in uploaded and "model.weights.h5" in uploaded
 
 
 @pytest.mark.slow
-def test_upload_refuses_an_invalid_preset_before_any_request(hub_server, tmp_path):
-    files = _tiny_preset(str(tmp_path / "preset"))
-    (tmp_path / "preset" / "model.weights.h5").write_bytes(files["model.weights.h5"][:100])
-    result = hub_server.run_python(CLIENT_PRELUDE + f"""
-import keras_coat
-from keras_coat.presets import PresetError
-try:
-    keras_coat.upload_preset("hf://me/broken", {str(tmp_path / "preset")!r})
-except PresetError as e:
-    print(json.dumps({{"error": str(e)}}))
-""", tmp_path)
-    assert "model.weights.h5" in result["error"] and "unreadable" in result["error"]
-    assert hub_server.requests == [] and hub_server.repos == {}
+def test_upload_refuses_an_invalid_preset_before_any_request(client_without_requests):
+    result = client_without_requests
+    assert result["refusal"] is not None, result
+    assert "model.weights.h5" in result["refusal"] and "unreadable" in result["refusal"]
+    assert result["requests_after_refusal"] == 0
+    # Nor did anything else in that process (the blocked packages, the Kaggle round trip).
+    assert result["requests"] == [] and result["repos"] == {}
 
 
 # ----------------------------------------------------------------------------- timm repos
