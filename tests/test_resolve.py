@@ -281,9 +281,11 @@ for kind, reference in args["references"].items():
 """
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("backend", ["jax", "torch"])
-def test_every_reference_on_another_backend(world, backend, tmp_path):
+@pytest.fixture(scope="module")
+def other_backend_args(world, tmp_path_factory):
+    """BACKEND_CHECK's argument: the references, and what TensorFlow computed for them (written
+    once for both other backends)."""
+    folder = tmp_path_factory.mktemp("other_backends")
     arrays = {"images_64": world["directory"].images}
     for kind in KINDS:
         arrays[kind], arrays[kind + "_images"] = world[kind].expected, world[kind].images
@@ -291,18 +293,23 @@ def test_every_reference_on_another_backend(world, backend, tmp_path):
         model = keras_coat.CoaTImageClassifier.from_preset(world[kind].reference,
                                                            image_shape=(64, 64, 3))
         arrays[kind + "_64"] = to_numpy(model(arrays["images_64"]))
-    np.savez(tmp_path / "expected.npz", **arrays)
-    args = {
+    np.savez(folder / "expected.npz", **arrays)
+    return {
         "references": {kind: world[kind].reference for kind in KINDS},
         "names": {kind: world[kind].names for kind in KINDS},
         "hub_snapshot": str(world["root"] / "hub_snapshot"),
-        "expected": str(tmp_path / "expected.npz"),
+        "expected": str(folder / "expected.npz"),
         "image": _image(world, 64),
     }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_every_reference_on_another_backend(world, other_backend_args, backend, tmp_path):
     # A cache of its own: the built-in is downloaded and converted on this backend too.
     env = dict(os.environ, KERAS_BACKEND=backend, PYTHONPATH=REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="3",
                KERAS_HOME=str(tmp_path / "keras_home"))
-    result = subprocess.run([sys.executable, "-c", BACKEND_CHECK, json.dumps(args)],
+    result = subprocess.run([sys.executable, "-c", BACKEND_CHECK, json.dumps(other_backend_args)],
                             capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert [line.split() for line in result.stdout.splitlines() if line.startswith("checked")] \
