@@ -348,28 +348,41 @@ def timm_hub(tmp_path_factory):
         yield server
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_a_timm_repo_converts_on_the_fly_and_matches_timm(timm_hub, tmp_path, backend):
-    result = timm_hub.run_python(CLIENT_PRELUDE + """
-import keras_coat
+# timm_results(home): what keras_coat makes of the timm repos, against timm's logits.
+TIMM_CHECK = """
+import keras, keras_coat
 from keras_coat import hub
 
-home = os.environ["TEST_HOME"]
-images, logits = np.load(os.path.join(home, "images.npy")), np.load(os.path.join(home, "logits.npy"))
-result = {}
-for repo in ("timm-test/coat_lite_tiny", "timm-test/coat_lite_tiny_st"):
-    model = keras_coat.CoaTImageClassifier.from_preset("hf://" + repo, activation=None)
-    entry = hub.download("hf://" + repo)
-    with open(os.path.join(entry, "metadata.json")) as f:
-        source = json.load(f)["source"]
-    result[repo] = {
-        "max_diff": float(np.max(np.abs(np.asarray(model.predict(images, verbose=0)) - logits))),
-        "classes": model.num_classes, "first_names": model.class_names[:2],
-        "preprocessing": model.preprocessing.get_config(), "source": source,
-    }
-print(json.dumps(result))
-""", tmp_path, backend=backend, TEST_HOME=timm_hub.home)
+def timm_results(home):
+    images = np.load(os.path.join(home, "images.npy"))
+    logits = np.load(os.path.join(home, "logits.npy"))
+    result = {"backend": keras.backend.backend()}
+    for repo in ("timm-test/coat_lite_tiny", "timm-test/coat_lite_tiny_st"):
+        model = keras_coat.CoaTImageClassifier.from_preset("hf://" + repo, activation=None)
+        entry = hub.download("hf://" + repo)
+        with open(os.path.join(entry, "metadata.json")) as f:
+            source = json.load(f)["source"]
+        result[repo] = {
+            "max_diff": float(np.max(np.abs(np.asarray(model.predict(images, verbose=0))
+                                            - logits))),
+            "classes": model.num_classes, "first_names": model.class_names[:2],
+            "preprocessing": model.preprocessing.get_config(), "source": source,
+        }
+    return result
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_timm_repo_converts_on_the_fly_and_matches_timm(timm_hub, tmp_path, backend, request):
+    if backend == "tensorflow":
+        # On TensorFlow the `refusals` client process runs the same check after the refusals:
+        # one Keras and TensorFlow start-up fewer.
+        result = request.getfixturevalue("refusals")["timm"]
+    else:
+        script = CLIENT_PRELUDE + TIMM_CHECK + f"print(json.dumps(timm_results({timm_hub.home!r})))"
+        result = timm_hub.run_python(script, tmp_path, backend=backend)
+    assert result["backend"] == backend
     assert timm_hub.timm_cfg == {"crop_pct": 0.9, "interpolation": "bicubic", "crop_mode": "center"}
     for repo, weights_file in (("timm-test/coat_lite_tiny", "pytorch_model.bin"),
                                ("timm-test/coat_lite_tiny_st", "model.safetensors")):
@@ -498,13 +511,14 @@ def _bad_repos(server, preset, marker):
 
 @pytest.fixture(scope="module")
 def refusals(timm_hub, tmp_path_factory):
-    """What `keras_coat.hub.download` did with each handle of REFUSALS, in one client process:
-    {handle: {"type", "message", "cache"}}, plus the private repo loaded with the token."""
+    """What `keras_coat.hub.download` did with each handle of REFUSALS, in one client process on
+    TensorFlow: {handle: {"type", "message", "cache"}}, plus the private repo loaded with the
+    token, and then TIMM_CHECK's results ("timm")."""
     home = tmp_path_factory.mktemp("refusals")
     marker = home / "hostile-code-ran"
     preset = _tiny_preset(str(home / "preset"))
     _bad_repos(timm_hub, preset, marker)
-    result = timm_hub.run_python(CLIENT_PRELUDE + f"""
+    result = timm_hub.run_python(CLIENT_PRELUDE + TIMM_CHECK + f"""
 from keras_coat import hub
 outcomes = {{}}
 token = os.environ.pop("HF_TOKEN")  # the private repo is refused without it
@@ -521,8 +535,11 @@ except Exception as e:
     outcomes["upload without token"] = f"{{type(e).__name__}}: {{e}}"
 os.environ["HF_TOKEN"] = token
 outcomes["with token"] = os.path.basename(hub.download("hf://bad/private"))
+# test_a_timm_repo_converts_on_the_fly_and_matches_timm[tensorflow], once the refusals' cache
+# checks are done.
+outcomes["timm"] = timm_results({timm_hub.home!r})
 print(json.dumps(outcomes))
-""", home)
+""", home, backend="tensorflow")
     result["marker"] = marker.exists()
     return result
 
