@@ -54,9 +54,9 @@ train.main(sys.argv[2:])
 """
 
 
-# A run that waits, after the first step of epoch EPOCH (0-based), for a signal that StopOnSignal
+# A run that waits, after the first step of its second epoch, for a signal that StopOnSignal
 # notes.
-_WAITING_DRIVER = """
+WAITING_DRIVER = """
 import sys, time, keras
 from training import faults, train
 make_callbacks = train.make_callbacks
@@ -67,7 +67,7 @@ class WaitForSignalInEpoch(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
     def on_train_batch_end(self, batch, logs=None):
-        if (self.epoch, batch) == (EPOCH, 0):
+        if (self.epoch, batch) == (1, 0):
             open(sys.argv[1], "w").close()
             while self.stopper.received is None:
                 time.sleep(0.05)
@@ -78,8 +78,6 @@ def waiting(*args, **kwargs):
 train.make_callbacks = waiting
 train.main(sys.argv[2:])
 """
-WAITING_DRIVER = _WAITING_DRIVER.replace("EPOCH", "1")  # in the second epoch
-WAITING_IN_EPOCH_3_DRIVER = _WAITING_DRIVER.replace("EPOCH", "2")
 
 
 def _env(**extra):
@@ -282,13 +280,13 @@ def _assert_epochs_run(output, first, epochs, last=None):
     assert all(epoch in output for epoch in shown[first - 1 :]), output[-4000:]
 
 
-def _assert_damaged_backup_gave_way(output, out, damaged_size, epochs, task_files):
-    """A rerun of a run of `epochs` epochs stopped after step 1 of its last, whose newest backup
-    (within that epoch) was damaged: it resumed from the one before (after the epoch before),
-    saying so, and completed. `task_files`: the files of a completed run of its task, besides
-    those every run leaves. With one backup per epoch before the stop, the damaged backup is
-    number `epochs`."""
-    damaged, intact = out / "backup" / f"{epochs:06d}", out / "backup" / f"{epochs - 1:06d}"
+def _assert_damaged_backup_gave_way(output, out, damaged_size, stopped, epochs, task_files):
+    """A rerun of a run of `epochs` epochs stopped after step 1 of epoch `stopped` (1-based),
+    whose newest backup (within that epoch) was damaged: it resumed from the one before (after
+    the epoch before), saying so, and completed. `task_files`: the files of a completed run of
+    its task, besides those every run leaves. With one backup per epoch before the stop, the
+    damaged backup is number `stopped`."""
+    damaged, intact = out / "backup" / f"{stopped:06d}", out / "backup" / f"{stopped - 1:06d}"
     (aside,) = (out / "damaged-backups").iterdir()
     assert (
         f"Damaged backup: {damaged}: model.weights.h5 ({damaged_size} bytes) does not match its "
@@ -296,10 +294,10 @@ def _assert_damaged_backup_gave_way(output, out, damaged_size, epochs, task_file
         f"damaged files are moved to {aside}." in output
     ), output[-4000:]
     assert (
-        f"Resuming from epoch {epochs - 1}: backup {intact} (after epoch {epochs - 1}, SHA-256 "
+        f"Resuming from epoch {stopped - 1}: backup {intact} (after epoch {stopped - 1}, SHA-256 "
         "verified)." in output
     ), output[-4000:]
-    _assert_epochs_run(output, epochs, epochs)
+    _assert_epochs_run(output, stopped, epochs)
     assert json.loads((out / "metrics.json").read_text())["status"] == "complete"
     assert sorted(p.name for p in out.iterdir()) == sorted([
         "damaged-backups", "last.keras", "logs", "metrics.json", "recipe.json",
@@ -319,11 +317,11 @@ def story(tmp_path_factory):
 
     1. The run pauses after its first epoch (so after backup 000001). A second run on its
        output directory is refused; then the first is killed with SIGKILL.
-    2. Its rerun (`stopped`) takes over the killed run's lock, resumes from 000001, trains epoch
-       2 (backup 000002) and is stopped by SIGTERM after step 1 of epoch 3 (backup 000003).
+    2. Its rerun (`stopped`) takes over the killed run's lock, resumes from 000001 and is
+       stopped by SIGTERM after step 1 of epoch 2 (backup 000002).
     3. The stopped run's directory is copied (`fallback`) and the copy's newest backup damaged.
-       Both reruns run to the end at once: `resumed` from 000003 (at step 2 of epoch 3), the
-       copy's from 000002.
+       Both reruns run to the end at once: `resumed` from 000002 (at step 2 of epoch 2: the
+       rest of epoch 2 and then epoch 3, in two fits, with EMA), the copy's from 000001.
     4. `again`: a rerun of the completed run.
 
     What a later step changes (backups, lock files, metrics.json) is recorded when seen.
@@ -351,13 +349,13 @@ def story(tmp_path_factory):
         seen.killed_lock_left = (run / ".lock-chief").exists()
         seen.killed_metrics = json.loads((run / "metrics.json").read_text())
 
-        stopped = start([str(waiting)] + args, driver=WAITING_IN_EPOCH_3_DRIVER)
+        stopped = start([str(waiting)] + args, driver=WAITING_DRIVER)
         _wait_for(waiting, stopped)
         seen.stopped = _stop_with_sigterm(stopped)
-        seen.stopped_position = _position(run / "backup" / "000003")
+        seen.stopped_position = _position(run / "backup" / "000002")
 
         shutil.copytree(run, fallback)
-        seen.damaged_size = _damage(fallback / "backup" / "000003")
+        seen.damaged_size = _damage(fallback / "backup" / "000002")
         resumed = start(args)
         from_fallback = start(FAULT_ARGS + ["--output-dir", str(fallback)])
         seen.resumed = _finish(resumed)
@@ -387,14 +385,14 @@ def test_killed_run_resumes_from_its_backup_and_matches_an_uninterrupted_one(sto
     assert (story.killed_position["epoch"], story.killed_position["steps"]) == (1, 0)
     assert story.killed_lock_left  # left by the killed run, but not held
     assert story.killed_metrics["epochs_completed"] == 1
-    # The rerun after the kill continues at epoch 2 (until SIGTERM stops it in epoch 3, in the
-    # next test).
+    # The rerun after the kill continues at epoch 2 (until SIGTERM stops it there, in the next
+    # test).
     stopped, _ = story.stopped
     assert (
         f"Resuming from epoch 1: backup {run}/backup/000001 (after epoch 1, SHA-256 verified)."
         in stopped
     ), stopped[-4000:]
-    _assert_epochs_run(stopped, 2, 3)
+    _assert_epochs_run(stopped, 2, 3, last=2)
     # Both runs that go on from there end as the uninterrupted run ends, each epoch logged once,
     # and leave no backup and no lock behind.
     for out in (run, story.fallback):
@@ -414,14 +412,19 @@ def test_killed_run_resumes_from_its_backup_and_matches_an_uninterrupted_one(sto
 @pytest.mark.timeout(STORY_TIMEOUT)
 def test_a_run_stopped_by_sigterm_within_an_epoch_resumes_at_its_next_step(story):
     run, reference, resumed = story.run, story.reference, story.resumed
-    backup = run / "backup" / "000003"
-    _assert_stopped_after_step_1(*story.stopped, backup, story.stopped_position, epoch=3)
+    backup = run / "backup" / "000002"
+    _assert_stopped_after_step_1(*story.stopped, backup, story.stopped_position, epoch=2)
     assert story.stopped_position["random_states"]
+    # Resumed within an epoch before the last: the rest of epoch 2, then epoch 3 (two fits,
+    # between which the EMA averages and the raw weights must both carry over).
     assert (
-        f"Resuming from epoch 2: backup {run}/backup/000003 (after step 1 of epoch 3, SHA-256 "
-        "verified); epoch 3 continues at step 2 of 3." in resumed
+        f"Resuming from epoch 1: backup {run}/backup/000002 (after step 1 of epoch 2, SHA-256 "
+        "verified); epoch 2 continues at step 2 of 3." in resumed
     ), resumed[-4000:]
-    _assert_epochs_run(resumed, 3, 3)
+    # Keras counts the first fit's epochs to its own end: "Epoch 2/2", then "Epoch 3/3".
+    assert "Epoch 1/" not in resumed and "Epoch 2/2" in resumed and "Epoch 3/3" in resumed, (
+        resumed[-4000:]
+    )
     for name in ("last.keras", "best.keras"):
         assert _max_difference(_weights_of(run / name), _weights_of(reference / name)) == 0.0
     metrics = json.loads((run / "metrics.json").read_text())
@@ -435,7 +438,7 @@ def test_a_run_stopped_by_sigterm_within_an_epoch_resumes_at_its_next_step(story
 @pytest.mark.timeout(STORY_TIMEOUT)
 def test_a_damaged_newest_backup_gives_way_to_the_previous_one(story):
     _assert_damaged_backup_gave_way(
-        story.fallback_output, story.fallback, story.damaged_size, 3, ["best.keras", "preset"]
+        story.fallback_output, story.fallback, story.damaged_size, 2, 3, ["best.keras", "preset"]
     )
 
 
@@ -463,4 +466,4 @@ def test_a_detection_run_in_use_is_refused_sigterm_saves_and_a_damaged_backup_gi
     _assert_stopped_after_step_1(stopped, status, backup, _position(backup), epoch=2)
     size = _damage(backup)
     resumed = _finish(_start(args))
-    _assert_damaged_backup_gave_way(resumed, out, size, 2, ["detections.png"])
+    _assert_damaged_backup_gave_way(resumed, out, size, 2, 2, ["detections.png"])

@@ -10,6 +10,8 @@ number: CI runs these on the newest Keras below 4 and on the oldest one keras_co
 - `patch_multi_worker_fit` (training under MultiWorkerMirroredStrategy): works around
   keras-team/keras#20585 by replacing `reduce_per_replica` in Keras' TensorFlow trainer module and
   a model's private build step.
+- `SwapEMAWeightsAcrossFits` (EMA in a run trained in several `fit` calls, as a run resumed
+  within an epoch is): Keras' `SwapEMAWeights` with its private swap state and finalization.
 
 TensorFlow is imported only by the functions that need it.
 """
@@ -145,3 +147,56 @@ def _multi_worker_internals(model):
     if not callable(build) or "data_batch" not in parameters(build):
         raise _unsupported(MULTI_WORKER_PIECE, "Model._symbolic_build(data_batch=...) is missing")
     return trainer
+
+
+# ---------------------------------------------------------------------------------------------
+# EMA weights across several fits
+
+EMA_PIECE = "EMA weights across several fits (SwapEMAWeightsAcrossFits)"
+
+
+class SwapEMAWeightsAcrossFits(keras.callbacks.SwapEMAWeights):
+    """`keras.callbacks.SwapEMAWeights(swap_on_epoch=True)` for a run trained in several `fit`
+    calls: a run resumed within an epoch trains the rest of that epoch in one `fit` and the
+    epochs after it in another.
+
+    Keras' callback, and the optimizer at the end of every `fit`, make the averages the model's
+    weights for good at the end of each fit's last epoch, so the next fit would train on from
+    the averages instead of the raw weights (measured: a run resumed within its second of three
+    epochs ended 1.45e-4 away from an uninterrupted one). Here that happens only at the end of
+    the run's last epoch, `last_epoch` (0-based). A fit that ends before it ends as any epoch
+    does, with the averages in the model (for its checkpoints) and the raw weights in the
+    optimizer; the next fit's first epoch swaps them back, as the next epoch of one fit would.
+    """
+
+    def __init__(self, last_epoch):
+        super().__init__(swap_on_epoch=True)
+        missing = [name for name in ("_swap_variables", "_finalize_ema_values",
+                                     "_ema_weights_in_model") if not hasattr(self, name)]  # fmt: skip
+        if missing:
+            raise _unsupported(EMA_PIECE, f"SwapEMAWeights has no {', '.join(missing)}")
+        self.last_epoch = int(last_epoch)
+        self._deferred = None  # the optimizer whose end-of-fit finalization is deferred
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.last_epoch or epoch != self.params["epochs"] - 1:
+            super().on_epoch_end(epoch, logs)
+            return
+        # The last epoch of a fit before the run's last: swap as between two epochs, and keep
+        # the optimizer from writing the averages into the model when `fit` returns (its
+        # `finalize_variable_values` reads `use_ema` then; the train step, traced already, does
+        # not read it again).
+        if not self._ema_weights_in_model:
+            self._swap_variables()
+            self._ema_weights_in_model = True
+        optimizer = getattr(self.model.optimizer, "inner_optimizer", self.model.optimizer)
+        if not getattr(optimizer, "use_ema", False):
+            raise _unsupported(EMA_PIECE, f"{type(optimizer).__name__} has no use_ema set")
+        optimizer.use_ema = False
+        self._deferred = optimizer
+
+    def on_train_end(self, logs=None):
+        # After `fit`'s finalization: the next fit's steps update the averages again.
+        if self._deferred is not None:
+            self._deferred.use_ema, self._deferred = True, None
+        super().on_train_end(logs)

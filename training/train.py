@@ -317,7 +317,9 @@ def make_callbacks(
     if getattr(recipe, "ema_momentum", None) is not None:
         # Validation and the epoch's checkpoints see the EMA weights, as the reference evaluates
         # its EMA model. After BackupAndRestore, so backups keep the raw weights to resume from.
-        callbacks.append(keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
+        from training.keras_internals import SwapEMAWeightsAcrossFits
+
+        callbacks.append(SwapEMAWeightsAcrossFits(last_epoch=recipe.epochs - 1))
     callbacks += [metrics_writer, keras.callbacks.ModelCheckpoint(os.path.join(work_dir, LAST))]
     if best_metric is not None:
         callbacks.append(
