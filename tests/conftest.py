@@ -36,6 +36,14 @@ if "PYTEST_XDIST_WORKER" not in os.environ and "JAX_COMPILATION_CACHE_DIR" not i
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     atexit.register(shutil.rmtree, _jax_cache, ignore_errors=True)
 
+# One thread per op in TensorFlow and PyTorch (their intra-op pools; OpenMP): `make test` runs two
+# test processes on two cores, each of which would otherwise size its pools to both cores, and
+# the idle threads of the pools spin while they wait. Inter-op pools keep their size: collective
+# ops (MirroredStrategy, MultiWorkerMirroredStrategy) wait on one another there. Inherited by
+# every subprocess, like the cache above; a variable set before the run wins.
+for _name in ("TF_NUM_INTRAOP_THREADS", "OMP_NUM_THREADS"):
+    os.environ.setdefault(_name, "1")
+
 # timm (through torchvision) and TensorFlow both bundle LLVM; importing timm
 # after TensorFlow aborts the process ("Option ... registered more than
 # once"), while the other order works. Load the reference stack first when it
