@@ -60,7 +60,7 @@ WAITING_DRIVER = """
 import sys, time, keras
 from training import faults, train
 make_callbacks = train.make_callbacks
-class WaitForSignalInEpoch(keras.callbacks.Callback):
+class WaitForSignalInEpoch2(keras.callbacks.Callback):
     def __init__(self, stopper):
         super().__init__()
         self.stopper, self.epoch = stopper, 0
@@ -74,7 +74,7 @@ class WaitForSignalInEpoch(keras.callbacks.Callback):
 def waiting(*args, **kwargs):
     callbacks, writer = make_callbacks(*args, **kwargs)
     stopper = next(c for c in callbacks if isinstance(c, faults.StopOnSignal))
-    return [WaitForSignalInEpoch(stopper)] + callbacks, writer
+    return [WaitForSignalInEpoch2(stopper)] + callbacks, writer
 train.make_callbacks = waiting
 train.main(sys.argv[2:])
 """
@@ -201,9 +201,9 @@ def test_two_multi_worker_processes_end_with_identical_weights(tmp_path, keras_i
 # (the model's seed generators), Mixup (per batch) and augmentation (per example); EMA swaps at
 # each epoch's end. With --deterministic a resumed run must match the uninterrupted one exactly,
 # so a backup that missed any of them would show. Three epochs of three steps: killed after
-# epoch 1, the run is resumed for two more. It is stopped within its last epoch: with EMA, a
-# run resumed within an earlier epoch does not match (training.train's second fit starts from
-# the EMA weights that the first fit's end put in the model: 1.4e-4 apart after 3 epochs).
+# epoch 1, the run is resumed, then stopped within epoch 2, so that its last resume trains in two
+# fits (the rest of epoch 2, then epoch 3) between which EMA must carry over
+# (training.keras_internals.SwapEMAWeightsAcrossFits).
 FAULT_ARGS = COMMON + [
     "--epochs", "3", "--steps-per-epoch", "3", "--drop-path", "0.1", "--mixup", "0.5",
     "--ema", "0.9", "--deterministic",

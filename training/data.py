@@ -16,13 +16,12 @@ import os
 import tensorflow as tf
 
 from keras_coat.datasets import Source, Split, load_source  # noqa: F401  (training's names)
-from keras_coat import tf_images
-from keras_coat.tf_images import eval_transform
+from keras_coat.tf_images import eval_transform, graph_function
 from training import augment, batch_augment
 
 AUTOTUNE = tf.data.AUTOTUNE
-# The pipelines' functions need no AutoGraph conversion (keras_coat.tf_images says why).
-graph_function = tf_images.graph_function
+# Every function the pipelines give tf.data goes through `graph_function`: none needs AutoGraph's
+# conversion, which was most of a pipeline's set-up (keras_coat.tf_images says why).
 SHUFFLE_BUFFER = 16_384
 
 
@@ -232,7 +231,8 @@ def train_dataset(
     dataset = whole_epochs.flat_map(graph_function(lambda i: epoch(i, 0)))
     if start_step:
         rest_of_first = tf.data.Dataset.range(start_epoch, start_epoch + 1)
-        dataset = rest_of_first.flat_map(graph_function(lambda i: epoch(i, start_step))).concatenate(dataset)
+        rest = rest_of_first.flat_map(graph_function(lambda i: epoch(i, start_step)))
+        dataset = rest.concatenate(dataset)
     # Stated, so that Keras knows where the data ends (flat_map and filter hide it).
     dataset = dataset.apply(
         tf.data.experimental.assert_cardinality((end_epoch - start_epoch) * steps - start_step)
@@ -269,7 +269,9 @@ def eval_dataset(recipe, source, batch_size=None, process_index=0, num_processes
             graph_function(lambda _, r: r)
         )
         padding_count = sum(1 for i in range(count, padded) if keep(i))
-    examples = records.map(graph_function(transform), num_parallel_calls=AUTOTUNE, deterministic=True)
+    examples = records.map(
+        graph_function(transform), num_parallel_calls=AUTOTUNE, deterministic=True
+    )
     padding = tf.data.Dataset.from_tensors(
         (
             tf.zeros((size, size, 3)),

@@ -171,8 +171,8 @@ class SwapEMAWeightsAcrossFits(keras.callbacks.SwapEMAWeights):
 
     def __init__(self, last_epoch):
         super().__init__(swap_on_epoch=True)
-        missing = [name for name in ("_swap_variables", "_finalize_ema_values",
-                                     "_ema_weights_in_model") if not hasattr(self, name)]  # fmt: skip
+        relied_on = ("_swap_variables", "_finalize_ema_values", "_ema_weights_in_model")
+        missing = [name for name in relied_on if not hasattr(self, name)]
         if missing:
             raise _unsupported(EMA_PIECE, f"SwapEMAWeights has no {', '.join(missing)}")
         self.last_epoch = int(last_epoch)
