@@ -18,9 +18,9 @@ and highest ratio to timm of a single round beside it. fp32, random weights. Sec
   command line's path, `CoaTImageClassifier.from_preset` of a local preset directory; timm:
   `create_model` and `load_checkpoint` of a local safetensors file), preprocess one JPEG photo
   (keras_coat's `load_image`, timm's `create_transform`), the first prediction and its top-5
-  class names (`model.predict`; timm's forward pass and softmax). Then steady inference in the
-  same process: `predict_on_batch` (timm: the forward pass in `inference_mode`) at each batch
-  size, the median of timed calls after warm-up calls.
+  class names (`predict_in_batches`, as the command line; timm's forward pass and softmax).
+  Then steady inference in the same process: `predict_on_batch` (timm: the forward pass in
+  `inference_mode`) at each batch size, the median of timed calls after warm-up calls.
 - training: one process per runner and round; `fit` of the classifier (stochastic depth 0.1,
   AdamW with weight-decay exclusions, label-smoothed cross-entropy) on in-memory batches, timm's
   usual eager loop beside it: images/s of the median step after warm-up steps, the first step's
@@ -365,13 +365,14 @@ def _inference_keras(args, phases):
         CoaTImageClassifier.__init__ = constructor
     phases.mark("build", at=built[-1])
     phases.mark("load")
+    from keras_coat.image_classifier import predict_in_batches
     from keras_coat.imagenet import decode_predictions, load_image
 
     preprocessing = model.preprocessing
     image = load_image(os.path.join(args.folder, "photo.jpg"),
                        image_size=preprocessing.image_size, crop_pct=preprocessing.crop_pct)
     phases.mark("preprocess")
-    probabilities = model.predict(image[None], verbose=0)
+    (probabilities,) = predict_in_batches(model, [image])  # as the command line's predict
     names = [name for _, name, _ in decode_predictions(probabilities, top=5)[0]]
     phases.mark("first")
 

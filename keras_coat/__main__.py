@@ -207,6 +207,7 @@ def print_top_classes(model, images, paths, top=5, batch_size=8, as_json=False):
     import numpy as np
 
     from keras_coat import imagenet
+    from keras_coat.image_classifier import predict_in_batches
 
     classes = int(model.outputs[0].shape[-1])
     names = getattr(model, "class_names", None)
@@ -215,9 +216,9 @@ def print_top_classes(model, images, paths, top=5, batch_size=8, as_json=False):
         names = imagenet.class_names() if imagenet_head else [f"class_{i}" for i in range(classes)]
     names = list(names)
     wnids = imagenet.class_wnids() if names == list(imagenet.class_names()) else None
-    for start in range(0, len(images), batch_size):
-        probabilities = model.predict(np.stack(images[start : start + batch_size]), verbose=0)
-        for path, row in zip(paths[start:], np.asarray(probabilities)):
+    batches = predict_in_batches(model, images, batch_size)
+    for start, probabilities in zip(range(0, len(images), batch_size), batches):
+        for path, row in zip(paths[start:], probabilities):
             best = np.argsort(-row, kind="stable")[:top]  # ties: the lower class index first
             rows = [(names[i], float(row[i]), wnids and wnids[i]) for i in best]
             _print_predictions(path, rows, as_json)
