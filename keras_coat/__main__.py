@@ -204,6 +204,8 @@ def print_top_classes(model, images, paths, top=5, batch_size=8, as_json=False):
     """Classifies `images` (pixels after the evaluation transform) with `model` and prints the
     `top` classes of each, named by the model's class names (and WordNet ids for the ImageNet
     classes); a model without names has ImageNet's for 1000 classes, ``class_<i>`` otherwise."""
+    import itertools
+
     import numpy as np
 
     from keras_coat import imagenet
@@ -216,12 +218,12 @@ def print_top_classes(model, images, paths, top=5, batch_size=8, as_json=False):
         names = imagenet.class_names() if imagenet_head else [f"class_{i}" for i in range(classes)]
     names = list(names)
     wnids = imagenet.class_wnids() if names == list(imagenet.class_names()) else None
-    batches = predict_in_batches(model, images, batch_size)
-    for start, probabilities in zip(range(0, len(images), batch_size), batches):
-        for path, row in zip(paths[start:], probabilities):
-            best = np.argsort(-row, kind="stable")[:top]  # ties: the lower class index first
-            rows = [(names[i], float(row[i]), wnids and wnids[i]) for i in best]
-            _print_predictions(path, rows, as_json)
+    # One row of probabilities per image, each batch printed as soon as it is computed.
+    probabilities = itertools.chain.from_iterable(predict_in_batches(model, images, batch_size))
+    for path, row in zip(paths, probabilities):
+        best = np.argsort(-row, kind="stable")[:top]  # ties: the lower class index first
+        rows = [(names[i], float(row[i]), wnids and wnids[i]) for i in best]
+        _print_predictions(path, rows, as_json)
 
 
 def _print_predictions(path, predictions, as_json):
