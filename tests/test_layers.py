@@ -140,6 +140,51 @@ def test_conv_relative_position_encoding_matches_loops():
     assert check_layer(layer).windows == windows
 
 
+def _depthwise_gradients_by_scattering(x, kernel, output_gradient):
+    """The gradients of a "same" depthwise convolution plus bias, in float64, by spreading each
+    output's gradient back over the inputs and taps that made it."""
+    x, kernel, output_gradient = (np.asarray(a, "float64") for a in (x, kernel, output_gradient))
+    kernel_height, kernel_width = kernel.shape[:2]
+    height, width = x.shape[1:3]
+    pads = ((0, 0), (kernel_height // 2,) * 2, (kernel_width // 2,) * 2, (0, 0))
+    padded = np.pad(x, pads)
+    padded_gradient = np.zeros_like(padded)
+    kernel_gradient = np.zeros_like(kernel)
+    for i in range(kernel_height):
+        for j in range(kernel_width):
+            padded_gradient[:, i : i + height, j : j + width] += output_gradient * kernel[i, j, :, 0]
+            taps = padded[:, i : i + height, j : j + width] * output_gradient
+            kernel_gradient[i, j, :, 0] = taps.sum((0, 1, 2))
+    map_gradient = padded_gradient[:, pads[1][0] : pads[1][0] + height,
+                                   pads[2][0] : pads[2][0] + width]  # fmt: skip
+    return map_gradient, kernel_gradient, output_gradient.sum((0, 1, 2))
+
+
+@pytest.mark.backends("jax")
+@pytest.mark.parametrize("window", [3, 5, 7])
+@pytest.mark.parametrize("dtype, tolerance", [("float32", 2e-5), ("bfloat16", 0.05)])
+def test_depthwise_convolution_on_jax_has_the_gradients_of_a_convolution(window, dtype, tolerance):
+    # On JAX the CPE's and CRPE's convolution is a sum of shifted taps with gradients of its own
+    # (keras_coat.layers._shifted_taps_gradients); they must be a convolution's.
+    import jax
+
+    x, output_gradient = RNG.randn(2, 9, 11, 6), RNG.randn(2, 9, 11, 6)
+    kernel, bias = RNG.randn(window, window, 6, 1), RNG.randn(6)
+    inputs = [ops.convert_to_tensor(a, dtype) for a in (x, kernel, bias)]
+
+    def loss(feature_map, kernel, bias):
+        outputs = coat_layers.depthwise_conv_same(feature_map, kernel, bias)
+        return ops.sum(ops.cast(outputs, "float32") * output_gradient.astype("float32"))
+
+    gradients = jax.grad(loss, argnums=(0, 1, 2))(*inputs)
+    expected = _depthwise_gradients_by_scattering(x, kernel, output_gradient)
+    for name, got, want in zip(("map", "kernel", "bias"), gradients, expected):
+        assert keras.backend.standardize_dtype(got.dtype) == dtype, name
+        got = to_numpy(ops.cast(got, "float32"))
+        scale = np.abs(want).max()
+        np.testing.assert_allclose(got, want, atol=tolerance * scale, rtol=0, err_msg=name)
+
+
 def test_conv_relative_position_encoding_rejects_bad_head_splits():
     with pytest.raises(ValueError, match="num_heads"):
         coat_layers.ConvRelativePositionEncoding(8, ((3, 2), (5, 3)))
