@@ -153,6 +153,11 @@ class CoaTImageClassifier(keras.Model):
         self.class_names = class_names
         object.__setattr__(self, "_pyramid_outputs", pyramid)
 
+    def fit(self, *args, **kwargs):
+        """`keras.Model.fit`, with the optimizer's variables made first (`_build_optimizer`)."""
+        _build_optimizer(self)
+        return super().fit(*args, **kwargs)
+
     def quantize(self, mode=None, **kwargs):
         """Keras' `Model.quantize` (e.g. `"int8"`) of the layers Keras can quantize: the dense
         projections (MLPs, attention outputs, head); the rest keeps float weights, silently."""
@@ -224,6 +229,25 @@ class CoaTImageClassifier(keras.Model):
         (the backbone), `task.json` and `task.weights.h5` (this classifier), the preprocessing
         in `image_converter.json`, and `metadata.json`."""
         preset_io.save_to_preset(self, preset_dir)
+
+
+def _build_optimizer(model):
+    """Creates the variables of a compiled, built model's optimizer if it has none yet (under
+    the model's distribution strategy), so that `fit` traces its training step once.
+
+    On TensorFlow without a distribution strategy, Keras creates them inside the first trace
+    of the training step, and TensorFlow then traces the step a second time (a `tf.function`
+    that made variables is traced again without): for CoaT-Lite Small at 64x64 on 2 cores
+    (2026-12-07) the first `fit` step took 34.9 s, and 21.3 s with the optimizer built first;
+    the tiny test CoaT 25.4 s and 13.1 s. Keras does this itself under a strategy, and on JAX
+    and PyTorch, so elsewhere it changes nothing.
+    """
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is None or optimizer.built or not model.built:
+        return
+    if keras.backend.backend() == "tensorflow":
+        with model.distribute_strategy.scope():
+            optimizer.build(model.trainable_variables)
 
 
 # On TensorFlow `predict` traces the model before its first batch, and an eager call does not:
