@@ -324,7 +324,8 @@ class ConvRelativePositionEncoding(layers.Layer):
         kernels = []
         for conv, (group_window, _) in zip(self.convs, self.windows):
             margin = (window - group_window) // 2
-            kernels.append(ops.pad(conv.kernel, ((margin, margin), (margin, margin), (0, 0), (0, 0))))
+            margins = ((margin, margin), (margin, margin), (0, 0), (0, 0))
+            kernels.append(ops.pad(conv.kernel, margins))
         kernel = ops.concatenate(kernels, axis=2)
         bias = ops.concatenate([conv.bias for conv in self.convs], axis=0)
         encoded = depthwise_conv_same(value, kernel, bias)
