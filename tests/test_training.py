@@ -124,6 +124,41 @@ def test_weight_decay_skips_cls_tokens_norms_and_biases_only(parallel_depth):
     assert kernels and all(opt._use_weight_decay(v) for v in kernels)
 
 
+@pytest.mark.parametrize("options", [{}, {"use_ema": True, "global_clipnorm": 0.5}])
+def test_adamw_updates_as_keras_adamw_with_one_fused_kernel_per_variable(options):
+    """training.optim.AdamW (on TensorFlow one ResourceApplyAdam per variable, its weight decay
+    folded in) gives Keras' AdamW's weights, moments and moving averages, exclusions included."""
+
+    def trained(optimizer_class, weight_decay=0.3):
+        keras.utils.set_random_seed(1)
+        model = keras.Sequential([
+            keras.Input((6,)), keras.layers.Dense(8, activation="gelu"),
+            keras.layers.LayerNormalization(), keras.layers.Dense(3),
+        ])  # fmt: skip
+        optimizer = optimizer_class(
+            learning_rate=optim.WarmupCosineDecay(0.05, total_steps=6, warmup_steps=2),
+            weight_decay=weight_decay, epsilon=1e-8, **options,
+        )  # fmt: skip
+        optimizer.exclude_from_weight_decay(var_names=list(optim.NO_WEIGHT_DECAY))
+        model.compile(optimizer=optimizer, loss="mse")
+        x = np.random.RandomState(0).normal(size=(24, 6)).astype("float32")
+        model.fit(x, x[:, :3] * 2.0, batch_size=4, epochs=1, shuffle=False, verbose=0)
+        return [v.numpy() for v in model.weights + optimizer.variables]
+
+    ours, expected = trained(optim.AdamW), trained(keras.optimizers.AdamW)
+    assert len(ours) == len(expected)
+    assert max(float(np.abs(a - b).max()) for a, b in zip(ours, expected)) < 1e-6
+    undecayed = trained(optim.AdamW, weight_decay=0.0)
+    assert max(float(np.abs(a - b).max()) for a, b in zip(ours, undecayed)) > 1e-4
+
+    optimizer = optim.AdamW(learning_rate=1e-3, weight_decay=0.1)
+    variables = [keras.Variable(np.ones((2, 2)), name="kernel"), keras.Variable(np.ones(2))]
+    optimizer.build(variables)
+    step = tf.function(lambda: optimizer.apply([tf.ones((2, 2)), tf.ones(2)], variables))
+    kernels = [op.type for op in step.get_concrete_function().graph.get_operations()]
+    assert kernels.count("ResourceApplyAdam") == 2
+
+
 # ---------------------------------------------------------------------------------- pipelines
 
 

@@ -64,6 +64,59 @@ def learning_rate_schedule(recipe, steps_per_epoch):
     )
 
 
+@keras.saving.register_keras_serializable(package="keras_coat_training")
+class AdamW(keras.optimizers.AdamW):
+    """Keras' AdamW, whose update of each variable on TensorFlow is one fused kernel.
+
+    Keras writes Adam's update of a variable as about twenty ops, and its decoupled weight decay
+    as a strategy update of its own that evaluates the learning-rate schedule again: tracing a
+    training step spent about two thirds of its time there (104 variables of a tiny CoaT). On
+    TensorFlow each variable gets its weight decay (two ops, with the step's learning rate) and
+    then TensorFlow's `ResourceApplyAdam` kernel, which computes Keras' formula, m and v updated
+    in place and ``lr * sqrt(1 - beta_2^t) / (1 - beta_1^t) * m / (sqrt(v) + epsilon)``
+    subtracted, in one op. Same updates to float32 rounding; the first step of a training run
+    traces in about half the time. Other backends, AMSGrad and sparse gradients run Keras' code.
+    """
+
+    def _apply_weight_decay(self, variables):
+        if keras.backend.backend() != "tensorflow":
+            super()._apply_weight_decay(variables)
+        # On TensorFlow `update_step` applies it, variable by variable.
+
+    def update_step(self, gradient, variable, learning_rate):
+        if keras.backend.backend() != "tensorflow":
+            return super().update_step(gradient, variable, learning_rate)
+        return self._tensorflow_update_step(gradient, variable, learning_rate)
+
+    def _tensorflow_update_step(self, gradient, variable, learning_rate):
+        import tensorflow as tf
+
+        # Inside the strategy's update of `variable`: the tf.Variable (a replica's copy under
+        # MirroredStrategy), whose slots' handles resolve to the same replica.
+        variable = variable.value if isinstance(variable, keras.Variable) else variable
+        dtype = variable.dtype
+        lr = tf.cast(learning_rate, dtype)
+        if self.weight_decay and self._use_weight_decay(variable):
+            variable.assign_sub(variable * (tf.cast(self.weight_decay, dtype) * lr))
+        if self.amsgrad or isinstance(gradient, tf.IndexedSlices):
+            return super().update_step(gradient, variable, learning_rate)
+        index = self._get_variable_index(variable)
+        step = tf.cast(self.iterations + 1, dtype)
+        beta_1, beta_2 = tf.cast(self.beta_1, dtype), tf.cast(self.beta_2, dtype)
+        tf.raw_ops.ResourceApplyAdam(
+            var=variable.handle,
+            m=self._momentums[index].value.handle,
+            v=self._velocities[index].value.handle,
+            beta1_power=tf.pow(beta_1, step),
+            beta2_power=tf.pow(beta_2, step),
+            lr=lr,
+            beta1=beta_1,
+            beta2=beta_2,
+            epsilon=tf.cast(self.epsilon, dtype),
+            grad=tf.cast(gradient, dtype),
+        )
+
+
 def build_optimizer(recipe, steps_per_epoch):
     """AdamW as DeiT configures it, with optional global-norm clipping and weight EMA.
 
@@ -71,7 +124,7 @@ def build_optimizer(recipe, steps_per_epoch):
     the end of `fit`; during training `train.make_callbacks` swaps it in for validation and the
     epoch's checkpoints (`keras.callbacks.SwapEMAWeights`).
     """
-    optimizer = keras.optimizers.AdamW(
+    optimizer = AdamW(
         learning_rate=learning_rate_schedule(recipe, steps_per_epoch),
         weight_decay=recipe.weight_decay,
         beta_1=0.9,
