@@ -20,12 +20,13 @@ raises `keras_coat.weights.WeightsDownloadError` (an OSError). Nothing is left i
 The model classes are looked up by their registered names, so this module sits below them.
 """
 
+import contextlib
 import dataclasses
 import os
 
 import keras
 
-from keras_coat import hub, legacy, loading, preset_io, weights
+from keras_coat import hub, initializers, legacy, loading, preset_io, weights
 from keras_coat.checkpoint import read_state_dict
 from keras_coat.convert import ConversionError, assign_state_dict
 from keras_coat.presets import PRESETS, VARIANTS, PresetError, get_preset
@@ -181,7 +182,8 @@ def load_backbone(cls, reference, load_weights=True, **overrides):
     """`cls` (a `CoaTBackbone`) from a reference; `overrides`: `BACKBONE_OVERRIDES`."""
     _check_overrides(overrides, BACKBONE_OVERRIDES)
     resolved, config, _ = preset_configs(reference, fetch=load_weights)
-    backbone = _build(f"The preset {_named(reference)!r}", cls, **{**config, **overrides})
+    with _weights_loaded_next(resolved):
+        backbone = _build(f"The preset {_named(reference)!r}", cls, **{**config, **overrides})
     if resolved is not None:
         _load_preset_weights(backbone, resolved, [])
     return backbone
@@ -194,7 +196,8 @@ def load_classifier(cls, reference, load_weights=True, **overrides):
     resolved, backbone_config, saved = preset_configs(reference, fetch=load_weights)
     where = f"The preset {_named(reference)!r}"
     backbone_overrides = {k: overrides.pop(k) for k in BACKBONE_OVERRIDES if k in overrides}
-    backbone = _build(where, cls.backbone_cls, **{**backbone_config, **backbone_overrides})
+    with _weights_loaded_next(resolved):
+        backbone = _build(where, cls.backbone_cls, **{**backbone_config, **backbone_overrides})
     if "preprocessing" in saved and "image_shape" in backbone_overrides:
         saved["preprocessing"] = saved["preprocessing"].resized(backbone.image_shape[:2])
     new_head = "num_classes" in overrides and overrides["num_classes"] != saved["num_classes"]
@@ -205,6 +208,12 @@ def load_classifier(cls, reference, load_weights=True, **overrides):
         skip = [layer for layer in model.layers if layer.name in ("head", "predictions")]
         _load_preset_weights(model, resolved, skip if new_head else [])
     return model
+
+
+def _weights_loaded_next(resolved):
+    """Around the build of a backbone whose weights the preset `resolved` then loads (None: no
+    weights, the model keeps its initial values)."""
+    return contextlib.nullcontext() if resolved is None else initializers.values_loaded_next()
 
 
 def _load_preset_weights(model, resolved, skip):

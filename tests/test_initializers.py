@@ -81,6 +81,24 @@ def test_initializers_serialize_as_themselves(name):
     assert restored.get_config() == initializer.get_config()
 
 
+def test_values_loaded_next_skips_the_random_draws_only_while_it_lasts():
+    """What the preset loader builds a backbone in: its random initializers give zeros (the
+    preset's values replace them), Zeros and Ones their values, and drawing resumes after it,
+    also after an error inside it."""
+    drawn = initializers.TruncatedNormal(stddev=0.02, seed=3)
+    with initializers.values_loaded_next():
+        for initializer in (drawn, initializers.GlorotUniform(seed=1),
+                            initializers.RandomUniform(seed=2)):  # fmt: skip
+            tensor = initializer((4, 6), dtype="bfloat16")
+            assert keras.backend.standardize_dtype(tensor.dtype) == "bfloat16"
+            np.testing.assert_array_equal(to_numpy(ops.cast(tensor, "float32")), np.zeros((4, 6)))
+        np.testing.assert_array_equal(to_numpy(initializers.Ones()((2, 2))), np.ones((2, 2)))
+    with pytest.raises(RuntimeError, match="inside"):
+        with initializers.values_loaded_next():
+            raise RuntimeError("inside")
+    assert 0.01 < to_numpy(drawn((64, 64))).std() < 0.03
+
+
 def test_half_precision_variables_get_their_dtype():
     tensor = initializers.trunc_normal()((16, 16), dtype="bfloat16")
     assert keras.backend.standardize_dtype(tensor.dtype) == "bfloat16"

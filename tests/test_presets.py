@@ -129,6 +129,9 @@ def test_a_new_head_or_none_on_pretrained_features_without_a_second_model(saved_
     assert fresh(pixels(2, SIZE)).shape == (2, 5) and fresh.class_names is None
     for got, expected in zip(fresh.backbone.weights, model.backbone.weights):
         np.testing.assert_array_equal(to_numpy(got), to_numpy(expected))
+    # The backbone is built without drawing (its values come from the preset); the new head is
+    # drawn as timm draws it (truncated normal, std 0.02).
+    assert 0.015 < to_numpy(fresh.get_layer("head").kernel).std() < 0.025
     swapped = model.with_new_head(4)
     assert swapped.backbone is model.backbone and swapped(pixels(2, SIZE)).shape == (2, 4)
     # A headless model reads a classifier's .weights.h5 as it is.
