@@ -414,10 +414,10 @@ LEARNING_RATE, WEIGHT_DECAY, LABEL_SMOOTHING, DROP_PATH, CLASSES = 1e-3, 0.05, 0
 
 
 def _training_keras(args, phases):
+    from keras_coat import CoaTImageClassifier  # first: it sets TensorFlow's defaults
+
     import keras
     import numpy as np
-
-    from keras_coat import CoaTImageClassifier
 
     phases.mark("import")
     keras.utils.set_random_seed(0)
@@ -611,6 +611,7 @@ def _isa_worker(args):
     a = torch.randn(64, 64)
     torch.mm(a, a)  # MKL
     torch.nn.functional.conv2d(torch.randn(1, 8, 16, 16), torch.randn(8, 8, 3, 3))  # oneDNN
+    import keras_coat  # noqa: F401 (TensorFlow's defaults as the keras_coat runners get them)
     import tensorflow as tf
 
     b = tf.random.normal((64, 64))
@@ -718,6 +719,7 @@ def _profile_tensorflow(args):
     op at a time (each op still on every core), so that op times add up to the step."""
     import collections
 
+    import keras_coat  # noqa: F401 (first: it sets TensorFlow's defaults)
     import numpy as np
     import tensorflow as tf
     from tensorflow.python.framework.convert_to_constants import (

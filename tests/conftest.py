@@ -51,6 +51,9 @@ for _name in ("TF_NUM_INTRAOP_THREADS", "OMP_NUM_THREADS"):
 with contextlib.suppress(ImportError):
     import timm  # noqa: F401
 
+# keras_coat before Keras: it sets TensorFlow's defaults (oneDNN on every x86 CPU) as users get
+# them; the test processes' subprocesses inherit them.
+import keras_coat  # noqa: E402, F401
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

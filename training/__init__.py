@@ -6,3 +6,7 @@ settings, `training.data` the input pipelines, `training.augment` their augmenta
 `training.engine_jax` (keras.distribution on JAX) the device and process set-up, and
 `training.demo` the end-to-end digits demo.
 """
+
+# keras_coat first: importing it sets TensorFlow's defaults (its oneDNN kernels on every x86 CPU)
+# before anything in this package imports TensorFlow.
+import keras_coat  # noqa: E402, F401
