@@ -9,4 +9,4 @@ settings, `training.data` the input pipelines, `training.augment` their augmenta
 
 # keras_coat first: importing it sets TensorFlow's defaults (its oneDNN kernels on every x86 CPU)
 # before anything in this package imports TensorFlow.
-import keras_coat  # noqa: E402, F401
+import keras_coat  # noqa: F401
